@@ -1,0 +1,1 @@
+"""Data pipeline: files -> rows in one `messages` form -> chat template -> masked labels -> packing."""

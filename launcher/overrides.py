@@ -1,0 +1,57 @@
+"""Command-line overrides checked against the schema before Hydra runs, so a typo gets suggestions."""
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, List, Optional
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from launcher.errors import problem
+from launcher.schema import Config
+
+GROUPS = ("model", "data", "optim", "deepspeed", "cluster", "tracking", "recipe")
+
+
+def _field_type(cls: Any, name: str) -> Optional[Any]:
+    hints = typing.get_type_hints(cls)
+    return hints.get(name) if name in {f.name for f in dataclasses.fields(cls)} else None
+
+
+def key_problem(key: str) -> Optional[str]:
+    """None if `key` (dotted) is in the schema, else a message with the nearest valid keys."""
+    node: Any = Config
+    walked: List[str] = []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None  # below a Dict/Any field: free-form (deepspeed.extra, cluster.sbatch_extra)
+        typ = _field_type(node, part)
+        if typ is None:
+            valid = [f.name for f in dataclasses.fields(node)]
+            prefix = ".".join(walked)
+            near = difflib.get_close_matches(part, valid, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(f'{prefix}.{n}' if prefix else n for n in near)}? " if near else ""
+            where = f"keys of {prefix}" if prefix else "top-level keys"
+            return problem(key, None, f"unknown key; {hint}valid {where}: {', '.join(valid)}").replace("=None:", ":", 1)
+        walked.append(part)
+        node = typ
+    return None
+
+
+def override_problems(args: List[str]) -> List[str]:
+    """Problems with the keys of `key=value`, `+key=value` and `++key=value` overrides.
+
+    Hydra lets `+` add any key even to a typed config; in ours only free-form dicts take new keys.
+    """
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    problems = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if override.is_delete():
+            continue
+        if key.startswith("hydra") or "/" in key or key in GROUPS:
+            continue
+        message = key_problem(key)
+        if message:
+            problems.append(message)
+    return problems

@@ -1,0 +1,137 @@
+"""The run directory, the contract of a run: its files are written here, with secrets masked."""
+
+import getpass
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import yaml
+
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+MASK = "***"
+ENV_PREFIXES = ("SLURM_", "CUDA_", "NCCL_", "TORCH_", "HF_", "WANDB_", "TRANSFORMERS_", "OMP_", "SFT_")
+PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "datasets", "hydra-core", "omegaconf", "submitit", "wandb")
+
+
+def is_secret_name(name: str) -> bool:
+    return any(word in str(name).upper() for word in SECRET_WORDS)
+
+
+def secret_values(config: Any, environ: Optional[Dict[str, str]] = None) -> set:
+    """Values of secret-named config keys and environment variables, to scrub wherever they appear."""
+    found = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if is_secret_name(key) and isinstance(value, (str, int)) and len(str(value)) >= 3:
+                    found.add(str(value))
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(config)
+    for name, value in (os.environ if environ is None else environ).items():
+        if is_secret_name(name) and len(value) >= 3:
+            found.add(value)
+    return found
+
+
+def mask_secrets(obj: Any, secrets: Iterable[str] = ()) -> Any:
+    """A copy with secret-named keys set to *** and any known secret value scrubbed from strings."""
+    secrets = sorted(set(secrets), key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (MASK if is_secret_name(k) and v is not None else walk(v)) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(item) for item in node]
+        if isinstance(node, str):
+            if "=" in node and is_secret_name(node.split("=", 1)[0]):
+                return node.split("=", 1)[0] + "=" + MASK  # an override like tracking.api_key=abc
+            return scrub(node)
+        return node
+
+    return walk(obj)
+
+
+def new_run_dir(runs_root: str, name: str) -> Path:
+    """runs/<name>/<timestamp>/, with a suffix when two runs start in the same second."""
+    base = Path(runs_root).expanduser().resolve() / name / time.strftime("%Y%m%d-%H%M%S")
+    run_dir, n = base, 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+
+
+def git_state(repo: Path) -> Dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"sha": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def submission_record(backend: str, overrides: List[str]) -> Dict[str, Any]:
+    return {
+        "backend": backend,
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "overrides": overrides,
+        "cwd": os.getcwd(),
+        "host": socket.gethostname(),
+        "user": getpass.getuser(),
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": git_state(Path(__file__).resolve().parent.parent),
+        "versions": package_versions(),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+        "jobs": [],
+    }
+
+
+class RunFiles:
+    """Writes a run's files; every write goes through the same secret mask."""
+
+    def __init__(self, run_dir: Path, config: Dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.secrets = secret_values(config)
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        return self._write(name, json.dumps(mask_secrets(obj, self.secrets), indent=2, default=str) + "\n")
+
+    def write_yaml(self, name: str, obj: Any) -> Path:
+        return self._write(name, yaml.safe_dump(mask_secrets(obj, self.secrets), sort_keys=False))
+
+    def _write(self, name: str, text: str) -> Path:
+        # Write then rename: a reader (sft-jobs, a restarted job) never sees half a file.
+        path = self.run_dir / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,152 @@
+"""The typed config schema: one dataclass per group, registered in Hydra's ConfigStore.
+
+Hydra rejects unknown keys and wrong types against these; cross-field checks live in
+`launcher.validate`. Field comments are the reference for every key.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local HF model dir, hub id, or bundled://tiny-llama
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False
+    # Used by dry runs when the model's config.json cannot be read offline (hub ids on a laptop).
+    params_b: Optional[float] = None  # parameter count in billions
+    max_positions: Optional[int] = None  # max_position_embeddings
+
+
+@dataclass
+class DataConfig:
+    train_files: Any = MISSING  # a path, a glob or a list of them (bundled://tiny-tasks/train.jsonl)
+    eval_files: Any = None  # same forms; None: hold out eval_fraction of train
+    eval_fraction: float = 0.0  # held-out fraction of train when eval_files is None
+    format: str = "auto"  # auto | messages | prompt_completion | alpaca | text
+    template: Optional[str] = None  # None: tokenizer's own; chatml | llama3 | a Jinja string
+    seq_len: int = 512
+    packing: bool = True
+    train_on: str = "assistant"  # assistant | last_assistant | all
+    truncation: str = "truncate"  # truncate | drop (over-long examples)
+    on_bad_row: str = "error"  # error | skip
+    preview: int = 0  # >0: print N processed examples and exit
+    num_proc: int = 1  # tokenisation processes
+    cache_dir: Optional[str] = None  # None: <SFT_CACHE_DIR>/data
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw (torch) | fused_adam | cpu_adam (DeepSpeed kernels)
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine/linear)
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 3  # ZeRO stage 0..3
+    offload_optimizer: str = "none"  # none | cpu | nvme (stage >= 1)
+    offload_param: str = "none"  # none | cpu | nvme (stage 3 only)
+    nvme_path: Optional[str] = None  # required when offloading to nvme
+    param_persistence_threshold: int = 100000  # stage3_param_persistence_threshold; 0 gathers all
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DeepSpeed JSON
+
+
+@dataclass
+class TrainerConfig:
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    micro_batch_size: int = 1  # sequences per rank per forward
+    grad_accum_steps: Optional[int] = None  # give this or global_batch_size (or neither: 1)
+    global_batch_size: Optional[int] = None  # = micro_batch_size x data-parallel ranks x accum
+    epochs: int = 1
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    grad_clip: float = 1.0  # 0 disables
+    activation_checkpointing: bool = False
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the end
+    max_batches: Optional[int] = None  # None: the whole eval split
+    generate_samples: int = 0  # >0: exact-match accuracy of greedy generation on N eval prompts
+    max_new_tokens: int = 16
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only on stop signals and at the end
+    keep: int = 2  # newest complete checkpoints kept
+    export: bool = True  # write a Hugging Face model to export/ at the end
+    export_dtype: Optional[str] = None  # bf16 | fp16 | fp32; None: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class ClusterConfig:
+    backend: str = "local"  # local | slurm
+    nodes: int = 1
+    procs_per_node: Optional[int] = None  # ranks per node; None: GPUs per node, or 2 on CPU
+    gpus_per_node: int = 0  # Slurm: GPUs requested per node (one task per GPU)
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 60  # Slurm time limit in minutes
+    cpus_per_task: int = 1
+    mem: Optional[str] = None  # e.g. 200G; None: partition default
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 3  # preemption/time-limit requeues before giving up
+    array_parallelism: int = 64  # sweep points running at once
+    sbatch_extra: Dict[str, Any] = field(default_factory=dict)  # more #SBATCH options
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load, ...)
+    srun_args: List[str] = field(default_factory=list)
+    container_image: Optional[str] = None  # pyxis --container-image
+    container_mounts: Optional[str] = None  # pyxis --container-mounts
+    master_port: int = 29500
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "sft"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # None: the sweep name for sweeps
+    name: Optional[str] = None  # None: the run's name and timestamp
+    job_type: str = "sft"
+    tags: List[str] = field(default_factory=list)
+    api_key: Optional[str] = None  # prefer the WANDB_API_KEY environment variable
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    name: str = "sft"  # run name: runs/<name>/<timestamp>/
+    seed: int = 42
+    runs_root: str = "./runs"
+    dry_run: bool = False  # print config, plan and DeepSpeed JSON (and sbatch script); run nothing
+    resume: str = "auto"  # auto | never | a checkpoint path
+    run_dir: Optional[str] = None  # set by the launcher; give it to reuse a run directory
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="sft_schema", node=Config)

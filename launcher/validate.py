@@ -1,0 +1,163 @@
+"""Cross-field checks that run on the login node before anything starts or is submitted.
+
+Hydra already rejected unknown keys and wrong types (launcher.schema); this module checks
+values and combinations, collecting every problem so one attempt shows them all.
+"""
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from launcher.data.files import count_rows, expand_files, file_specs
+from launcher.errors import ConfigError, problem
+from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
+from launcher.plan import batch_math, default_procs_per_node
+
+CHOICES = {
+    "trainer.precision": ("bf16", "fp16", "fp32"),
+    "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
+    "deepspeed.offload_param": ("none", "cpu", "nvme"),
+    "optim.name": ("adamw", "fused_adam", "cpu_adam"),
+    "optim.scheduler": ("cosine", "linear", "constant"),
+    "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
+    "data.train_on": ("assistant", "last_assistant", "all"),
+    "data.truncation": ("truncate", "drop"),
+    "data.on_bad_row": ("error", "skip"),
+    "cluster.backend": ("local", "slurm"),
+    "tracking.backend": ("wandb", "none"),
+    "tracking.mode": ("offline", "online", "disabled"),
+}
+
+
+@dataclass
+class Checked:
+    """What validation learned on the way, reused by the plan."""
+
+    model: ModelFacts
+    train_files: List[str] = field(default_factory=list)
+    eval_files: List[str] = field(default_factory=list)
+    train_examples: Optional[int] = None
+    warnings: List[str] = field(default_factory=list)
+
+
+def get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_config(cfg, dry_run: bool = False) -> Checked:
+    """Raise ConfigError listing every problem. Missing paths only warn in a dry run."""
+    problems: List[str] = []
+    missing: List[str] = []  # paths that must exist: errors for a run, warnings for a dry run
+
+    for key, valid in CHOICES.items():
+        value = get(cfg, key)
+        if value not in valid:
+            problems.append(problem(key, value, f"must be one of {', '.join(valid)}"))
+
+    ds = cfg.deepspeed
+    if ds.stage not in (0, 1, 2, 3):
+        problems.append(problem("deepspeed.stage", ds.stage, "must be a ZeRO stage 0, 1, 2 or 3"))
+    if ds.offload_param != "none" and ds.stage != 3:
+        problems.append(problem("deepspeed.offload_param", ds.offload_param, f"needs deepspeed.stage=3 (is {ds.stage}); use none"))
+    if ds.offload_optimizer != "none" and ds.stage == 0:
+        problems.append(problem("deepspeed.offload_optimizer", ds.offload_optimizer, "needs deepspeed.stage >= 1; use none"))
+    if ds.offload_optimizer == "nvme" and ds.stage != 3:
+        problems.append(problem("deepspeed.offload_optimizer", "nvme", f"NVMe offload needs deepspeed.stage=3 (is {ds.stage}); use cpu"))
+    if "nvme" in (ds.offload_optimizer, ds.offload_param) and not ds.nvme_path:
+        problems.append(problem("deepspeed.nvme_path", ds.nvme_path, "must name a local NVMe directory when offloading to nvme"))
+    if ds.param_persistence_threshold < 0:
+        problems.append(problem("deepspeed.param_persistence_threshold", ds.param_persistence_threshold, "must be >= 0"))
+
+    optim = cfg.optim
+    if not optim.lr > 0:
+        problems.append(problem("optim.lr", optim.lr, "must be > 0"))
+    if optim.warmup_steps < 0:
+        problems.append(problem("optim.warmup_steps", optim.warmup_steps, "must be >= 0"))
+    if not 0 <= optim.min_lr_ratio <= 1:
+        problems.append(problem("optim.min_lr_ratio", optim.min_lr_ratio, "must be in [0, 1]"))
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        problems.append(problem("optim.betas", list(optim.betas), "must be two numbers in [0, 1), e.g. [0.9, 0.95]"))
+
+    trainer = cfg.trainer
+    if trainer.max_steps is not None and trainer.max_steps < 1:
+        problems.append(problem("trainer.max_steps", trainer.max_steps, "must be >= 1 (or null to use trainer.epochs)"))
+    if trainer.epochs < 1:
+        problems.append(problem("trainer.epochs", trainer.epochs, "must be >= 1"))
+    if trainer.grad_clip < 0:
+        problems.append(problem("trainer.grad_clip", trainer.grad_clip, "must be >= 0 (0 disables clipping)"))
+    if trainer.log_every < 1:
+        problems.append(problem("trainer.log_every", trainer.log_every, "must be >= 1"))
+
+    cluster = cfg.cluster
+    if cluster.nodes < 1:
+        problems.append(problem("cluster.nodes", cluster.nodes, "must be >= 1"))
+    if cluster.backend == "local" and cluster.nodes != 1:
+        problems.append(problem("cluster.nodes", cluster.nodes, "must be 1 with cluster=local; use cluster=slurm for several nodes"))
+    procs = default_procs_per_node(cluster)
+    if procs < 1:
+        problems.append(problem("cluster.procs_per_node", procs, "must be >= 1"))
+    world = max(1, cluster.nodes) * max(1, procs)
+    problems += batch_math(trainer, world)[2]
+
+    data = cfg.data
+    if data.seq_len < 8:
+        problems.append(problem("data.seq_len", data.seq_len, "must be >= 8"))
+    if not 0 <= data.eval_fraction < 1:
+        problems.append(problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)"))
+    if data.preview < 0:
+        problems.append(problem("data.preview", data.preview, "must be >= 0"))
+
+    checked = Checked(model=ModelFacts(cfg.model.path, None, None, "unknown"))
+    model_path = os.path.expanduser(cfg.model.path)
+    if not looks_like_hub_id(model_path) and not model_path.startswith("bundled://") and not os.path.isdir(model_path):
+        missing.append(problem("model.path", cfg.model.path, "no such directory; give a Hugging Face model dir or a hub id"))
+    else:
+        checked.model = facts = read_model_facts(cfg.model)
+        if facts.source != "config.json":
+            missing.append(
+                problem("model.path", cfg.model.path, f"cannot read its config.json offline ({facts.error}); "
+                        "download it first (huggingface-cli download) or point model.path at a local dir")
+            )
+        if facts.max_positions is not None and data.seq_len > facts.max_positions:
+            problems.append(problem("data.seq_len", data.seq_len, f"must be <= the model's max_position_embeddings ({facts.max_positions})"))
+
+    for key in ("data.train_files", "data.eval_files"):
+        spec = get(cfg, key)
+        try:
+            files = expand_files(spec)
+        except FileNotFoundError as exc:
+            missing.append(problem(key, spec, f"matches no file: {exc}"))
+            continue
+        if key == "data.train_files":
+            checked.train_files = files
+            counts = [count_rows(f) for f in files]
+            checked.train_examples = sum(counts) if files and None not in counts else None
+        else:
+            checked.eval_files = files
+    if not file_specs(data.train_files):
+        problems.append(problem("data.train_files", data.train_files, "must name at least one file"))
+
+    # Warmup against the total, when the total is known before tokenising (an upper bound with packing).
+    if trainer.max_steps is not None:
+        total = trainer.max_steps
+    elif checked.train_examples:
+        gb = batch_math(trainer, world)[1]
+        total = -(-checked.train_examples // gb) * trainer.epochs
+    else:
+        total = None
+    if total is not None and optim.warmup_steps > total:
+        problems.append(problem("optim.warmup_steps", optim.warmup_steps, f"must be <= total steps ({total})"))
+
+    if cfg.resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(cfg.resume)):
+        problems.append(problem("resume", cfg.resume, "must be auto, never or an existing checkpoint directory"))
+
+    if dry_run:
+        checked.warnings += missing
+    else:
+        problems += missing
+    if problems:
+        raise ConfigError(problems)
+    return checked

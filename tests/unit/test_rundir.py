@@ -1,0 +1,50 @@
+"""The run directory's files, and that no secret reaches any of them."""
+
+import json
+import sys
+
+import yaml
+from omegaconf import OmegaConf
+
+from launcher.cli import write_run_files
+from launcher.plan import deepspeed_config, make_plan
+from launcher.rundir import mask_secrets, new_run_dir
+from launcher.validate import check_config
+from tests.conftest import compose_config
+
+
+def test_saved_files_hold_no_secret(tmp_path, monkeypatch):
+    overrides = ["tracking.api_key=abc123", "optim.lr=1e-3"]
+    monkeypatch.setenv("HF_TOKEN", "xyz")
+    monkeypatch.setenv("HF_HOME", "/cache/hf")
+    monkeypatch.setattr(sys, "argv", ["sft", *overrides])
+    cfg = compose_config(overrides)
+    checked = check_config(cfg)
+    plan = make_plan(cfg, checked.model, checked.train_examples)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan))
+
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.yaml", "ds_config.json", "overrides.yaml", "plan.json", "submission.json"]
+    for path in tmp_path.iterdir():
+        text = path.read_text()
+        assert "abc123" not in text and "xyz" not in text, path.name
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["tracking"]["api_key"] == "***" and config["optim"]["lr"] == 1e-3
+    assert yaml.safe_load((tmp_path / "overrides.yaml").read_text()) == ["tracking.api_key=***", "optim.lr=1e-3"]
+    submission = json.loads((tmp_path / "submission.json").read_text())
+    assert submission["env"]["HF_TOKEN"] == "***" and submission["env"]["HF_HOME"] == "/cache/hf"
+    assert submission["argv"] == ["sft", "tracking.api_key=***", "optim.lr=1e-3"]
+    assert submission["versions"]["deepspeed"] and submission["git"].keys() == {"sha", "dirty"}
+    saved_plan = json.loads((tmp_path / "plan.json").read_text())
+    assert saved_plan["global_batch_size"] == 32 and saved_plan["train_files"][0].endswith("train.jsonl")
+
+
+def test_mask_scrubs_secret_values_anywhere():
+    masked = mask_secrets({"cmd": "login --key s3cret!", "PASSWORD": "p", "nested": [{"auth_token": None}]}, {"s3cret!"})
+    assert masked == {"cmd": "login --key ***", "PASSWORD": "***", "nested": [{"auth_token": None}]}
+
+
+def test_run_dirs_in_the_same_second_do_not_collide(tmp_path):
+    first, second = new_run_dir(str(tmp_path), "x"), new_run_dir(str(tmp_path), "x")
+    assert first != second and first.is_dir() and second.is_dir()
