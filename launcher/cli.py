@@ -60,6 +60,12 @@ def run(cfg: DictConfig) -> None:
         report.print_dry_run(out, mask_secrets(resolved, secrets), plan, ds_config)
         return
 
+    if cfg.data.preview:
+        from launcher.data.preview import print_preview
+
+        print_preview(cfg, checked)
+        return
+
     if hydra_cfg.mode == RunMode.MULTIRUN:
         run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     elif cfg.run_dir:
