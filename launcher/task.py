@@ -1,0 +1,50 @@
+"""The entry point every rank runs, locally or under Slurm: rank environment + run dir -> trainer."""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("launcher")
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Every rank logs to logs/rank-N.log; rank 0 also speaks on stderr."""
+    (run_dir / "logs").mkdir(exist_ok=True)
+    handlers = [logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_rank(run_dir: str) -> int:
+    """Train one rank of the run whose files are in run_dir. Returns the process exit code."""
+    from launcher.trainer import RankEnv, SFTTrainer
+
+    run_dir = Path(run_dir)
+    env = RankEnv.from_environ()
+    setup_logging(run_dir, env.rank)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    trainer = SFTTrainer(cfg, run_dir, ds_config, env)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except BaseException:
+        log.exception("rank %d failed", env.rank)
+        if trainer.tracker is not None:
+            trainer.tracker.finish(exit_code=1)
+        raise
+    finally:
+        trainer.cleanup()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(run_rank(sys.argv[1]))

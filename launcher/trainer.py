@@ -1,0 +1,414 @@
+"""The SFT recipe every rank runs, in run order: setup -> train -> evaluate -> checkpoint -> export -> cleanup.
+
+Features: DeepSpeed ZeRO 0-3 with the model partitioned at load; gradient accumulation with the loss
+normalised by the trained tokens of the whole global batch (so micro 2 x accum 1 == micro 1 x accum 2);
+clipping; activation checkpointing; bf16/fp16/fp32; warmup then cosine/linear decay; periodic and
+signal-triggered checkpoints with exact resume (model, optimizer, scheduler, RNG, data position);
+eval loss, perplexity and greedy-generation accuracy; metrics to metrics.jsonl and W&B from rank 0;
+a Hugging Face export at the end.
+
+    global batch = micro_batch_size x world_size x grad_accum_steps
+"""
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.data import DistributedSampler
+
+from launcher import bundled, checkpoint
+from launcher.data import collate, prepare_data
+from launcher.export import export_dtype, export_model
+from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
+from launcher.signals import EXIT_STOPPED, StopFlag
+from launcher.tracking import start_tracking
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class RankEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @classmethod
+    def from_environ(cls) -> "RankEnv":
+        return cls(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def lr_lambda(scheduler: str, warmup: int, total: int, min_ratio: float):
+    """Linear warmup from lr/warmup to lr, then cosine or linear decay to min_ratio x lr at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if scheduler == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+
+    return factor
+
+
+def shifted_targets(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labels of the next token; a packed example's first token is never a target of the one before."""
+    targets = batch["labels"][:, 1:].clone()
+    targets[batch["position_ids"][:, 1:] == 0] = -100
+    return targets
+
+
+def token_loss_sum(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over trained tokens (fp32), use_cache=False so packed rows stay isolated."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = shifted_targets(batch)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+class SFTTrainer:
+    def __init__(self, cfg, run_dir: Path, ds_config: Dict[str, Any], env: RankEnv):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ds_config = ds_config
+        self.env = env
+        self.is_main = env.rank == 0
+        self.stop = StopFlag().install()
+        self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.global_step = 0
+        self.engine = None
+        self.tracker = None
+        self.metrics_file = None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_tokenizer()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer_and_engine()
+        self._resume()
+        self._setup_tracking()
+
+    def _setup_distributed(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(self.cfg.seed)
+
+    def _setup_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_path = bundled.resolve(self.cfg.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_id = self.tokenizer.pad_token_id
+
+    def _setup_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        self.data = prepare_data(cfg.data, self.tokenizer, cfg.seed, local_rank=env.local_rank, log=log.info)
+        self.micro_batch = cfg.trainer.micro_batch_size
+        self.accum = self.ds_config["gradient_accumulation_steps"]
+        self.rows_per_step = self.micro_batch * self.accum
+        rows_per_rank = len(self.data.train) // env.world_size
+        self.steps_per_epoch = rows_per_rank // self.rows_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the train split has {len(self.data.train)} sequences, fewer than one global batch "
+                f"({self.ds_config['train_batch_size']}): lower trainer.global_batch_size or add data"
+            )
+        t = cfg.trainer
+        self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.steps_per_epoch
+        if cfg.optim.warmup_steps > self.total_steps:
+            raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps}: must be <= total steps ({self.total_steps})")
+        self._epoch_cache: Dict[int, List[int]] = {}
+        log.info("data: %s", self.data.stats)
+        log.info("steps: %d per epoch, %d in total", self.steps_per_epoch, self.total_steps)
+
+    def _setup_model(self) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Held for the model's lifetime: from_pretrained partitions each layer as it loads (ZeRO-3).
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
+        model_cfg = self.cfg.model
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path,
+            dtype=DTYPES[self.cfg.trainer.precision],
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+        if self.cfg.trainer.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+
+    def _setup_optimizer_and_engine(self) -> None:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            (no_decay if name.endswith("bias") or "norm" in name else decay).append(param)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        if o.name == "fused_adam":
+            from deepspeed.ops.adam import FusedAdam
+
+            optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
+        elif o.name == "cpu_adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, **kwargs)
+        schedule = lr_lambda(o.scheduler, o.warmup_steps, self.total_steps, o.min_lr_ratio)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.ds_config,
+        )
+
+    def _resume(self) -> None:
+        self.resumed_from = checkpoint.find_resume_point(self.cfg.resume, self.run_dir)
+        if self.resumed_from is None:
+            return
+        state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.env.world_size)
+        self.global_step = state["global_step"]
+        log.info("resumed from %s at step %d", self.resumed_from, self.global_step)
+
+    def _setup_tracking(self) -> None:
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        tracking = OmegaConf.to_container(self.cfg.tracking, resolve=True)
+        tracking["api_key"] = None  # masked on disk; wandb reads WANDB_API_KEY from the environment
+        if tracking["name"] is None:
+            tracking["name"] = f"{self.cfg.name}/{self.run_dir.name}"
+        config["data_stats"] = self.data.stats
+        self.tracker = start_tracking(
+            OmegaConf.create(tracking), self.run_dir, self.env.rank, config, resume=self.resumed_from is not None
+        )
+        if self.is_main:
+            self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
+            self.tracker.summary({f"data/{k}": v for k, v in self.data.stats.items()})
+
+    # ---------------------------------------------------------------- data order
+    def _epoch_indices(self, epoch: int) -> List[int]:
+        """This rank's row order for an epoch: a function of (seed, epoch) only, so resume is exact."""
+        if epoch not in self._epoch_cache:
+            sampler = DistributedSampler(
+                self.data.train, num_replicas=self.env.world_size, rank=self.env.rank,
+                shuffle=True, seed=self.cfg.seed, drop_last=True,
+            )
+            sampler.set_epoch(epoch)
+            self._epoch_cache = {epoch: list(sampler)}
+        return self._epoch_cache[epoch]
+
+    def _step_batches(self, step: int) -> List[Dict[str, torch.Tensor]]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        rows = self._epoch_indices(epoch)[offset * self.rows_per_step:(offset + 1) * self.rows_per_step]
+        chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
+        return [
+            {k: v.to(self.device) for k, v in collate([self.data.train[i] for i in chunk], self.pad_id).items()}
+            for chunk in chunks
+        ]
+
+    # ---------------------------------------------------------------- train
+    def train(self) -> int:
+        cfg = self.cfg
+        world = self.env.world_size
+        peak = device_peak_flops()
+        self.engine.train()
+        window_start, window = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # tokens, trained, rows
+        progress = self._progress()
+        if self.global_step == 0 and cfg.eval.every_steps:
+            self._log_eval(self.evaluate())
+        while self.global_step < self.total_steps:
+            batches = self._step_batches(self.global_step)
+            trained = sum(int((shifted_targets(b) != -100).sum()) for b in batches)
+            # One collective per step: the global trained-token count and whether any rank was signalled.
+            agree = torch.tensor([trained, int(bool(self.stop))], dtype=torch.float64)
+            dist.all_reduce(agree)
+            if agree[1] > 0:
+                return self._stop_for_signal()
+            global_trained = agree[0].item()
+            step_start = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for batch in batches:
+                summed = token_loss_sum(self.engine, batch)
+                # DeepSpeed averages over ranks and accumulation steps; undo both so the gradient
+                # is the mean over every trained token of the global batch.
+                self.engine.backward(summed * (world * self.accum / max(global_trained, 1)))
+                self.engine.step()
+                loss_sum += summed.detach().double().cpu()
+                window += torch.tensor([batch["input_ids"].numel(), (shifted_targets(batch) != -100).sum(), batch["input_ids"].size(0)], dtype=torch.float64)
+            self.global_step += 1
+            step_time = time.perf_counter() - step_start
+            if progress:
+                progress.update(progress.task_ids[0], completed=self.global_step)
+
+            if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps:
+                stats = torch.cat([loss_sum.view(1), window])
+                dist.all_reduce(stats)
+                elapsed = time.perf_counter() - window_start
+                loss = stats[0].item() / max(global_trained, 1)
+                row = {
+                    "step": self.global_step,
+                    "epoch": self.global_step / self.steps_per_epoch,
+                    "loss": loss,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": _float(self.engine.get_global_grad_norm()),
+                    "tokens_per_s": stats[1].item() / elapsed,
+                    "tokens_per_s_per_rank": stats[1].item() / elapsed / world,
+                    "effective_tokens_per_s": stats[2].item() / elapsed,
+                    "step_time_s": step_time,
+                    "samples_seen": self.global_step * self.ds_config["train_batch_size"],
+                    "peak_mem_gib": peak_memory_gib(),
+                    "mfu": mfu(self.n_params, stats[1].item() / elapsed / world, peak),
+                }
+                self._log("train", row)
+                if progress:
+                    progress.update(progress.task_ids[0], description=f"loss {loss:.4f}  {row['tokens_per_s']:.0f} tok/s")
+                window_start, window = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
+
+            if cfg.eval.every_steps and self.global_step % cfg.eval.every_steps == 0 and self.global_step < self.total_steps:
+                self._log_eval(self.evaluate())
+            if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+        if progress:
+            progress.stop()
+
+        final = self.evaluate()
+        self._log_eval(final)
+        if not checkpoint.is_complete(checkpoint.step_dir(self.run_dir, self.global_step)):
+            self.save_checkpoint()
+        if cfg.checkpoint.export:
+            self.export()
+        if self.is_main:
+            self.tracker.summary({f"final/{k}": v for k, v in final.items()})
+        self.tracker.finish(exit_code=0)
+        return 0
+
+    def _stop_for_signal(self) -> int:
+        log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
+        if not checkpoint.is_complete(checkpoint.step_dir(self.run_dir, self.global_step)):
+            self.save_checkpoint()
+        self.tracker.finish(exit_code=EXIT_STOPPED)
+        return EXIT_STOPPED
+
+    # ---------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Eval loss and perplexity over the held-out split; generation accuracy when asked."""
+        if self.data.eval is None or len(self.data.eval) == 0:
+            return {}
+        self.engine.eval()
+        world, rank, n = self.env.world_size, self.env.rank, len(self.data.eval)
+        # Every rank runs the same number of forwards (ZeRO-3 gathers are collective); rows past
+        # the end are padding with no trained token.
+        per_rank = -(-n // world)
+        rows = list(range(rank, per_rank * world, world))
+        batches = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
+        if self.cfg.eval.max_batches:
+            batches = batches[:self.cfg.eval.max_batches]
+        totals = torch.zeros(2, dtype=torch.float64)
+        for chunk in batches:
+            items = []
+            for i in chunk:
+                row = dict(self.data.eval[i % n])
+                if i >= n:
+                    row["labels"] = [-100] * len(row["labels"])
+                items.append(row)
+            batch = {k: v.to(self.device) for k, v in collate(items, self.pad_id).items()}
+            totals += torch.tensor([token_loss_sum(self.engine, batch).item(), (shifted_targets(batch) != -100).sum().item()], dtype=torch.float64)
+        dist.all_reduce(totals)
+        loss = totals[0].item() / max(totals[1].item(), 1)
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        if self.cfg.eval.generate_samples and self.data.eval_prompts:
+            result["accuracy"] = self._generation_accuracy()
+        self.engine.train()
+        return result
+
+    def _generation_accuracy(self) -> float:
+        """Exact match of greedy answers on the first N eval prompts, split over ranks."""
+        prompts = self.data.eval_prompts[: self.cfg.eval.generate_samples]
+        world, rank = self.env.world_size, self.env.rank
+        per_rank = -(-len(prompts) // world)
+        mine = [(i, prompts[i % len(prompts)]) for i in range(rank, per_rank * world, world)]
+        tok = self.tokenizer
+        correct = 0
+        for start in range(0, len(mine), 16):
+            chunk = mine[start:start + 16]
+            texts = [tok.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True) for _, p in chunk]
+            tok.padding_side = "left"
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            tok.padding_side = "right"
+            out = self.engine.module.generate(
+                **enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                synced_gpus=world > 1 and self.ds_config["zero_optimization"]["stage"] == 3,
+            )
+            answers = tok.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
+            correct += sum(i < len(prompts) and a.strip() == p["answer"].strip() for (i, p), a in zip(chunk, answers))
+        total = torch.tensor([correct], dtype=torch.float64)
+        dist.all_reduce(total)
+        return total.item() / len(prompts)
+
+    # ---------------------------------------------------------------- checkpoint, export
+    def save_checkpoint(self) -> None:
+        start = time.perf_counter()
+        path = checkpoint.save(
+            self.engine, self.run_dir, self.global_step, self.env.rank, self.env.world_size,
+            {"global_step": self.global_step},
+        )
+        if self.is_main:
+            checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
+        log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - start)
+
+    def export(self) -> Optional[Path]:
+        dtype = export_dtype(self.cfg.checkpoint.export_dtype)
+        return export_model(self.engine, self.tokenizer, self.run_dir / "export", dtype, self.env.rank)
+
+    # ---------------------------------------------------------------- logging, cleanup
+    def _log(self, kind: str, row: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.metrics_file.write({"kind": kind, **row})
+        self.tracker.log({f"{kind}/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None)
+        log.info("%s %s", kind, shown)
+
+    def _log_eval(self, result: Dict[str, float]) -> None:
+        if result:
+            self._log("eval", {"step": self.global_step, **result})
+
+    def _progress(self):
+        if not (self.is_main and os.isatty(2)):
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        progress.add_task("training", total=self.total_steps, completed=self.global_step)
+        progress.start()
+        return progress
+
+    def cleanup(self) -> None:
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.engine is not None:
+            self.engine.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _float(value) -> Optional[float]:
+    return None if value is None else float(value)
