@@ -53,11 +53,22 @@ def run(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     secrets = secret_values(resolved)
 
+    slurm = cfg.cluster.backend == "slurm"
+    if slurm:
+        from launcher.backends import slurm as slurm_backend
+
+        try:
+            slurm_backend.preflight(cfg)
+        except ConfigError as error:
+            if not cfg.dry_run:
+                fail(console, error)
+            checked.warnings += error.problems
+
     if cfg.dry_run:
-        out = Console()
         for warning in checked.warnings:
             console.print(f"[yellow]warning (a real run would stop here):[/] {warning}", highlight=False, soft_wrap=True)
-        report.print_dry_run(out, mask_secrets(resolved, secrets), plan, ds_config)
+        sbatch = slurm_backend.sbatch_preview(cfg, plan, Path(cfg.runs_root).expanduser().resolve() / cfg.name / "<timestamp>") if slurm else ""
+        report.print_dry_run(Console(), mask_secrets(resolved, secrets), plan, ds_config, mask_secrets(sbatch, secrets))
         return
 
     if cfg.data.preview:
@@ -66,8 +77,11 @@ def run(cfg: DictConfig) -> None:
         print_preview(cfg, checked)
         return
 
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
         run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+        if cfg.tracking.group is None:  # every point of a sweep in one W&B group
+            cfg.tracking.group = resolved["tracking"]["group"] = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}"
     elif cfg.run_dir:
         run_dir = Path(cfg.run_dir).expanduser().resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +98,11 @@ def run(cfg: DictConfig) -> None:
 
     from launcher.backends import launch
 
-    sys.exit(launch(cfg, run_dir, plan))
+    code = launch(cfg, run_dir, plan)
+    if code and multirun:
+        raise RuntimeError(f"sweep point {run_dir} exited with {code}")
+    if code:
+        sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -55,5 +55,5 @@ def print_dry_run(console: Console, config: Dict[str, Any], plan: Plan, ds_confi
     console.rule("DeepSpeed config")
     console.print_json(json.dumps(ds_config))
     if extra:
-        console.print(extra, highlight=False)
+        console.print(extra, highlight=False, soft_wrap=True, markup=False)
     console.print("dry run: nothing written, nothing started")
