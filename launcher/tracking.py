@@ -1,0 +1,118 @@
+"""Experiment tracking: one W&B run per training run, opened on rank 0 only and never prompting."""
+
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import string
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+STEP_METRIC = "trainer/global_step"
+RUN_ID_FILE = "wandb_run_id"
+
+
+class TrackingError(RuntimeError):
+    """Tracking is misconfigured in a way that would otherwise hang or prompt."""
+
+
+class Tracker:
+    """A W&B run, or a no-op when `run` is None (other ranks, tracking disabled)."""
+
+    def __init__(self, run: Any = None) -> None:
+        self._run = run
+        self._run_id = run.id if run is not None else None
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self._run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self._run is not None:
+            # Our step goes in every row: wandb's own _step restarts at 0 on each offline resume.
+            self._run.log({**metrics, STEP_METRIC: step})
+
+    def summary(self, values: dict) -> None:
+        if self._run is not None:
+            self._run.summary.update(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._run is not None:
+            import wandb
+
+            run, self._run = self._run, None
+            run.finish(exit_code=exit_code)
+            # run.finish() only informs wandb-core, which may still be writing the run's files;
+            # teardown waits for it, so an offline run-<id>.wandb is complete once we return.
+            wandb.teardown()
+
+
+def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, resume: bool) -> Tracker:
+    """Open the run's tracker: a real W&B run on rank 0, a no-op everywhere else."""
+    backend = tracking_cfg.backend
+    mode = tracking_cfg.mode
+    if backend not in ("wandb", "none"):
+        raise TrackingError(f"tracking.backend={backend!r}: expected 'wandb' or 'none'")
+    if mode not in ("offline", "online", "disabled"):
+        raise TrackingError(f"tracking.mode={mode!r}: expected 'offline', 'online' or 'disabled'")
+    # Only rank 0 opens the run: two processes writing one run id would corrupt it.
+    if rank != 0 or backend == "none" or mode == "disabled":
+        return Tracker()
+
+    api_key = getattr(tracking_cfg, "api_key", None) or None
+    if mode == "online" and not api_key and not _have_credentials():
+        raise TrackingError(
+            "tracking.mode=online but no W&B API key was found (tracking.api_key, WANDB_API_KEY "
+            "or ~/.netrc); set WANDB_API_KEY, or use tracking.mode=offline and `wandb sync` later"
+        )
+
+    import wandb  # imported late: ranks and runs without tracking never pay for it
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file = run_dir / RUN_ID_FILE
+    if resume and id_file.is_file() and id_file.read_text().strip():
+        run_id = id_file.read_text().strip()
+    else:
+        # wandb's own style of id (8 of [a-z0-9]); wandb.util.generate_id is gone in recent releases.
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        id_file.write_text(run_id + "\n")
+
+    run = wandb.init(
+        project=tracking_cfg.project,
+        entity=getattr(tracking_cfg, "entity", None),
+        group=getattr(tracking_cfg, "group", None),
+        name=getattr(tracking_cfg, "name", None),
+        job_type=getattr(tracking_cfg, "job_type", None),
+        tags=list(getattr(tracking_cfg, "tags", None) or []),
+        config=config,
+        id=run_id,
+        resume="allow",  # a restart continues the same run (online: one curve)
+        mode=mode,
+        dir=str(run_dir),  # W&B files land in run_dir/wandb
+        # The key goes to wandb in memory only: unlike wandb.login(key=...), it is not saved to ~/.netrc.
+        # console="off": stdout is the trainer's, and wrapping it would interfere with its own logging.
+        settings=wandb.Settings(api_key=api_key if mode == "online" else None, console="off"),
+    )
+    run.define_metric(STEP_METRIC)
+    run.define_metric("*", step_metric=STEP_METRIC)
+    return Tracker(run)
+
+
+def _have_credentials() -> bool:
+    """Whether wandb would find a key without prompting: environment or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        path = Path(candidate).expanduser()
+        try:
+            entry = netrc.netrc(str(path)).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if entry and entry[2]:
+            return True
+    return False
