@@ -3,7 +3,9 @@
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from launcher import report
+from launcher.backends import launch
+from launcher.backends import slurm as slurm_backend
 from launcher.errors import ConfigError
 from launcher.overrides import override_problems
-from launcher.plan import deepspeed_config, make_plan
+from launcher.plan import Plan, deepspeed_config, make_plan
 from launcher.rundir import RunFiles, mask_secrets, new_run_dir, secret_values, submission_record
 from launcher.schema import register_configs
-from launcher.validate import check_config
+from launcher.validate import Checked, check_config
 
 log = logging.getLogger("launcher")
 EXIT_BAD_CONFIG = 2
@@ -39,70 +43,91 @@ def write_run_files(run_dir: Path, resolved: dict, overrides: list, checked, pla
     files.write_json("submission.json", submission_record(resolved["cluster"]["backend"], overrides))
 
 
-def run(cfg: DictConfig) -> None:
-    """One run (or one sweep point): everything before the first rank starts."""
-    console = Console(stderr=True)
-    hydra_cfg = HydraConfig.get()
-    overrides = list(hydra_cfg.overrides.task)
+@dataclass
+class Prepared:
+    """A validated config with everything derived from it, ready to write and launch."""
+
+    cfg: DictConfig
+    checked: Checked
+    plan: Plan
+    ds_config: dict
+    resolved: dict
+
+
+def prepare(cfg: DictConfig, console: Console) -> Prepared:
+    """Validate (exiting with the problems on bad input) and plan. Writes nothing."""
     try:
         checked = check_config(cfg, dry_run=cfg.dry_run)
+        if cfg.cluster.backend == "slurm":
+            try:
+                slurm_backend.preflight(cfg)
+            except ConfigError as error:
+                if not cfg.dry_run:
+                    raise
+                checked.warnings += error.problems
     except ConfigError as error:
         fail(console, error)
     plan = make_plan(cfg, checked.model, checked.train_examples)
-    ds_config = deepspeed_config(cfg, plan)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    secrets = secret_values(resolved)
+    return Prepared(cfg, checked, plan, deepspeed_config(cfg, plan), OmegaConf.to_container(cfg, resolve=True))
 
-    slurm = cfg.cluster.backend == "slurm"
-    if slurm:
-        from launcher.backends import slurm as slurm_backend
 
-        try:
-            slurm_backend.preflight(cfg)
-        except ConfigError as error:
-            if not cfg.dry_run:
-                fail(console, error)
-            checked.warnings += error.problems
+def print_dry_run(prep: Prepared, console: Console) -> None:
+    cfg = prep.cfg
+    for warning in prep.checked.warnings:
+        console.print(f"[yellow]warning (a real run would stop here):[/] {warning}", highlight=False, soft_wrap=True)
+    secrets = secret_values(prep.resolved)
+    sbatch = ""
+    if cfg.cluster.backend == "slurm":
+        sbatch = slurm_backend.sbatch_preview(cfg, prep.plan, Path(cfg.runs_root).expanduser().resolve() / cfg.name / "<timestamp>")
+    report.print_dry_run(Console(), mask_secrets(prep.resolved, secrets), prep.plan, prep.ds_config, mask_secrets(sbatch, secrets))
 
+
+def create_run(prep: Prepared, run_dir: Path, overrides: list, sweep_group: Optional[str] = None) -> None:
+    """Fix the run directory (and a sweep's W&B group) into the config and write the run's files."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for node in (prep.cfg, prep.resolved):
+        node["run_dir"] = str(run_dir)
+        if sweep_group and node["tracking"]["group"] is None:
+            node["tracking"]["group"] = sweep_group
+    # Ranks get the W&B key from the environment, never from a file.
+    if prep.cfg.tracking.api_key:
+        os.environ["WANDB_API_KEY"] = prep.cfg.tracking.api_key
+    write_run_files(run_dir, prep.resolved, overrides, prep.checked, prep.plan, prep.ds_config)
+
+
+def run(cfg: DictConfig) -> None:
+    """One run, or one point of a local sweep: validate, plan, write the run dir, launch."""
+    console = Console(stderr=True)
+    hydra_cfg = HydraConfig.get()
+    prep = prepare(cfg, console)
     if cfg.dry_run:
-        for warning in checked.warnings:
-            console.print(f"[yellow]warning (a real run would stop here):[/] {warning}", highlight=False, soft_wrap=True)
-        sbatch = slurm_backend.sbatch_preview(cfg, plan, Path(cfg.runs_root).expanduser().resolve() / cfg.name / "<timestamp>") if slurm else ""
-        report.print_dry_run(Console(), mask_secrets(resolved, secrets), plan, ds_config, mask_secrets(sbatch, secrets))
-        return
-
+        return print_dry_run(prep, console)
     if cfg.data.preview:
         from launcher.data.preview import print_preview
 
-        print_preview(cfg, checked)
-        return
+        return print_preview(cfg, prep.checked)
 
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
         run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
-        if cfg.tracking.group is None:  # every point of a sweep in one W&B group
-            cfg.tracking.group = resolved["tracking"]["group"] = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}"
     elif cfg.run_dir:
         run_dir = Path(cfg.run_dir).expanduser().resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
     else:
         run_dir = new_run_dir(cfg.runs_root, cfg.name)
-    cfg.run_dir = str(run_dir)
-    resolved["run_dir"] = str(run_dir)
-    # Ranks get the W&B key from the environment, never from a file.
-    if cfg.tracking.api_key:
-        os.environ["WANDB_API_KEY"] = cfg.tracking.api_key
-
-    write_run_files(run_dir, resolved, overrides, checked, plan, ds_config)
+    create_run(prep, run_dir, list(hydra_cfg.overrides.task), sweep_group(hydra_cfg) if multirun else None)
     console.print(f"run directory: {run_dir}", highlight=False)
 
-    from launcher.backends import launch
-
-    code = launch(cfg, run_dir, plan)
+    code = launch(cfg, run_dir, prep.plan)
     if code and multirun:
         raise RuntimeError(f"sweep point {run_dir} exited with {code}")
     if code:
         sys.exit(code)
+
+
+def sweep_group(hydra_cfg) -> str:
+    """Every point of a sweep shares one W&B group named after the sweep dir: <name>/<timestamp>."""
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    return f"{sweep_dir.parent.name}/{sweep_dir.name}"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

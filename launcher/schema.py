@@ -148,5 +148,12 @@ class Config:
     run_dir: Optional[str] = None  # set by the launcher; give it to reuse a run directory
 
 
+@dataclass
+class SlurmSweepLauncherConfig:
+    _target_: str = "hydra_plugins.sft_launcher.slurm_sweep.SlurmSweepLauncher"
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(name="sft_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="sft_schema", node=Config)
+    store.store(group="hydra/launcher", name="sft_slurm", node=SlurmSweepLauncherConfig)

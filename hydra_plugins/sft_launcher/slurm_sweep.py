@@ -1,0 +1,92 @@
+"""A Hydra launcher that turns a multirun sweep into ONE Slurm job array and returns at once.
+
+Selected by `cluster=slurm` (conf/cluster/slurm.yaml) or `hydra/launcher=sft_slurm`. Unlike the
+stock Submitit launcher it never waits for the jobs: it validates every point, writes every run
+directory, makes a single sbatch call, prints the array id and exits.
+"""
+
+from pathlib import Path
+from typing import List, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
+from hydra.plugins.launcher import Launcher
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
+
+
+class SlurmSweepLauncher(Launcher):
+    def __init__(self, **kwargs) -> None:
+        self.config = None
+        self.hydra_context = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from launcher.backends.slurm import submit_runs
+        from launcher.cli import create_run, print_dry_run
+
+        setup_globals()
+        console = Console(stderr=True)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        try:
+            points = self._prepare_points(job_overrides, initial_job_idx, console)
+        except SystemExit:
+            remove_unused_sweep_dir(sweep_dir)
+            raise
+        first = points[0][-1]
+        if first.cfg.dry_run:
+            remove_unused_sweep_dir(sweep_dir)
+            print_dry_run(first, console)
+            console.print(f"dry run: {len(points)} points would be one job array", highlight=False)
+            return []
+
+        run_dirs: List[Path] = []
+        group = f"{sweep_dir.parent.name}/{sweep_dir.name}"
+        for idx, overrides, _, _, prep in points:
+            run_dir = sweep_dir / str(idx)
+            create_run(prep, run_dir, overrides, sweep_group=group)
+            run_dirs.append(run_dir)
+        job_ids = submit_runs(first.cfg, first.plan, run_dirs, sweep_dir / "submitit", first.cfg.name)
+        array_id = job_ids[0].split("_")[0]
+        print(f"submitted job array {array_id} with {len(job_ids)} tasks\nsweep directory: {sweep_dir}\n"
+              f"W&B group: {group}\nfollow it: sft-jobs list", flush=True)
+        return [
+            JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=cfg, return_value=job_id, status=JobStatus.COMPLETED)
+            for (_, overrides, cfg, task_cfg, _), job_id in zip(points, job_ids)
+        ]
+
+    def _prepare_points(self, job_overrides, initial_job_idx: int, console: Console) -> list:
+        """Validate and plan every point before writing anything: one bad point submits nothing."""
+        from launcher.cli import prepare
+
+        points = []
+        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.num = idx
+                cfg.hydra.job.id = str(idx)
+            HydraConfig.instance().set_config(cfg)
+            task_cfg = cfg.copy()
+            with open_dict(task_cfg):
+                del task_cfg["hydra"]
+            points.append((idx, list(overrides), cfg, task_cfg, prepare(task_cfg, console)))
+        shapes = {(p.plan.nodes, p.plan.procs_per_node, OmegaConf.to_yaml(p.cfg.cluster)) for *_, p in points}
+        if len(shapes) > 1:
+            console.print("[bold red]error:[/] a Slurm sweep is one job array, so every point needs the same cluster.* "
+                          "settings; sweep cluster keys in separate commands", highlight=False, soft_wrap=True)
+            raise SystemExit(2)
+        return points
+
+
+def remove_unused_sweep_dir(sweep_dir: Path) -> None:
+    """Hydra wrote multirun.yaml into the sweep dir; a dry or failed sweep leaves nothing behind."""
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+        for path in sweep_dir.iterdir():
+            path.unlink()
+        sweep_dir.rmdir()
+        for parent in (sweep_dir.parent, sweep_dir.parent.parent):
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
