@@ -1,8 +1,8 @@
 """The local backend: N rank processes on this machine running launcher.task, watched together.
 
 Rank 0 inherits the terminal (progress bar); every rank's output also lands in logs/rank-N.log.
-If a rank fails, the others are stopped and the failing rank's traceback is shown. Ctrl-C asks
-every rank to checkpoint and stop (SIGTERM); a second Ctrl-C kills them.
+If a rank fails, the others are stopped and the failing rank's traceback is shown. Ctrl-C (or
+SIGTERM, SIGUSR2) asks every rank to checkpoint and stop; a second Ctrl-C kills them.
 """
 
 import os
@@ -86,8 +86,12 @@ def run_local(cfg, run_dir: Path, plan) -> int:
         interrupted += 1
         signal_all(procs, signal.SIGTERM if interrupted == 1 else signal.SIGKILL)
 
+    def forward(signum, frame):
+        signal_all(procs, signum)
+
     previous = signal.signal(signal.SIGINT, on_sigint)
     signal.signal(signal.SIGTERM, on_sigint)
+    signal.signal(signal.SIGUSR2, forward)  # `kill -USR2 <sft>`: checkpoint and stop, as under Slurm
     try:
         while True:
             codes = [p.poll() for p in procs]
