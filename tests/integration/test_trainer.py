@@ -1,0 +1,161 @@
+"""The trainer on a real 2-rank DeepSpeed ZeRO-3 engine (CPU, gloo): losses, resume, export, W&B."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, SFT, run_sft
+from tests.utils.wandb_file import find_runs, read_run
+
+REFERENCE = Path(__file__).with_name("reference_losses.json")
+# A short deterministic run: fp32, every parameter gathered (persistence threshold 0), logged each step.
+SHORT = [
+    "recipe=tiny_sft", "trainer.max_steps=12", "trainer.log_every=1", "trainer.micro_batch_size=4",
+    "trainer.global_batch_size=16", "optim.warmup_steps=2", "eval.every_steps=0", "eval.generate_samples=0",
+    "eval.max_batches=2", "checkpoint.every_steps=4", "checkpoint.keep=3",
+]
+
+
+def losses(run_dir: Path) -> dict:
+    """Train loss by step; a resumed run appends, so the last row of a step wins."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def train(tmp: Path, overrides, name: str) -> Path:
+    run_dir = tmp / name
+    result = run_sft([*overrides, f"run_dir={run_dir}"], cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    return train(tmp, SHORT, "uninterrupted")
+
+
+def test_losses_match_the_pinned_reference(reference_run):
+    got = losses(reference_run)
+    if os.environ.get("SFT_UPDATE_REFERENCE"):
+        REFERENCE.write_text(json.dumps({str(k): v for k, v in got.items()}, indent=1) + "\n")
+    want = {int(k): v for k, v in json.loads(REFERENCE.read_text()).items()}
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
+    assert got[12] < got[1]
+
+
+def test_run_directory_holds_the_contract(reference_run):
+    names = {p.name for p in reference_run.iterdir()}
+    assert {"config.yaml", "overrides.yaml", "plan.json", "ds_config.json", "submission.json", "metrics.jsonl",
+            "checkpoints", "export", "logs", "wandb", "wandb_run_id"} <= names
+    assert {p.name for p in (reference_run / "logs").glob("rank-*.log")} == {"rank-0.log", "rank-1.log"}
+    assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == ["step-000004", "step-000008", "step-000012"]
+    for ckpt in (reference_run / "checkpoints").iterdir():
+        assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+    rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    train_row = next(r for r in rows if r["kind"] == "train")
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_rank", "effective_tokens_per_s",
+                "step_time_s", "samples_seen", "epoch", "peak_mem_gib"):
+        assert train_row[key] is not None, key
+    assert train_row["mfu"] is None  # no known peak FLOP/s on a CPU
+    assert train_row["samples_seen"] == 16 and train_row["lr"] == pytest.approx(3e-3 / 2)
+    final_eval = [r for r in rows if r["kind"] == "eval"][-1]
+    assert final_eval["step"] == 12 and final_eval["perplexity"] == pytest.approx(torch.tensor(final_eval["loss"]).exp().item())
+
+
+def test_export_round_trips_and_equals_the_gathered_weights(reference_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = reference_run / "export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    AutoTokenizer.from_pretrained(export)
+    assert (export / "model.safetensors").is_file() and (export / "generation_config.json").is_file()
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(reference_run / "checkpoints"), tag="step-000012")
+    exported = model.state_dict()
+    assert model.config.tie_word_embeddings and exported["lm_head.weight"].data_ptr() == exported["model.embed_tokens.weight"].data_ptr()
+    for name, tensor in gathered.items():
+        assert torch.equal(exported[name], tensor), name
+    raw = load_file(export / "model.safetensors")
+    assert torch.equal(raw["model.embed_tokens.weight"], gathered["model.embed_tokens.weight"])
+
+
+def test_accumulation_is_equivalent(tmp_path):
+    base = [o for o in SHORT if "batch_size" not in o and "max_steps" not in o] + ["trainer.max_steps=3", "checkpoint.export=false", "tracking=none"]
+    micro2 = train(tmp_path, base + ["trainer.micro_batch_size=2", "trainer.grad_accum_steps=1"], "micro2")
+    accum2 = train(tmp_path, base + ["trainer.micro_batch_size=1", "trainer.grad_accum_steps=2"], "accum2")
+    a, b = losses(micro2), losses(accum2)
+    assert sorted(a) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, reference_run):
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen([SFT, *SHORT, f"run_dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(losses(run_dir)) >= 5:
+            proc.send_signal(signal.SIGUSR2)
+            break
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    stopped_at = max(losses(run_dir))
+    assert 5 <= stopped_at < 12
+    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    assert ckpts[-1].name == f"step-{stopped_at:06d}" and (ckpts[-1] / "COMPLETE").is_file()
+    # A save cut short has no marker: resume must skip it and take the periodic checkpoint before.
+    (ckpts[-1] / "COMPLETE").unlink()
+    first_id = (run_dir / "wandb_run_id").read_text().strip()
+
+    result = run_sft([*SHORT, f"run_dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert f"skipping checkpoint without a COMPLETE marker (an interrupted save): {ckpts[-1]}" in log
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000004'}" in log or "resumed from" in log
+    assert losses(run_dir) == losses(reference_run)  # bitwise, step by step
+    want = load_file(reference_run / "export" / "model.safetensors")
+    got = load_file(run_dir / "export" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    # One W&B run: the same id across both processes, our step continuing.
+    assert (run_dir / "wandb_run_id").read_text().strip() == first_id
+    files = find_runs(run_dir)
+    assert len(files) == 2
+    first, second = (read_run(f) for f in files)
+    assert first["run_id"] == second["run_id"] == first_id
+    steps = [row["trainer/global_step"] for row in second["history"] if "train/loss" in row]
+    assert steps[0] <= stopped_at and steps[-1] == 12
+
+
+def test_wandb_offline_run_holds_config_history_and_summary(reference_run):
+    [path] = find_runs(reference_run)
+    run = read_run(path)
+    assert run["run_id"] == (reference_run / "wandb_run_id").read_text().strip()
+    assert run["config"]["optim"]["lr"] == 3e-3 and run["config"]["tracking"]["api_key"] is None
+    train_rows = [r for r in run["history"] if "train/loss" in r]
+    assert [r["trainer/global_step"] for r in train_rows] == list(range(1, 13))
+    by_step = losses(reference_run)
+    assert all(r["train/loss"] == pytest.approx(by_step[r["trainer/global_step"]], rel=1e-12) for r in train_rows)
+    assert run["summary"]["final/loss"] > 0 and run["summary"]["data/rows_kept"] > 0
+    assert run["exit_code"] == 0
+
+
+def test_a_failing_rank_stops_all_and_shows_its_traceback(tmp_path):
+    result = run_sft([*SHORT, "model.attn_implementation=flash_attention_2", f"runs_root={tmp_path}/runs"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "flash_attention_2" in result.stderr
+    assert "rank 0 failed" in result.stderr or "rank 1 failed" in result.stderr
