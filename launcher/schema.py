@@ -23,7 +23,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_files: Any = MISSING  # a path, a glob or a list of them (bundled://tiny-tasks/train.jsonl)
+    # A path, a glob or a list of them (bundled://tiny-tasks/train.jsonl, hub://org/name:split); a list
+    # item may be {path: ..., weight: 2.0} (repeat x2) or {path: ..., samples: N} to mix data sets.
+    train_files: Any = MISSING
     eval_files: Any = None  # same forms; None: hold out eval_fraction of train
     eval_fraction: float = 0.0  # held-out fraction of train when eval_files is None
     format: str = "auto"  # auto | messages | prompt_completion | alpaca | text
@@ -34,8 +36,9 @@ class DataConfig:
     truncation: str = "truncate"  # truncate | drop (over-long examples)
     on_bad_row: str = "error"  # error | skip
     preview: int = 0  # >0: print N processed examples and exit
-    num_proc: int = 1  # tokenisation processes
-    cache_dir: Optional[str] = None  # None: <SFT_CACHE_DIR>/data
+    num_proc: int = 1  # tokenisation processes (datasets.map num_proc)
+    cache_dir: Optional[str] = None  # None: $SFT_CACHE_DIR/data or ~/.cache/sft-launcher/data
+    prepare_timeout_min: float = 120.0  # how long other local ranks wait for local rank 0 to tokenise
 
 
 @dataclass

@@ -1,1 +1,7 @@
 """Data pipeline: files -> rows in one `messages` form -> chat template -> masked labels -> packing."""
+
+from launcher.data.collate import collate
+from launcher.data.errors import DataError
+from launcher.data.pipeline import PreparedData, prepare_data
+
+__all__ = ["DataError", "PreparedData", "collate", "prepare_data"]

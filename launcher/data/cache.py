@@ -1,0 +1,137 @@
+"""The preprocessing cache: content keys, a build that appears atomically, and waiting for it without collectives.
+
+A prepared cache is a directory named by its key; it is built in a temporary sibling, gets its
+completion marker written last, and is renamed into place. Other local ranks poll for the marker
+(a torch collective would time out after 30 minutes while rank 0 tokenises a large data set).
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from launcher.data.errors import DataError
+
+MARKER = "COMPLETE"
+FAILED = ".failed"  # suffix of the file that tells waiting ranks that the builder failed
+FRESH_S = 60  # a failure marker older than this (before we started waiting) is from an earlier run
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    if cache_dir:
+        return Path(os.path.expanduser(cache_dir))
+    base = os.environ.get("SFT_CACHE_DIR") or Path.home() / ".cache" / "sft-launcher"
+    return Path(base) / "data"
+
+
+def cache_key(parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def file_digest(path: str, root: Path) -> str:
+    """Hash of a file's bytes, remembered per (size, mtime, inode) so later runs skip re-reading it."""
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = root / "digests" / (hashlib.sha256(path.encode()).hexdigest()[:32] + ".json")
+    try:
+        saved = json.loads(memo.read_text())
+        if saved["stamp"] == stamp:
+            return saved["digest"]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        import xxhash
+
+        h = xxhash.xxh3_128()
+    except ImportError:
+        h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    _write_atomic(memo, json.dumps({"path": path, "stamp": stamp, "digest": digest}))
+    return digest
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def build_once(final: Path, build: Callable[[Path], None]) -> bool:
+    """Make `final` with build(tmp_dir) unless it is complete; True when it was already there (a hit)."""
+    if is_complete(final):
+        return True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    failed = final.with_name(final.name + FAILED)
+    with _lock(final.with_name(f".{final.name}.lock")):
+        if is_complete(final):  # another builder sharing this file system finished while we waited
+            return True
+        failed.unlink(missing_ok=True)
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (the marker was removed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            _write_atomic(tmp / MARKER, json.dumps({"built": time.time()}))
+            os.rename(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_complete(final):  # lost a race with a builder whose lock we could not see
+                return True
+            _write_atomic(failed, f"{type(e).__name__}: {e}")
+            raise
+    return False
+
+
+def wait_for(final: Path, timeout_min: float, log: Callable[[str], Any] = print, poll_s: float = 1.0) -> None:
+    """Block until `final` is complete; raise if its builder failed or timeout_min passes."""
+    start = time.time()
+    failed = final.with_name(final.name + FAILED)
+    last_note = start
+    while not is_complete(final):
+        try:
+            if failed.stat().st_mtime >= start - FRESH_S:
+                raise DataError(f"local rank 0 failed to prepare the data ({final}): {failed.read_text()}")
+        except FileNotFoundError:
+            pass
+        now = time.time()
+        if now - start > timeout_min * 60:
+            raise DataError(f"waited {timeout_min:g} min for local rank 0 to prepare the data in {final}; "
+                            "raise data.prepare_timeout_min for big data sets")
+        if now - last_note > 60:
+            log(f"data: waiting for local rank 0 to prepare {final} ({(now - start) / 60:.0f} min so far)")
+            last_note = now
+        time.sleep(poll_s)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class _lock:
+    """An exclusive flock, best effort: file systems without flock fall back to the atomic rename."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "w")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()  # closing releases the lock
