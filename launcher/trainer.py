@@ -242,6 +242,7 @@ class SFTTrainer:
             if agree[1] > 0:
                 return self._stop_for_signal()
             global_trained = agree[0].item()
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             step_start = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float64)
             for batch in batches:
@@ -266,7 +267,7 @@ class SFTTrainer:
                     "step": self.global_step,
                     "epoch": self.global_step / self.steps_per_epoch,
                     "loss": loss,
-                    "lr": self.scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": _float(self.engine.get_global_grad_norm()),
                     "tokens_per_s": stats[1].item() / elapsed,
                     "tokens_per_s_per_rank": stats[1].item() / elapsed / world,

@@ -76,6 +76,13 @@ def wait_all(procs: List[subprocess.Popen], timeout: float) -> None:
         proc.wait()
 
 
+def last_traceback(log_file: Path, max_lines: int = 80) -> str:
+    """The last traceback in a rank's output (or its last lines when there is none)."""
+    lines = log_file.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    return "\n".join(lines[starts[-1]:][:max_lines] if starts else lines[-40:])
+
+
 def run_local(cfg, run_dir: Path, plan) -> int:
     console = Console(stderr=True)
     procs = start_ranks(run_dir, plan.world_size)
@@ -101,8 +108,8 @@ def run_local(cfg, run_dir: Path, plan) -> int:
                 wait_all(procs, GRACE_S)
                 rank = failed[0]
                 if rank != 0:
-                    tail = (run_dir / "logs" / f"rank-{rank}.out").read_text().splitlines()[-40:]
-                    console.print(f"[bold red]rank {rank} failed (exit {codes[rank]}); its log ends:[/]\n" + "\n".join(tail), highlight=False)
+                    console.print(f"[bold red]rank {rank} failed (exit {codes[rank]}):[/]", highlight=False)
+                    console.print(last_traceback(run_dir / "logs" / f"rank-{rank}.out"), highlight=False, markup=False)
                 else:
                     console.print(f"[bold red]rank 0 failed (exit {codes[0]})[/]; other ranks stopped", highlight=False)
                 console.print(f"logs: {run_dir / 'logs'}", highlight=False)

@@ -59,8 +59,8 @@ def test_run_directory_holds_the_contract(reference_run):
     assert {"config.yaml", "overrides.yaml", "plan.json", "ds_config.json", "submission.json", "metrics.jsonl",
             "checkpoints", "export", "logs", "wandb", "wandb_run_id"} <= names
     assert {p.name for p in (reference_run / "logs").glob("rank-*.log")} == {"rank-0.log", "rank-1.log"}
-    assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == ["step-000004", "step-000008", "step-000012"]
-    for ckpt in (reference_run / "checkpoints").iterdir():
+    assert sorted(p.name for p in (reference_run / "checkpoints").glob("step-*")) == ["step-000004", "step-000008", "step-000012"]
+    for ckpt in (reference_run / "checkpoints").glob("step-*"):
         assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
     rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
     train_row = next(r for r in rows if r["kind"] == "train")
@@ -91,7 +91,7 @@ def test_export_round_trips_and_equals_the_gathered_weights(reference_run):
 
 
 def test_accumulation_is_equivalent(tmp_path):
-    base = [o for o in SHORT if "batch_size" not in o and "max_steps" not in o] + ["trainer.max_steps=3", "checkpoint.export=false", "tracking=none"]
+    base = [o for o in SHORT if "batch_size" not in o and "max_steps" not in o] + ["trainer.max_steps=3", "trainer.global_batch_size=null", "checkpoint.export=false", "tracking=none"]
     micro2 = train(tmp_path, base + ["trainer.micro_batch_size=2", "trainer.grad_accum_steps=1"], "micro2")
     accum2 = train(tmp_path, base + ["trainer.micro_batch_size=1", "trainer.grad_accum_steps=2"], "accum2")
     a, b = losses(micro2), losses(accum2)
@@ -115,7 +115,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, reference_r
     assert proc.returncode == 75, out[-3000:]
     stopped_at = max(losses(run_dir))
     assert 5 <= stopped_at < 12
-    ckpts = sorted((run_dir / "checkpoints").iterdir())
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     assert ckpts[-1].name == f"step-{stopped_at:06d}" and (ckpts[-1] / "COMPLETE").is_file()
     # A save cut short has no marker: resume must skip it and take the periodic checkpoint before.
     (ckpts[-1] / "COMPLETE").unlink()
@@ -157,5 +157,6 @@ def test_wandb_offline_run_holds_config_history_and_summary(reference_run):
 def test_a_failing_rank_stops_all_and_shows_its_traceback(tmp_path):
     result = run_sft([*SHORT, "model.attn_implementation=flash_attention_2", f"runs_root={tmp_path}/runs"], cwd=tmp_path, timeout=300)
     assert result.returncode == 1
-    assert "Traceback" in result.stderr and "flash_attention_2" in result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "ImportError: FlashAttention2 has been toggled on" in result.stderr
     assert "rank 0 failed" in result.stderr or "rank 1 failed" in result.stderr
