@@ -3,6 +3,7 @@
 import getpass
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +21,10 @@ PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "datasets", "hydra
 
 
 def is_secret_name(name: str) -> bool:
-    return any(word in str(name).upper() for word in SECRET_WORDS)
+    """A whole word of the name is a secret word: HF_TOKEN, api_key, AWS_SECRET_ACCESS_KEY, but
+    not max_new_tokens or keep."""
+    words = re.split(r"[^A-Z0-9]+", str(name).upper())
+    return any(word in SECRET_WORDS or word in ("APIKEY", "PASSWD") for word in words)
 
 
 def secret_values(config: Any, environ: Optional[Dict[str, str]] = None) -> set:

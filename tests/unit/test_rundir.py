@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from launcher.cli import write_run_files
 from launcher.plan import deepspeed_config, make_plan
-from launcher.rundir import mask_secrets, new_run_dir
+from launcher.rundir import is_secret_name, mask_secrets, new_run_dir
 from launcher.validate import check_config
 from tests.conftest import compose_config
 
@@ -43,6 +43,11 @@ def test_saved_files_hold_no_secret(tmp_path, monkeypatch):
 def test_mask_scrubs_secret_values_anywhere():
     masked = mask_secrets({"cmd": "login --key s3cret!", "PASSWORD": "p", "nested": [{"auth_token": None}]}, {"s3cret!"})
     assert masked == {"cmd": "login --key ***", "PASSWORD": "***", "nested": [{"auth_token": None}]}
+
+
+def test_secret_names_are_whole_words():
+    assert all(is_secret_name(n) for n in ("HF_TOKEN", "api_key", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "db.password", "apikey"))
+    assert not any(is_secret_name(n) for n in ("max_new_tokens", "keep", "tokens_per_s", "monkey", "keyboard_layout"))
 
 
 def test_run_dirs_in_the_same_second_do_not_collide(tmp_path):
