@@ -14,6 +14,7 @@ class StopFlag:
         self.signum = 0
 
     def install(self) -> "StopFlag":
+        """Idempotent: a signal caught before the trainer starts (e.g. during imports) stays set."""
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._set)
         return self
@@ -23,3 +24,8 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signum != 0
+
+
+# One flag per process: installed first thing in a Slurm task (replacing submitit's own USR2
+# handler, which would exit without a checkpoint), then used by the trainer.
+STOP = StopFlag()

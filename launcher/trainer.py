@@ -29,7 +29,7 @@ from launcher import bundled, checkpoint
 from launcher.data import collate, prepare_data
 from launcher.export import export_dtype, export_model
 from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
-from launcher.signals import EXIT_STOPPED, StopFlag
+from launcher.signals import EXIT_STOPPED, STOP
 from launcher.tracking import start_tracking
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class SFTTrainer:
         self.ds_config = ds_config
         self.env = env
         self.is_main = env.rank == 0
-        self.stop = StopFlag().install()
+        self.stop = STOP.install()
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.global_step = 0
         self.engine = None

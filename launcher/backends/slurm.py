@@ -32,9 +32,11 @@ class SlurmTask:
         self.master_port = master_port
 
     def __call__(self) -> int:
+        from launcher.signals import EXIT_STOPPED, STOP
+
+        STOP.install()  # before anything slow: submitit's USR2 handler would exit without a checkpoint
         import submitit
 
-        from launcher.signals import EXIT_STOPPED
         from launcher.task import run_rank
 
         env = submitit.JobEnvironment()
@@ -45,7 +47,7 @@ class SlurmTask:
             # A port per job: two jobs sharing a node must not collide.
             MASTER_PORT=str(self.master_port + job_num % 10000),
         )
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         code = run_rank(self.run_dir)
         if code != EXIT_STOPPED:
             return code

@@ -8,6 +8,8 @@ its length and its number of trained tokens.
 import json
 from typing import Any, Dict, List
 
+from tokenizers import Tokenizer
+
 from launcher.data.errors import BadRow
 from launcher.data.formats import JSONL_COLUMN, normalise, parse_row
 from launcher.data.masking import IGNORE, span_labels
@@ -34,6 +36,11 @@ class ExampleBuilder:
         self.tokenizer, self.fmt, self.train_on = tokenizer, fmt, train_on
         self.seq_len, self.truncation = seq_len, truncation
         self.renderer = Renderer(template, tokenizer.special_tokens_map) if template else None
+        # The Rust tokenizer itself, as tokenizer(text, add_special_tokens=False) uses it, without
+        # any truncation or padding that its tokenizer.json may switch on.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
 
     def __call__(self, batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
         n = len(next(iter(batch.values())))
@@ -52,15 +59,16 @@ class ExampleBuilder:
                 out["status"][i], out["detail"][i] = bad.reason, bad.detail
         if not pending:
             return out
-        # One batched call: the fast tokenizer spreads it over threads.
-        enc = self.tokenizer([p[3] for p in pending], add_special_tokens=False, return_offsets_mapping=True)
-        for k, (i, kind, value, _, spans) in enumerate(pending):
-            ids = list(enc["input_ids"][k])
-            labels = span_labels(ids, enc["offset_mapping"][k], spans)
+        # One batched call on the Rust tokenizer (it spreads the batch over threads).
+        encodings = self.backend.encode_batch([p[3] for p in pending], add_special_tokens=False)
+        for (i, kind, value, _, spans), enc in zip(pending, encodings):
+            ids = enc.ids
+            labels, trained = span_labels(ids, enc.offsets, spans)
             if kind == "text" and self.tokenizer.eos_token_id is not None:
                 ids.append(self.tokenizer.eos_token_id)  # documents end with EOS, which is learned
                 labels.append(self.tokenizer.eos_token_id)
-            self._fill(out, i, ids, labels, kind, value)
+                trained += 1
+            self._fill(out, i, ids, labels, trained, kind, value)
         return out
 
     def _render(self, kind: str, value: Any):
@@ -75,21 +83,22 @@ class ExampleBuilder:
             raise BadRow("no_trained_tokens", "the template rendered no assistant text to train on")
         return text, spans
 
-    def _fill(self, out, slot: int, ids: List[int], labels: List[int], kind: str, value: Any) -> None:
+    def _fill(self, out, slot: int, ids: List[int], labels: List[int], trained: int, kind: str, value: Any) -> None:
         status, detail, truncated = "", "", False
-        if not any(l != IGNORE for l in labels):
+        if not trained:
             status, detail = "no_trained_tokens", "no token is left to train on"
         elif len(ids) > self.seq_len:
             if self.truncation == "drop":
                 status, detail = "too_long", f"{len(ids)} tokens > data.seq_len={self.seq_len}"
             else:
                 ids, labels, truncated = ids[: self.seq_len], labels[: self.seq_len], True
-                if not any(l != IGNORE for l in labels):
+                trained = len(labels) - labels.count(IGNORE)
+                if not trained:
                     status = "untrained_after_truncation"
                     detail = f"no trained token in the first data.seq_len={self.seq_len} tokens"
         if status:
-            ids, labels = [], []
+            ids, labels, trained = [], [], 0
         out["input_ids"][slot], out["labels"][slot] = ids, labels
         out["status"][slot], out["detail"][slot], out["truncated"][slot] = status, detail, truncated
         out["messages"][slot] = json.dumps(value) if kind == "messages" and not status else ""
-        out["length"][slot], out["trained"][slot] = len(ids), sum(l != IGNORE for l in labels)
+        out["length"][slot], out["trained"][slot] = len(ids), trained
