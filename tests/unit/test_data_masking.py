@@ -116,10 +116,11 @@ def test_template_that_is_not_prefix_stable_is_a_bad_row(tokenizers):
 def test_span_labels_overlap_rule():
     ids = [10, 11, 12, 13]
     offsets = [(0, 2), (2, 5), (5, 7), (7, 7)]  # the last is zero-width, like some special tokens
-    assert span_labels(ids, offsets, [(3, 6)]) == [IGNORE, 11, 12, IGNORE]
-    assert span_labels(ids, offsets, [(0, 7)]) == [IGNORE, 11, 12, IGNORE]
-    assert span_labels(ids, offsets, [(6, 8)]) == [IGNORE, IGNORE, 12, 13]
-    assert span_labels(ids, offsets, []) == [IGNORE] * 4
+    assert span_labels(ids, offsets, [(3, 6)]) == ([IGNORE, 11, 12, IGNORE], 2)
+    assert span_labels(ids, offsets, [(0, 7)]) == ([IGNORE, 11, 12, IGNORE], 2)
+    assert span_labels(ids, offsets, [(6, 8)]) == ([IGNORE, IGNORE, 12, 13], 2)
+    assert span_labels(ids, offsets, [(0, 1), (4, 5)]) == ([IGNORE, 11, IGNORE, IGNORE], 1)
+    assert span_labels(ids, offsets, []) == ([IGNORE] * 4, 0)
 
 
 def test_text_rows_train_every_token_and_end_with_eos(tokenizers):
