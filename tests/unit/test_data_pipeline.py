@@ -239,3 +239,20 @@ def test_bad_settings_raise_config_errors(tok, tmp_path):
         prep(tok, tmp_path, cfg(path, train_on="everything"))
     with pytest.raises(DataError, match="no file matches"):
         prep(tok, tmp_path, cfg(tmp_path / "missing.jsonl"))
+
+
+def test_hub_datasets_go_through_load_dataset(tok, tmp_path, monkeypatch):
+    import datasets
+
+    calls = []
+    real = datasets.load_dataset
+
+    def fake(name, *a, **k):
+        if name == "org/chat":
+            calls.append(k.get("split"))
+            return datasets.Dataset.from_list(GOOD)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    data = prep(tok, tmp_path, cfg(["hub://org/chat:train_sft"]))
+    assert calls == ["train_sft"] and data.stats["train_examples"] == 12
