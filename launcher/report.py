@@ -1,6 +1,7 @@
 """Terminal output of the plan: the resolved config, a rich table of derived numbers, the DeepSpeed JSON."""
 
 import json
+from pathlib import Path
 from typing import Any, Dict
 
 import yaml
@@ -46,6 +47,20 @@ def plan_table(plan: Plan) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def eval_summary(run_dir) -> str:
+    """The first and last eval of a run, e.g. for the end of `make demo`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    evals = [r for r in rows if r["kind"] == "eval"]
+    if not evals:
+        return ""
+    first, last = evals[0], evals[-1]
+    lines = [f"eval loss: {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})"]
+    if "accuracy" in first and "accuracy" in last:
+        lines.append(f"eval accuracy: {first['accuracy']:.1%} -> {last['accuracy']:.1%}")
+    return "\n".join(lines)
 
 
 def print_dry_run(console: Console, config: Dict[str, Any], plan: Plan, ds_config: Dict[str, Any], extra: str = "") -> None:

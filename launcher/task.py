@@ -3,6 +3,7 @@
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,6 +21,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers, force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed calls the deprecated *_into_tensor collectives: one warning per call site per rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def run_rank(run_dir: str) -> int:

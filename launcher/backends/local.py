@@ -16,6 +16,7 @@ from typing import Dict, List
 
 from rich.console import Console
 
+from launcher.report import eval_summary
 from launcher.signals import EXIT_STOPPED
 
 GRACE_S = 60  # after a failure or Ctrl-C, how long ranks get to exit before SIGKILL
@@ -35,6 +36,7 @@ def rank_env(rank: int, world: int, port: int, procs: int) -> Dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
     if not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("WANDB_SILENT", "true")  # the run's own summary is printed at the end
     return env
 
 
@@ -123,5 +125,8 @@ def run_local(cfg, run_dir: Path, plan) -> int:
         console.print(f"stopped with a checkpoint; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
         return EXIT_STOPPED
     export = run_dir / "export"
-    console.print(f"done: {run_dir}" + (f"\nexport: {export}" if export.is_dir() else ""), highlight=False)
+    console.print(f"done: {run_dir}", highlight=False)
+    console.print(eval_summary(run_dir), highlight=False)
+    if export.is_dir():
+        console.print(f"export: {export}", highlight=False)
     return 0

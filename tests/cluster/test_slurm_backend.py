@@ -1,0 +1,164 @@
+"""`sft cluster=slurm` on the real local cluster: non-blocking submit, multi-node, sweeps as one
+array, preemption and time-limit requeues with exact resume, and checks before the queue."""
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_sft
+from tests.utils.wandb_file import find_runs, read_run
+
+pytestmark = pytest.mark.slurm
+
+# Two tasks on one node, fp32 CPU training of the tiny model; steps logged one by one.
+SLURM = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.procs_per_node=2", "cluster.cpus_per_task=1",
+         "cluster.time_min=10", "cluster.partition=debug"]
+TINY = ["recipe=tiny_sft", "trainer.log_every=1", "trainer.micro_batch_size=4", "trainer.global_batch_size=16",
+        "optim.warmup_steps=2", "eval.every_steps=0", "eval.generate_samples=0", "eval.max_batches=2"]
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+def sacct(job_id: str, fields: str = "State") -> list:
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", fields], capture_output=True, text=True).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def wait_for_state(job_id: str, states=TERMINAL, timeout: float = 400) -> str:
+    deadline = time.monotonic() + timeout
+    state = "?"
+    while time.monotonic() < deadline:
+        rows = sacct(job_id)
+        state = rows[0][0].split()[0] if rows else "?"
+        if state in states:
+            return state
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+
+
+def submit(tmp: Path, overrides, name: str):
+    run_dir = tmp / name
+    start = time.monotonic()
+    result = run_sft([*overrides, f"run_dir={run_dir}"], cwd=tmp)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = json.loads((run_dir / "submission.json").read_text())["jobs"][0]["job_id"]
+    assert f"submitted job {job_id}" in result.stdout and f"sft-jobs logs {run_dir} -f" in result.stdout
+    return run_dir, job_id, elapsed
+
+
+def losses(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a / "export" / "model.safetensors"), load_file(b / "export" / "model.safetensors")
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_cluster, tmp_path_factory):
+    """Submit the uninterrupted and the preempted runs together; they share the wait."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    steps = ["trainer.max_steps=40", "checkpoint.every_steps=10"]
+    plain = submit(tmp, [*TINY, *SLURM, *steps], "plain")
+    preempted = submit(tmp, [*TINY, *SLURM, *steps], "preempted")
+    return tmp, plain, preempted
+
+
+def test_submit_returns_at_once_and_the_run_completes(runs):
+    _, (run_dir, job_id, elapsed), _ = runs
+    assert elapsed < 30  # validation + plan + one sbatch: never the run itself
+    assert sacct(job_id)[0][0] in {"PENDING", "RUNNING", "COMPLETED"}
+    assert wait_for_state(job_id) == "COMPLETED"
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert max(losses(run_dir)) == 40
+    log = (run_dir / "logs" / "rank-1.log").read_text()
+    assert "[rank 1]" in log
+    status = subprocess.run(["sft-jobs", "status", str(run_dir)], capture_output=True, text=True)
+    assert "COMPLETED" in status.stdout, status.stdout + status.stderr
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(runs):
+    _, (plain_dir, plain_id, _), (run_dir, job_id, _) = runs
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(losses(run_dir)) >= 12):
+        assert time.monotonic() < deadline, "the run did not reach step 12"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=500) == "COMPLETED"
+    assert wait_for_state(plain_id) == "COMPLETED"
+    assert int(sacct(job_id, "Restarts")[0][0]) == 1
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "stop signal received: saving a checkpoint" in log and "resumed from" in log
+    assert losses(run_dir) == losses(plain_dir)
+    assert same_weights(run_dir, plain_dir)
+    ids = {read_run(f)["run_id"] for f in find_runs(run_dir)}
+    assert len(find_runs(run_dir)) == 2 and ids == {(run_dir / "wandb_run_id").read_text().strip()}
+
+
+def test_two_nodes_train_one_job(slurm_cluster, tmp_path):
+    overrides = [*TINY, *SLURM, "cluster.nodes=2", "cluster.procs_per_node=1", "trainer.max_steps=4",
+                 "trainer.global_batch_size=8", "checkpoint.export=false", "tracking=none"]
+    run_dir, job_id, _ = submit(tmp_path, overrides, "two_nodes")
+    assert wait_for_state(job_id) == "COMPLETED"
+    assert sacct(job_id, "NNodes,NodeList")[0] == ["2", "node[1-2]"]
+    logs = [(run_dir / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)]
+    assert all("steps:" in text for text in logs)
+    assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
+    assert max(losses(run_dir)) == 4
+
+
+def test_time_limit_requeues_until_done(slurm_cluster, tmp_path):
+    # 1-minute limit, USR2 40 s before it: each cycle trains ~10 s, then checkpoints and requeues.
+    overrides = [*TINY, *SLURM, "cluster.time_min=1", "cluster.signal_delay_s=40", "cluster.max_requeues=6",
+                 "trainer.max_steps=60", "checkpoint.export=false", "tracking=none"]
+    run_dir, job_id, _ = submit(tmp_path, overrides, "time_limited")
+    assert wait_for_state(job_id, timeout=580) == "COMPLETED"
+    restarts = int(sacct(job_id, "Restarts")[0][0])
+    assert restarts >= 1
+    assert max(losses(run_dir)) == 60
+    assert (run_dir / "logs" / "rank-0.log").read_text().count("stop signal received") == restarts
+
+
+def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
+    result = run_sft(["-m", *TINY, *SLURM, "trainer.max_steps=2", "checkpoint.export=false", "optim.lr=1e-3,2e-3,3e-3",
+                      f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "submitted job array" in result.stdout and "with 3 tasks" in result.stdout
+    [sweep_dir] = (tmp_path / "runs" / "tiny_sft").iterdir()
+    points = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
+    assert [p.name for p in points] == ["0", "1", "2"]
+    job_ids = [json.loads((p / "submission.json").read_text())["jobs"][0]["job_id"] for p in points]
+    assert len({j.split("_")[0] for j in job_ids}) == 1  # one array, one sbatch
+    for job_id in job_ids:
+        assert wait_for_state(job_id) == "COMPLETED"
+    groups = {read_run(find_runs(p)[0])["group"] for p in points}
+    assert groups == {f"tiny_sft/{sweep_dir.name}"}
+    lrs = sorted(read_run(find_runs(p)[0])["config"]["optim"]["lr"] for p in points)
+    assert lrs == [1e-3, 2e-3, 3e-3]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("cluster.partition=nope", "cluster.partition='nope': no such partition; valid: debug, short"),
+        ("cluster.time_min=61", "cluster.time_min=61: must be <= partition debug's MaxTime (60 min)"),
+        ("cluster.nodes=3", "cluster.nodes=3: must be <= the 2 nodes of partition debug"),
+        ("cluster.gpus_per_node=4", "cluster.gpus_per_node=4: must be <= the 2 GPUs per node of partition debug"),
+    ],
+)
+def test_bad_cluster_settings_fail_before_the_queue(slurm_cluster, tmp_path, override, message):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    result = run_sft([*TINY, *SLURM, override, f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "runs").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)
