@@ -96,7 +96,9 @@ def summary(stats: Dict[str, Any]) -> str:
         text += f", packing efficiency {stats['train_packing_efficiency']:.3f}"
     if "eval_examples" in stats:
         text += f"; eval {stats['eval_examples']} examples, {stats['eval_prompts']} prompts"
-    return text + f" (cache {'hit' if stats.get('cache_hit') else 'built'}, {stats.get('prepare_seconds', 0):.1f} s)"
+    if "cache_hit" in stats:
+        text += f" (cache {'hit' if stats['cache_hit'] else 'built'}, {stats['prepare_seconds']:.1f} s)"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- build
@@ -138,6 +140,9 @@ def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src,
     skipped = sum(v for k, v in counts.items() if k.startswith("skipped_"))
     stats = {"rows_read": counts["rows_read"], "rows_kept": counts["rows_read"] - skipped - counts["dropped_for_length"],
              "rows_skipped": skipped, **counts}
+    if not len(train_idx):
+        raise DataError("no training example is left: " + summary({**stats, "train_examples": 0,
+                                                                   "train_sequences": 0, "train_trained_tokens": 0}))
     for split, idx in (("train", train_idx), ("eval", eval_idx)):
         if split == "eval" and not has_eval:
             continue

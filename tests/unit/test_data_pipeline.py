@@ -91,9 +91,9 @@ def test_skip_mode_counts_every_reason(tok, tmp_path):
     assert {r: stats[f"skipped_{r}"] for r in BAD} == {r: 1 for r in BAD}
     assert (stats["rows_read"], stats["rows_kept"], stats["rows_skipped"]) == (9, 3, 6)
     assert stats["train_examples"] == 3
-    # A template that cannot be split into turns: every chat row is counted, none trained.
-    stats = prep(copy.deepcopy(tok), tmp_path, cfg(path, on_bad_row="skip", template=template, packing=False)).stats
-    assert stats["skipped_template_error"] == 3 and stats["train_examples"] == 0
+    # A template that cannot be split into turns: every row is skipped, so there is nothing to train.
+    with pytest.raises(DataError, match=r"no training example is left: data: 9 rows read, 0 kept.*template_error 3"):
+        prep(copy.deepcopy(tok), tmp_path, cfg(path, on_bad_row="skip", template=template))
     assert set(BAD_ROW_REASONS) <= {k[len("skipped_"):] for k in stats if k.startswith("skipped_")}
     json.dumps(stats)  # flat and JSON-able for the log and W&B
 
