@@ -180,7 +180,7 @@ def test_cache_hit_skips_tokenising_and_misses_on_changes(tok, tmp_path, monkeyp
     assert second.stats["cache_hit"] is True and rows(second.train) == rows(first.train)
     assert {k: v for k, v in second.stats.items() if k not in ("cache_hit", "prepare_seconds")} == \
            {k: v for k, v in first.stats.items() if k not in ("cache_hit", "prepare_seconds")}
-    assert prep(copy.deepcopy(tok), tmp_path, cfg(path, template="llama3")).stats["cache_hit"] is False
+    assert prep(copy.deepcopy(tok), tmp_path, cfg(path, template="llama3", seq_len=256)).stats["cache_hit"] is False
     write_jsonl(path, GOOD[:-1])
     assert prep(tok, tmp_path, cfg(path)).stats["cache_hit"] is False
     assert prep(tok, tmp_path, cfg(path), seed=3).stats["cache_hit"] is False
@@ -189,7 +189,7 @@ def test_cache_hit_skips_tokenising_and_misses_on_changes(tok, tmp_path, monkeyp
 def test_template_choice_is_installed_on_the_tokenizer(tok, tmp_path):
     tok = copy.deepcopy(tok)
     path = write_jsonl(tmp_path / "t.jsonl", GOOD)
-    data = prep(tok, tmp_path, cfg(path, template="llama3"))
+    data = prep(tok, tmp_path, cfg(path, template="llama3", seq_len=256))
     assert data.stats["template"] == "llama3" and "<|eot_id|>" in tok.chat_template  # generation uses it too
 
 
