@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from launcher.data.errors import DataError
+from launcher.data.files import HUB
 
 MARKER = "COMPLETE"
 FAILED = ".failed"  # suffix of the file that tells waiting ranks that the builder failed
@@ -58,6 +59,20 @@ def file_digest(path: str, root: Path) -> str:
     digest = h.hexdigest()
     _write_atomic(memo, json.dumps({"path": path, "stamp": stamp, "digest": digest}))
     return digest
+
+
+def source_key(src, root: Path) -> list:
+    """A files-spec entry by content: each file's digest (hub datasets by name) and its mixing."""
+    files = [[f, f if f.startswith(HUB) else file_digest(f, root)] for f in src.files]
+    return [files, src.weight, src.samples]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything that decides token ids: the serialised Rust tokenizer and special tokens."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def is_complete(path: Path) -> bool:

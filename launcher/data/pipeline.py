@@ -15,7 +15,7 @@ import numpy as np
 from launcher.data import cache
 from launcher.data.errors import BAD_ROW_REASONS, DataError
 from launcher.data.examples import BLANK, LENGTH_STATUSES, ExampleBuilder, example_features
-from launcher.data.files import HUB, Source, sources
+from launcher.data.files import Source, sources
 from launcher.data.formats import FORMATS, load_raw
 from launcher.data.packing import best_fit_decreasing, write_rows
 from launcher.data.templates import resolve_template
@@ -57,8 +57,8 @@ def prepare_data(data_cfg, tokenizer, seed: int, *, local_rank: int = 0, cache_r
         tokenizer.chat_template = template
     root = cache.cache_root(cache_root or cfg.get("cache_dir"))
     key = cache.cache_key({
-        "version": VERSION, "seed": seed, "template": template, "tokenizer": _tokenizer_fingerprint(tokenizer),
-        "train": [_source_key(s, root) for s in train_src], "eval": [_source_key(s, root) for s in eval_src],
+        "version": VERSION, "seed": seed, "template": template, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "train": [cache.source_key(s, root) for s in train_src], "eval": [cache.source_key(s, root) for s in eval_src],
         "pad_id": _pad_id(tokenizer),
         **{k: cfg.get(k) for k in ("format", "seq_len", "packing", "train_on", "truncation", "on_bad_row", "eval_fraction")},
     })
@@ -218,21 +218,6 @@ def _eval_prompts(pool, idx: np.ndarray) -> List[dict]:
         if messages and messages[-1]["role"] == "assistant":
             prompts.append({"messages": messages[:-1], "answer": messages[-1]["content"]})
     return prompts
-
-
-# ---------------------------------------------------------------------------------------------- keys
-def _source_key(src: Source, root: Path) -> list:
-    files = [[f, f if f.startswith(HUB) else cache.file_digest(f, root)] for f in src.files]
-    return [files, src.weight, src.samples]
-
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    import hashlib
-
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def _pad_id(tokenizer) -> int:
