@@ -92,6 +92,7 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (the marker was removed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             build(tmp)
             _write_atomic(tmp / MARKER, json.dumps({"built": time.time()}))
             os.rename(tmp, final)
