@@ -1,0 +1,76 @@
+"""`sft-jobs report`: one PNG of loss, learning rate, eval metrics and throughput for a run or a sweep."""
+
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on login nodes
+import matplotlib.pyplot as plt  # noqa: E402
+
+Series = Tuple[str, List[dict]]  # (label, metrics rows); label "" for a single run
+
+
+def column(rows: Sequence[dict], key: str) -> Tuple[List[int], List[float]]:
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot(ax, rows: Sequence[dict], key: str, label: str, **style) -> bool:
+    steps, values = column(rows, key)
+    if steps:
+        ax.plot(steps, values, label=label, **style)
+    return bool(steps)
+
+
+def named(label: str, what: str) -> str:
+    return f"{label}: {what}" if label else what
+
+
+def plot_runs(series: List[Series], out: Path, title: str) -> Path:
+    """Panels: loss (train lines, eval points), lr, eval perplexity/accuracy, tokens/s; one colour per run."""
+    fig, ((ax_loss, ax_lr), (ax_eval, ax_tps)) = plt.subplots(2, 2, figsize=(13, 8.5), sharex=True)  # one step axis
+    ax_acc: Optional[plt.Axes] = None
+    drawn = {ax: False for ax in (ax_loss, ax_lr, ax_eval, ax_tps)}
+    for i, (label, rows) in enumerate(series):
+        color = f"C{i % 10}"
+        train = [r for r in rows if r.get("kind") == "train"]
+        evals = [r for r in rows if r.get("kind") == "eval"]
+        drawn[ax_loss] |= plot(ax_loss, train, "loss", named(label, "train"), color=color)
+        drawn[ax_loss] |= plot(ax_loss, evals, "loss", named(label, "eval"), color=color, marker="o", linestyle="none")
+        drawn[ax_lr] |= plot(ax_lr, train, "lr", label or "lr", color=color)
+        drawn[ax_eval] |= plot(ax_eval, evals, "perplexity", named(label, "perplexity"), color=color, marker="o")
+        if column(evals, "accuracy")[0]:
+            ax_acc = ax_acc or ax_eval.twinx()  # accuracy is 0..1, perplexity is not: a second scale
+            drawn[ax_eval] |= plot(ax_acc, evals, "accuracy", named(label, "accuracy"), color=color, marker="s", linestyle="--")
+        drawn[ax_tps] |= plot(ax_tps, train, "tokens_per_s", named(label, "tokens/s"), color=color)
+        drawn[ax_tps] |= plot(ax_tps, train, "effective_tokens_per_s", named(label, "trained tokens/s"), color=color, linestyle=":")
+    titles = {ax_loss: "loss", ax_lr: "learning rate", ax_eval: "eval", ax_tps: "throughput"}
+    ylabels = {ax_loss: "loss", ax_lr: "lr", ax_eval: "perplexity", ax_tps: "tokens/s"}
+    for ax, has_data in drawn.items():
+        ax.set_title(titles[ax])
+        if ax in (ax_eval, ax_tps):
+            ax.set_xlabel("step")
+        ax.set_ylabel(ylabels[ax])
+        ax.grid(alpha=0.3)
+        if not has_data:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+    if column([r for _, rows in series for r in rows if r.get("kind") == "eval"], "perplexity")[0]:
+        ax_eval.set_yscale("log")
+    if ax_acc is not None:
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylim(0, 1)
+    legend_size = "small" if len(series) < 5 else "x-small"
+    for ax in (ax_loss, ax_lr, ax_tps):
+        if ax.get_legend_handles_labels()[0] and (len(series) > 1 or ax is not ax_lr):
+            ax.legend(fontsize=legend_size)
+    handles = [h for a in (ax_eval, ax_acc) if a for h in zip(*a.get_legend_handles_labels())]
+    if handles:
+        ax_eval.legend(*zip(*handles), fontsize=legend_size)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out.resolve()
