@@ -14,6 +14,7 @@ from launcher.schema import register_configs
 
 REPO = Path(__file__).resolve().parent.parent
 SFT = str(Path(sys.executable).with_name("sft"))
+SFT_JOBS = str(Path(sys.executable).with_name("sft-jobs"))
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 # Offline everywhere: nothing in the suite may reach a hub.

@@ -54,7 +54,7 @@ class SlurmSweepLauncher(Launcher):
         print(f"submitted job array {array_id} with {len(job_ids)} tasks\nsweep directory: {sweep_dir}\n"
               f"W&B group: {group}\nfollow it: sft-jobs list", flush=True)
         return [
-            JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=cfg, return_value=job_id, status=JobStatus.COMPLETED)
+            JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=cfg, _return_value=job_id, status=JobStatus.COMPLETED)
             for (_, overrides, cfg, task_cfg, _), job_id in zip(points, job_ids)
         ]
 
