@@ -158,7 +158,7 @@ def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
     [
         ("cluster.partition=nope", "cluster.partition='nope': no such partition; valid: debug, short"),
         ("cluster.time_min=61", "cluster.time_min=61: must be <= partition debug's MaxTime (60 min)"),
-        ("cluster.nodes=3", "cluster.nodes=3: must be <= the 2 nodes of partition debug"),
+        ("cluster.nodes=4", "cluster.nodes=4: must be <= the 2 nodes of partition debug"),
         ("cluster.gpus_per_node=4", "cluster.gpus_per_node=4: must be <= the 2 GPUs per node of partition debug"),
     ],
 )
