@@ -55,18 +55,20 @@ class Prepared:
 
 
 def prepare(cfg: DictConfig, console: Console) -> Prepared:
-    """Validate (exiting with the problems on bad input) and plan. Writes nothing."""
+    """Validate (exiting with every problem on bad input) and plan. Writes nothing."""
+    problems, warnings, checked = [], [], None
     try:
         checked = check_config(cfg, dry_run=cfg.dry_run)
-        if cfg.cluster.backend == "slurm":
-            try:
-                slurm_backend.preflight(cfg)
-            except ConfigError as error:
-                if not cfg.dry_run:
-                    raise
-                checked.warnings += error.problems
     except ConfigError as error:
-        fail(console, error)
+        problems += error.problems
+    if cfg.cluster.backend == "slurm":
+        try:
+            slurm_backend.preflight(cfg)
+        except ConfigError as error:
+            (warnings if cfg.dry_run else problems).extend(error.problems)
+    if problems:
+        fail(console, ConfigError(problems))
+    checked.warnings += warnings
     plan = make_plan(cfg, checked.model, checked.train_examples)
     return Prepared(cfg, checked, plan, deepspeed_config(cfg, plan), OmegaConf.to_container(cfg, resolve=True))
 
