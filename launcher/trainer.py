@@ -184,9 +184,10 @@ class SFTTrainer:
         self.resumed_from = checkpoint.find_resume_point(self.cfg.resume, self.run_dir)
         if self.resumed_from is None:
             return
+        start = time.perf_counter()
         state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.env.world_size)
         self.global_step = state["global_step"]
-        log.info("resumed from %s at step %d", self.resumed_from, self.global_step)
+        log.info("resumed from %s at step %d in %.2f s", self.resumed_from, self.global_step, time.perf_counter() - start)
 
     def _setup_tracking(self) -> None:
         config = OmegaConf.to_container(self.cfg, resolve=True)
@@ -373,7 +374,7 @@ class SFTTrainer:
         )
         if self.is_main:
             checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
-        log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - start)
+        log.info("checkpoint %s saved in %.2f s", path, time.perf_counter() - start)
 
     def export(self) -> Optional[Path]:
         dtype = export_dtype(self.cfg.checkpoint.export_dtype)
