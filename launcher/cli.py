@@ -99,7 +99,7 @@ def create_run(prep: Prepared, run_dir: Path, overrides: list, sweep_group: Opti
 
 def run(cfg: DictConfig) -> None:
     """One run, or one point of a local sweep: validate, plan, write the run dir, launch."""
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     hydra_cfg = HydraConfig.get()
     prep = prepare(cfg, console)
     if cfg.dry_run:
@@ -145,7 +145,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - a grammar error: Hydra reports those itself, below
         problems = []
     if problems:
-        fail(Console(stderr=True), ConfigError(problems))
+        fail(Console(stderr=True, soft_wrap=True), ConfigError(problems))
     _hydra_main()
 
 

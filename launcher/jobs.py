@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -669,7 +670,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     args.root = Path(args.runs_root).expanduser().resolve()
     try:
-        return COMMANDS[args.command](args, Console(highlight=False))
+        # COLUMNS, else the terminal, else 120 for pipes (rich's own default of 80 wraps run names).
+        return COMMANDS[args.command](args, Console(highlight=False, width=shutil.get_terminal_size((120, 24)).columns))
     except JobsError as error:
         print(f"sft-jobs: error: {error}", file=sys.stderr)
         return error.code

@@ -29,7 +29,7 @@ class SlurmSweepLauncher(Launcher):
         from launcher.cli import create_run, print_dry_run
 
         setup_globals()
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         try:
             points = self._prepare_points(job_overrides, initial_job_idx, console)

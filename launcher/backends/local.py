@@ -86,7 +86,7 @@ def last_traceback(log_file: Path, max_lines: int = 80) -> str:
 
 
 def run_local(cfg, run_dir: Path, plan) -> int:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     procs = start_ranks(run_dir, plan.world_size)
     interrupted = 0
 

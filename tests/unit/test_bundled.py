@@ -154,7 +154,7 @@ def test_concurrent_resolve_builds_one_intact_model(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    paths = {out.strip() for out, _ in outs}
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}  # DeepSpeed may print on import
     assert paths == {str(tmp_path / MODEL_DIR)}
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
         [MODEL_DIR, TASKS_DIR])
