@@ -1,6 +1,8 @@
 """What the plan needs to know about a model, read from its config.json without loading weights."""
 
+import functools
 import os
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +24,12 @@ def looks_like_hub_id(path: str) -> bool:
 
 def read_model_facts(model_cfg) -> ModelFacts:
     """Parameter count and max positions from config.json (local dir, or the local HF cache)."""
+    return _read_model_facts(model_cfg.path, model_cfg.trust_remote_code, model_cfg.params_b, model_cfg.max_positions)
+
+
+@functools.lru_cache(maxsize=16)  # a 100-point sweep reads the same model once
+def _read_model_facts(path: str, trust_remote_code: bool, params_b, max_positions) -> ModelFacts:
+    model_cfg = SimpleNamespace(path=path, trust_remote_code=trust_remote_code, params_b=params_b, max_positions=max_positions)
     path = bundled.resolve(os.path.expanduser(model_cfg.path))
     try:
         import torch

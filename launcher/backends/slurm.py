@@ -6,6 +6,7 @@ preemption) the trainer checkpoints on all ranks and rank 0 requeues the job; th
 resumes from the newest complete checkpoint. Requeues are bounded by cluster.max_requeues.
 """
 
+import functools
 import json
 import logging
 import os
@@ -87,7 +88,8 @@ def parse_slurm_minutes(text: str) -> Optional[int]:
     return int(days or 0) * 1440 + h * 60 + m + (1 if s else 0)
 
 
-def read_partitions() -> List[Partition]:
+@functools.lru_cache(maxsize=1)  # once per command, however many sweep points
+def read_partitions() -> tuple:
     try:
         out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, timeout=30, check=True).stdout
     except FileNotFoundError:
@@ -104,7 +106,7 @@ def read_partitions() -> List[Partition]:
             max_time_min=parse_slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
             total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus,
         ))
-    return partitions
+    return tuple(partitions)
 
 
 def check_partition(cluster, partitions: List[Partition]) -> Partition:
