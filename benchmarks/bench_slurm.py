@@ -21,7 +21,8 @@ from rich.table import Table
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
-SLURM = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.procs_per_node=2", "cluster.time_min=10", "cluster.partition=debug"]
+SLURM = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.procs_per_node=2", "cluster.cpus_per_task=1",
+         "cluster.time_min=10", "cluster.partition=debug"]
 TINY = ["recipe=tiny_sft", "tracking=none", "trainer.max_steps=3", "trainer.log_every=1", "optim.warmup_steps=1",
         "eval.every_steps=0", "eval.generate_samples=0", "eval.max_batches=1", "checkpoint.export=false"]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from launcher.errors import ConfigError, problem
+from launcher.plan import default_procs_per_node
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Partition:
     max_time_min: Optional[int]  # None: unlimited
     total_nodes: int
     gpus_per_node: int
+    cpus_per_node: int
 
 
 def parse_slurm_minutes(text: str) -> Optional[int]:
@@ -99,12 +101,13 @@ def read_partitions() -> tuple:
     partitions = []
     for line in out.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        gres = subprocess.run(["sinfo", "-h", "-p", fields["PartitionName"], "-o", "%G"], capture_output=True, text=True, timeout=30).stdout
-        gpus = max((int(m) for m in re.findall(r"gpu(?::[\w-]+)?:(\d+)", gres)), default=0)
+        node_info = subprocess.run(["sinfo", "-h", "-p", fields["PartitionName"], "-o", "%G|%c"], capture_output=True, text=True, timeout=30).stdout
+        gpus = max((int(m) for m in re.findall(r"gpu(?::[\w-]+)?:(\d+)", node_info)), default=0)
+        cpus = max((int(m) for m in re.findall(r"\|(\d+)", node_info)), default=0)
         partitions.append(Partition(
             name=fields["PartitionName"], default=fields.get("Default") == "YES",
             max_time_min=parse_slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
-            total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus,
+            total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus, cpus_per_node=cpus,
         ))
     return tuple(partitions)
 
@@ -127,6 +130,9 @@ def check_partition(cluster, partitions: List[Partition]) -> Partition:
         problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= the {chosen.total_nodes} nodes of partition {chosen.name}"))
     if cluster.gpus_per_node > chosen.gpus_per_node:
         problems.append(problem("cluster.gpus_per_node", cluster.gpus_per_node, f"must be <= the {chosen.gpus_per_node} GPUs per node of partition {chosen.name}"))
+    tasks = default_procs_per_node(cluster)
+    if chosen.cpus_per_node and tasks * cluster.cpus_per_task > chosen.cpus_per_node:
+        problems.append(problem("cluster.cpus_per_task", cluster.cpus_per_task, f"x {tasks} tasks per node must be <= the {chosen.cpus_per_node} CPUs per node of partition {chosen.name}"))
     if problems:
         raise ConfigError(problems)
     return chosen

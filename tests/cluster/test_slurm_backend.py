@@ -160,6 +160,7 @@ def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
         ("cluster.time_min=61", "cluster.time_min=61: must be <= partition debug's MaxTime (60 min)"),
         ("cluster.nodes=4", "cluster.nodes=4: must be <= the 2 nodes of partition debug"),
         ("cluster.gpus_per_node=4", "cluster.gpus_per_node=4: must be <= the 2 GPUs per node of partition debug"),
+        ("cluster.cpus_per_task=8", "cluster.cpus_per_task=8: x 2 tasks per node must be <= the 2 CPUs per node of partition debug"),
     ],
 )
 def test_bad_cluster_settings_fail_before_the_queue(slurm_cluster, tmp_path, override, message):
