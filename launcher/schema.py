@@ -156,7 +156,15 @@ class SlurmSweepLauncherConfig:
     _target_: str = "hydra_plugins.sft_launcher.slurm_sweep.SlurmSweepLauncher"
 
 
+@dataclass
+class SlurmSweeperConfig:
+    _target_: str = "hydra_plugins.sft_launcher.slurm_sweep.SlurmSweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="sft_schema", node=Config)
     store.store(group="hydra/launcher", name="sft_slurm", node=SlurmSweepLauncherConfig)
+    store.store(group="hydra/sweeper", name="sft_slurm", node=SlurmSweeperConfig)
