@@ -19,7 +19,7 @@ from launcher.backends import slurm as slurm_backend
 from launcher.errors import ConfigError
 from launcher.overrides import override_problems
 from launcher.plan import Plan, deepspeed_config, make_plan
-from launcher.rundir import RunFiles, mask_secrets, new_run_dir, secret_values, submission_record
+from launcher.rundir import RunFiles, mask_file, mask_secrets, new_run_dir, secret_values, submission_record
 from launcher.schema import register_configs
 from launcher.validate import Checked, check_config
 
@@ -95,6 +95,8 @@ def create_run(prep: Prepared, run_dir: Path, overrides: list, sweep_group: Opti
     if prep.cfg.tracking.api_key:
         os.environ["WANDB_API_KEY"] = prep.cfg.tracking.api_key
     write_run_files(run_dir, prep.resolved, overrides, prep.checked, prep.plan, prep.ds_config)
+    if sweep_group and (run_dir.parent / "multirun.yaml").is_file():  # Hydra wrote it unmasked
+        mask_file(run_dir.parent / "multirun.yaml", secret_values(prep.resolved) | secret_values(overrides))
 
 
 def run(cfg: DictConfig) -> None:

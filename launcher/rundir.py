@@ -16,6 +16,7 @@ import yaml
 
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 MASK = "***"
+ASSIGNMENT = re.compile(r"([A-Za-z_][\w.]*)=[\"']?([^\s\"']+)")
 ENV_PREFIXES = ("SLURM_", "CUDA_", "NCCL_", "TORCH_", "HF_", "WANDB_", "TRANSFORMERS_", "OMP_", "SFT_")
 PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "datasets", "hydra-core", "omegaconf", "submitit", "wandb")
 
@@ -40,6 +41,10 @@ def secret_values(config: Any, environ: Optional[Dict[str, str]] = None) -> set:
         elif isinstance(node, list):
             for item in node:
                 walk(item)
+        elif isinstance(node, str):  # `export HF_TOKEN=abc` in a setup line, `tracking.api_key=abc` in argv
+            for name, value in ASSIGNMENT.findall(node):
+                if is_secret_name(name) and len(value) >= 3:
+                    found.add(value)
 
     walk(config)
     for name, value in (os.environ if environ is None else environ).items():
@@ -63,7 +68,8 @@ def mask_secrets(obj: Any, secrets: Iterable[str] = ()) -> Any:
         if isinstance(node, (list, tuple)):
             return [walk(item) for item in node]
         if isinstance(node, str):
-            if "=" in node and is_secret_name(node.split("=", 1)[0]):
+            key = node.split("=", 1)[0]
+            if "=" in node and " " not in key and is_secret_name(key):
                 return node.split("=", 1)[0] + "=" + MASK  # an override like tracking.api_key=abc
             return scrub(node)
         return node
@@ -117,6 +123,14 @@ def submission_record(backend: str, overrides: List[str]) -> Dict[str, Any]:
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "jobs": [],
     }
+
+
+def mask_file(path: Path, secrets: Iterable[str]) -> None:
+    """Scrub known secret values from a file someone else wrote (Hydra's multirun.yaml)."""
+    text = Path(path).read_text()
+    masked = mask_secrets(text, secrets)
+    if masked != text:
+        Path(path).write_text(masked)
 
 
 class RunFiles:

@@ -62,7 +62,7 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         return Tracker()
 
     api_key = getattr(tracking_cfg, "api_key", None) or None
-    if mode == "online" and not api_key and not _have_credentials():
+    if mode == "online" and not api_key and not have_credentials():
         raise TrackingError(
             "tracking.mode=online but no W&B API key was found (tracking.api_key, WANDB_API_KEY "
             "or ~/.netrc); set WANDB_API_KEY, or use tracking.mode=offline and `wandb sync` later"
@@ -101,7 +101,7 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
     return Tracker(run)
 
 
-def _have_credentials() -> bool:
+def have_credentials() -> bool:
     """Whether wandb would find a key without prompting: environment or a netrc entry for its host."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True

@@ -87,6 +87,7 @@ class SFTTrainer:
         self.stop = STOP.install()
         self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
         self.global_step = 0
+        self.last_saved_step = None  # in memory: every rank must agree on whether to save (a collective)
         self.engine = None
         self.tracker = None
         self.metrics_file = None
@@ -181,12 +182,16 @@ class SFTTrainer:
         )
 
     def _resume(self) -> None:
-        self.resumed_from = checkpoint.find_resume_point(self.cfg.resume, self.run_dir)
+        resume = self.cfg.resume
+        # A requeued job continues its own run, whatever resume= said for the first start.
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and checkpoint.latest_complete(self.run_dir):
+            resume = "auto"
+        self.resumed_from = checkpoint.find_resume_point(resume, self.run_dir)
         if self.resumed_from is None:
             return
         start = time.perf_counter()
         state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.env.world_size)
-        self.global_step = state["global_step"]
+        self.global_step = self.last_saved_step = state["global_step"]
         log.info("resumed from %s at step %d in %.2f s", self.resumed_from, self.global_step, time.perf_counter() - start)
 
     def _setup_tracking(self) -> None:
@@ -238,8 +243,7 @@ class SFTTrainer:
             batches = self._step_batches(self.global_step)
             trained = sum(int((shifted_targets(b) != -100).sum()) for b in batches)
             # One collective per step: the global trained-token count and whether any rank was signalled.
-            agree = torch.tensor([trained, int(bool(self.stop))], dtype=torch.float64)
-            dist.all_reduce(agree)
+            agree = self._sum_over_ranks(torch.tensor([trained, int(bool(self.stop))], dtype=torch.float64))
             if agree[1] > 0:
                 return self._stop_for_signal()
             global_trained = agree[0].item()
@@ -260,8 +264,7 @@ class SFTTrainer:
                 progress.update(progress.task_ids[0], completed=self.global_step)
 
             if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps:
-                stats = torch.cat([loss_sum.view(1), window])
-                dist.all_reduce(stats)
+                stats = self._sum_over_ranks(torch.cat([loss_sum.view(1), window]))
                 elapsed = time.perf_counter() - window_start
                 loss = stats[0].item() / max(global_trained, 1)
                 row = {
@@ -292,7 +295,7 @@ class SFTTrainer:
 
         final = self.evaluate()
         self._log_eval(final)
-        if not checkpoint.is_complete(checkpoint.step_dir(self.run_dir, self.global_step)):
+        if self.last_saved_step != self.global_step:
             self.save_checkpoint()
         if cfg.checkpoint.export:
             self.export()
@@ -303,7 +306,7 @@ class SFTTrainer:
 
     def _stop_for_signal(self) -> int:
         log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
-        if not checkpoint.is_complete(checkpoint.step_dir(self.run_dir, self.global_step)):
+        if self.last_saved_step != self.global_step:
             self.save_checkpoint()
         self.tracker.finish(exit_code=EXIT_STOPPED)
         return EXIT_STOPPED
@@ -333,7 +336,7 @@ class SFTTrainer:
                 items.append(row)
             batch = {k: v.to(self.device) for k, v in collate(items, self.pad_id).items()}
             totals += torch.tensor([token_loss_sum(self.engine, batch).item(), (shifted_targets(batch) != -100).sum().item()], dtype=torch.float64)
-        dist.all_reduce(totals)
+        totals = self._sum_over_ranks(totals)
         loss = totals[0].item() / max(totals[1].item(), 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         if self.cfg.eval.generate_samples and self.data.eval_prompts:
@@ -361,9 +364,13 @@ class SFTTrainer:
             )
             answers = tok.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
             correct += sum(i < len(prompts) and a.strip() == p["answer"].strip() for (i, p), a in zip(chunk, answers))
-        total = torch.tensor([correct], dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item() / len(prompts)
+        return self._sum_over_ranks(torch.tensor([correct], dtype=torch.float64)).item() / len(prompts)
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """All-reduce a small CPU tensor on the training device (NCCL takes no CPU tensors)."""
+        on_device = values.to(self.device)
+        dist.all_reduce(on_device)
+        return on_device.cpu()
 
     # ---------------------------------------------------------------- checkpoint, export
     def save_checkpoint(self) -> None:
@@ -372,6 +379,7 @@ class SFTTrainer:
             self.engine, self.run_dir, self.global_step, self.env.rank, self.env.world_size,
             {"global_step": self.global_step},
         )
+        self.last_saved_step = self.global_step
         if self.is_main:
             checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
         log.info("checkpoint %s saved in %.2f s", path, time.perf_counter() - start)

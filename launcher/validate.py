@@ -68,6 +68,8 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("deepspeed.offload_optimizer", "nvme", f"NVMe offload needs deepspeed.stage=3 (is {ds.stage}); use cpu"))
     if "nvme" in (ds.offload_optimizer, ds.offload_param) and not ds.nvme_path:
         problems.append(problem("deepspeed.nvme_path", ds.nvme_path, "must name a local NVMe directory when offloading to nvme"))
+    if ds.offload_optimizer != "none" and cfg.optim.name != "cpu_adam":
+        problems.append(problem("optim.name", cfg.optim.name, f"must be cpu_adam with deepspeed.offload_optimizer={ds.offload_optimizer} (DeepSpeed steps offloaded states with its CPU Adam)"))
     if ds.param_persistence_threshold < 0:
         problems.append(problem("deepspeed.param_persistence_threshold", ds.param_persistence_threshold, "must be >= 0"))
 
@@ -151,8 +153,13 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     if total is not None and optim.warmup_steps > total:
         problems.append(problem("optim.warmup_steps", optim.warmup_steps, f"must be <= total steps ({total})"))
 
-    if cfg.resume not in ("auto", "never") and not os.path.isdir(os.path.expanduser(cfg.resume)):
-        problems.append(problem("resume", cfg.resume, "must be auto, never or an existing checkpoint directory"))
+    if cfg.resume not in ("auto", "never") and not os.path.isfile(os.path.join(os.path.expanduser(cfg.resume), "COMPLETE")):
+        problems.append(problem("resume", cfg.resume, "must be auto, never or a complete checkpoint directory (with its COMPLETE marker)"))
+    if cfg.tracking.backend == "wandb" and cfg.tracking.mode == "online" and not cfg.tracking.api_key:
+        from launcher.tracking import have_credentials
+
+        if not have_credentials():
+            problems.append(problem("tracking.mode", "online", "no W&B API key found (WANDB_API_KEY, tracking.api_key or ~/.netrc); set one or use tracking.mode=offline"))
 
     if dry_run:
         checked.warnings += missing

@@ -98,9 +98,8 @@ def run_local(cfg, run_dir: Path, plan) -> int:
     def forward(signum, frame):
         signal_all(procs, signum)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigint)
-    signal.signal(signal.SIGUSR2, forward)  # `kill -USR2 <sft>`: checkpoint and stop, as under Slurm
+    handlers = {signal.SIGINT: on_sigint, signal.SIGTERM: on_sigint, signal.SIGUSR2: forward}  # USR2: as under Slurm
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -120,7 +119,8 @@ def run_local(cfg, run_dir: Path, plan) -> int:
                 break
             time.sleep(0.2)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():  # a local sweep runs the next point in this process
+            signal.signal(sig, handler)
     if any(c == EXIT_STOPPED for c in codes):
         console.print(f"stopped with a checkpoint; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
         return EXIT_STOPPED

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -51,7 +52,8 @@ class SlurmTask:
         )
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         code = run_rank(self.run_dir)
-        if code != EXIT_STOPPED:
+        # Only USR2 (time limit, preemption) requeues; SIGTERM is scancel or Slurm ending the job.
+        if code != EXIT_STOPPED or STOP.signum != signal.SIGUSR2:
             return code
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if env.global_rank == 0:
@@ -71,6 +73,7 @@ class Partition:
     default: bool
     max_time_min: Optional[int]  # None: unlimited
     total_nodes: int
+    max_nodes: Optional[int]  # per job; None: unlimited
     gpus_per_node: int
     cpus_per_node: int
 
@@ -108,6 +111,7 @@ def read_partitions() -> tuple:
             name=fields["PartitionName"], default=fields.get("Default") == "YES",
             max_time_min=parse_slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
             total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus, cpus_per_node=cpus,
+            max_nodes=None if fields.get("MaxNodes", "UNLIMITED") == "UNLIMITED" else int(fields["MaxNodes"]),
         ))
     return tuple(partitions)
 
@@ -128,6 +132,8 @@ def check_partition(cluster, partitions: List[Partition]) -> Partition:
         problems.append(problem("cluster.time_min", cluster.time_min, f"must be <= partition {chosen.name}'s MaxTime ({chosen.max_time_min} min)"))
     if cluster.nodes > chosen.total_nodes:
         problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= the {chosen.total_nodes} nodes of partition {chosen.name}"))
+    elif chosen.max_nodes is not None and cluster.nodes > chosen.max_nodes:
+        problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= partition {chosen.name}'s MaxNodes ({chosen.max_nodes}) per job"))
     if cluster.gpus_per_node > chosen.gpus_per_node:
         problems.append(problem("cluster.gpus_per_node", cluster.gpus_per_node, f"must be <= the {chosen.gpus_per_node} GPUs per node of partition {chosen.name}"))
     tasks = default_procs_per_node(cluster)
@@ -152,7 +158,9 @@ def executor_parameters(cfg, plan, job_name: str) -> Dict[str, Any]:
         extra["container_mounts"] = c.container_mounts
     params: Dict[str, Any] = dict(
         job_name=job_name, nodes=c.nodes, ntasks_per_node=plan.procs_per_node, cpus_per_task=c.cpus_per_task,
-        time=c.time_min, signal_delay_s=c.signal_delay_s, setup=list(c.setup), srun_args=list(c.srun_args),
+        time=c.time_min, signal_delay_s=c.signal_delay_s, setup=list(c.setup),
+        # One rank failing ends the step: its peers would otherwise wait in a collective until timeout.
+        srun_args=["--kill-on-bad-exit=1", *c.srun_args],
         array_parallelism=c.array_parallelism, additional_parameters={**extra, "requeue": True},
     )
     for key in ("partition", "account", "qos", "mem", "constraint", "exclude"):

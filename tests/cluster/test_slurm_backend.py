@@ -135,9 +135,29 @@ def test_time_limit_requeues_until_done(slurm_cluster, tmp_path):
     assert (run_dir / "logs" / "rank-0.log").read_text().count("stop signal received") == requeues
 
 
+def test_partition_max_nodes_is_checked(slurm_cluster, tmp_path):
+    result = run_sft([*TINY, *SLURM, "cluster.partition=short", "cluster.time_min=5", "cluster.nodes=2",
+                      "cluster.procs_per_node=1", "trainer.global_batch_size=8", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cluster.nodes=2: must be <= partition short's MaxNodes (1) per job" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path):
+    run_dir, job_id, _ = submit(tmp_path, [*TINY, *SLURM, "trainer.max_steps=2000", "tracking=none"], "cancelled")
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2):
+        assert time.monotonic() < deadline, "the run did not start"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], check=True)
+    assert wait_for_state(job_id) == "CANCELLED"
+    time.sleep(15)  # a wrongly requeued job would be PENDING or RUNNING again by now
+    assert sacct(job_id)[0][0].startswith("CANCELLED") and restarts(job_id) == 0
+
+
 def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
     result = run_sft(["-m", *TINY, *SLURM, "trainer.max_steps=2", "checkpoint.export=false", "optim.lr=1e-3,2e-3,3e-3",
-                      f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+                      "tracking.api_key=sw33p-s3cret", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "submitted job array" in result.stdout and "with 3 tasks" in result.stdout
     [sweep_dir] = (tmp_path / "runs" / "tiny_sft").iterdir()
@@ -151,6 +171,8 @@ def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
     assert groups == {f"tiny_sft/{sweep_dir.name}"}
     lrs = sorted(read_run(find_runs(p)[0])["config"]["optim"]["lr"] for p in points)
     assert lrs == [1e-3, 2e-3, 3e-3]
+    leaked = [str(p) for p in sweep_dir.rglob("*") if p.is_file() and b"sw33p-s3cret" in p.read_bytes()]
+    assert leaked == []
 
 
 @pytest.mark.parametrize(
@@ -160,6 +182,7 @@ def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
         ("cluster.time_min=61", "cluster.time_min=61: must be <= partition debug's MaxTime (60 min)"),
         ("cluster.nodes=4", "cluster.nodes=4: must be <= the 2 nodes of partition debug"),
         ("cluster.gpus_per_node=4", "cluster.gpus_per_node=4: must be <= the 2 GPUs per node of partition debug"),
+        ("cluster.partition=short", "cluster.time_min=10: must be <= partition short's MaxTime (5 min)"),
         ("cluster.cpus_per_task=8", "cluster.cpus_per_task=8: x 2 tasks per node must be <= the 2 CPUs per node of partition debug"),
     ],
 )

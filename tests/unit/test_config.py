@@ -92,11 +92,21 @@ def problems_of(overrides):
         (["data.train_files=/nonexistent/*.jsonl"], "data.train_files='/nonexistent/*.jsonl': matches no file"),
         (["cluster.nodes=2"], "cluster.nodes=2: must be 1 with cluster=local; use cluster=slurm"),
         (["data.train_on=prompt"], "data.train_on='prompt': must be one of assistant, last_assistant, all"),
-        (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': must be auto, never or an existing checkpoint directory"),
+        (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': must be auto, never or a complete checkpoint directory (with its COMPLETE marker)"),
+        (["deepspeed=zero3_offload"], "optim.name='adamw': must be cpu_adam with deepspeed.offload_optimizer=cpu"),
     ],
 )
 def test_bad_input_is_named(overrides, message):
     assert message in problems_of(overrides)
+
+
+def test_online_tracking_without_a_key_fails_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("NETRC", raising=False)
+    assert "tracking.mode='online': no W&B API key found" in problems_of(["tracking.mode=online"])
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    check_config(compose_config(["tracking.mode=online"]))
 
 
 def test_bad_input_writes_nothing(tmp_path):

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from launcher.cli import write_run_files
 from launcher.plan import deepspeed_config, make_plan
-from launcher.rundir import is_secret_name, mask_secrets, new_run_dir
+from launcher.rundir import is_secret_name, mask_secrets, new_run_dir, secret_values
 from launcher.validate import check_config
 from tests.conftest import compose_config
 
@@ -43,6 +43,14 @@ def test_saved_files_hold_no_secret(tmp_path, monkeypatch):
 def test_mask_scrubs_secret_values_anywhere():
     masked = mask_secrets({"cmd": "login --key s3cret!", "PASSWORD": "p", "nested": [{"auth_token": None}]}, {"s3cret!"})
     assert masked == {"cmd": "login --key ***", "PASSWORD": "***", "nested": [{"auth_token": None}]}
+
+
+def test_secrets_inside_shell_lines_and_overrides_are_masked():
+    config = {"cluster": {"setup": ["export HF_TOKEN=hf_abc123 && module load cuda", "export PATH=/opt/bin:$PATH"]}}
+    secrets = secret_values(config, environ={})
+    assert secrets == {"hf_abc123"}
+    masked = mask_secrets({"config": config, "argv": ["sft", "cluster.setup=[export HF_TOKEN=hf_abc123]"]}, secrets)
+    assert "hf_abc123" not in str(masked) and "module load cuda" in str(masked) and "PATH=/opt/bin" in str(masked)
 
 
 def test_secret_names_are_whole_words():

@@ -9,7 +9,7 @@ import wandb
 from omegaconf import OmegaConf
 
 from launcher.schema import TrackingConfig
-from launcher.tracking import RUN_ID_FILE, STEP_METRIC, TrackingError, _have_credentials, start_tracking
+from launcher.tracking import RUN_ID_FILE, STEP_METRIC, TrackingError, have_credentials, start_tracking
 from tests.utils.wandb_file import BLOCK, find_runs, read_run
 
 KEY = "f00d" * 11  # 44 characters, a valid shape for a W&B key (40+), unlikely to occur by chance
@@ -148,7 +148,7 @@ def test_api_key_is_written_nowhere(tmp_path, monkeypatch, isolated_wandb):
 
 
 def test_online_without_a_key_fails_fast_and_says_how_to_fix(tmp_path):
-    assert not _have_credentials()
+    assert not have_credentials()
     started = time.monotonic()
     with pytest.raises(TrackingError) as err:
         start_tracking(tracking_cfg(mode="online"), tmp_path / "run", rank=0, config={}, resume=False)
@@ -160,9 +160,9 @@ def test_online_without_a_key_fails_fast_and_says_how_to_fix(tmp_path):
 
 def test_credentials_are_found_in_env_or_netrc(monkeypatch, isolated_wandb):
     monkeypatch.setenv("WANDB_API_KEY", KEY)
-    assert _have_credentials()
+    assert have_credentials()
     monkeypatch.delenv("WANDB_API_KEY")
     (isolated_wandb / ".netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {KEY}\n")
-    assert _have_credentials()
+    assert have_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
-    assert not _have_credentials()  # the entry is for another host
+    assert not have_credentials()  # the entry is for another host
