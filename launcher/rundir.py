@@ -1,5 +1,6 @@
 """The run directory, the contract of a run: its files are written here, with secrets masked."""
 
+import functools
 import getpass
 import json
 import os
@@ -89,6 +90,7 @@ def new_run_dir(runs_root: str, name: str) -> Path:
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
 
 
+@functools.lru_cache(maxsize=4)  # once per command, however many sweep points
 def git_state(repo: Path) -> Dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout.strip()
@@ -99,6 +101,7 @@ def git_state(repo: Path) -> Dict[str, Any]:
         return {"sha": None, "dirty": None}
 
 
+@functools.lru_cache(maxsize=1)
 def package_versions() -> Dict[str, Optional[str]]:
     versions = {}
     for name in PACKAGES:
@@ -118,8 +121,8 @@ def submission_record(backend: str, overrides: List[str]) -> Dict[str, Any]:
         "host": socket.gethostname(),
         "user": getpass.getuser(),
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "git": git_state(Path(__file__).resolve().parent.parent),
-        "versions": package_versions(),
+        "git": dict(git_state(Path(__file__).resolve().parent.parent)),
+        "versions": dict(package_versions()),
         "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
         "jobs": [],
     }

@@ -4,6 +4,7 @@ A list item may be a mapping `{path: ..., weight: 2.0}` or `{path: ..., samples:
 datasets; `hub://org/name[:split]` names a Hugging Face hub dataset (needs the machine online).
 """
 
+import functools
 import glob
 import os
 from dataclasses import dataclass
@@ -83,7 +84,13 @@ def sources(spec: Any, key: str = "data.train_files") -> List[Source]:
 
 def count_rows(path: str) -> int | None:
     """Rows in a JSONL file (one per non-empty line); None for formats we cannot count cheaply."""
-    if not path.endswith((".jsonl", ".jsonl.gz")) or path.endswith(".gz"):
+    if not path.endswith(".jsonl"):
         return None
+    stat = os.stat(path)
+    return _count_lines(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)  # keyed by mtime and size: a sweep counts each file once
+def _count_lines(path: str, mtime_ns: int, size: int) -> int:
     with open(path, "rb") as f:
         return sum(1 for line in f if line.strip())
