@@ -33,6 +33,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from launcher.metrics import read_metrics
+
 POLL_S = 3.0  # how often `logs -f` asks whether the job has ended
 RECENT_S = 300  # a local run seen from another host counts as running if its files changed this recently
 TAIL_BYTES = 1 << 20  # how much of each rank log is scanned for the last attempt's outcome
@@ -152,26 +154,6 @@ def rel(path: Path, root: Path) -> str:
 
 
 # ------------------------------------------------------------------ what a run has done
-def read_metrics(run_dir: Path) -> List[dict]:
-    """metrics.jsonl rows in step order. A resumed run appends from its checkpoint on: rows of the
-    abandoned attempt past that point are dropped, and the last row of a (kind, step) wins."""
-    rows: List[dict] = []
-    for line in read_text(run_dir / "metrics.jsonl").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line still being written
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            continue
-        step, kind = row["step"], row.get("kind")
-        while rows and rows[-1]["step"] > step:
-            rows.pop()
-        if rows and rows[-1]["step"] == step:
-            rows = [r for r in rows if not (r["step"] == step and r.get("kind") == kind)]
-        rows.append(row)
-    return rows
-
-
 def last_checkpoint(run_dir: Path) -> Optional[int]:
     """Step of the newest checkpoint with its COMPLETE marker (unmarked ones are interrupted saves)."""
     steps = []

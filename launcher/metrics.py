@@ -3,9 +3,9 @@
 import json
 import resource
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
+# torch is imported where used: sft-jobs reads metrics.jsonl through this module and stays light.
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
 PEAK_FLOPS = {
@@ -21,6 +21,8 @@ PEAK_FLOPS = {
 
 def device_peak_flops() -> Optional[float]:
     """Peak FLOP/s of this rank's device, or None where unknown (CPUs, unlisted GPUs)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
@@ -36,9 +38,32 @@ def mfu(params: int, tokens_per_s_per_device: float, peak: Optional[float]) -> O
 
 
 def peak_memory_gib() -> float:
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def read_metrics(run_dir: Path) -> List[dict]:
+    """metrics.jsonl rows in step order. A resumed run appends from its checkpoint on: rows of the
+    abandoned attempt past that point are dropped, and the last row of a (kind, step) wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows: List[dict] = []
+    for line in (path.read_text(errors="replace") if path.is_file() else "").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        step, kind = row["step"], row.get("kind")
+        while rows and rows[-1]["step"] > step:
+            rows.pop()
+        if rows and rows[-1]["step"] == step:
+            rows = [r for r in rows if not (r["step"] == step and r.get("kind") == kind)]
+        rows.append(row)
+    return rows
 
 
 class MetricsFile:

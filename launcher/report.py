@@ -1,7 +1,6 @@
 """Terminal output of the plan: the resolved config, a rich table of derived numbers, the DeepSpeed JSON."""
 
 import json
-from pathlib import Path
 from typing import Any, Dict
 
 import yaml
@@ -9,6 +8,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from launcher.metrics import read_metrics
 from launcher.plan import Plan
 
 
@@ -51,9 +51,7 @@ def plan_table(plan: Plan) -> Table:
 
 def eval_summary(run_dir) -> str:
     """The first and last eval of a run, e.g. for the end of `make demo`."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    evals = [r for r in rows if r["kind"] == "eval"]
+    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
     if not evals:
         return ""
     first, last = evals[0], evals[-1]

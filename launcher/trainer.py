@@ -27,13 +27,12 @@ from torch.utils.data import DistributedSampler
 
 from launcher import bundled, checkpoint
 from launcher.data import collate, prepare_data
-from launcher.export import export_dtype, export_model
+from launcher.export import DTYPES, export_dtype, export_model
 from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
 from launcher.signals import EXIT_STOPPED, STOP
 from launcher.tracking import start_tracking
 
 log = logging.getLogger(__name__)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
