@@ -4,7 +4,6 @@
   sbatch + srun + torchrun of the same training (same run files, same entry point).
 """
 
-import json
 import os
 import re
 import shutil

@@ -5,7 +5,6 @@ A checkpoint without its marker (a save interrupted by a crash) is never resumed
 
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -14,6 +13,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from launcher.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -75,9 +76,7 @@ def save(engine, run_dir: Path, step: int, rank: int, world_size: int, client_st
     torch.distributed.barrier()
     if rank == 0:
         info = {"step": step, "world_size": world_size, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp = path / f".{MARKER}.tmp"
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, path / MARKER)
+        write_text_atomic(path / MARKER, json.dumps(info) + "\n")
     torch.distributed.barrier()
     return path
 

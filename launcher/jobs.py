@@ -34,6 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.metrics import read_metrics
+from launcher.atomic import write_text_atomic
 
 POLL_S = 3.0  # how often `logs -f` asks whether the job has ended
 RECENT_S = 300  # a local run seen from another host counts as running if its files changed this recently
@@ -555,9 +556,7 @@ def follow(run_dir: Path, log: Path) -> int:
 
 def record_cancelled(run_dir: Path, what: List[str]) -> None:
     record = {"state": "CANCELLED", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": what}
-    tmp = run_dir / ".cancelled.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, run_dir / "cancelled.json")
+    write_text_atomic(run_dir / "cancelled.json", json.dumps(record, indent=2) + "\n")
 
 
 def cancel_slurm(tasks: List[Task], root: Path, out: Console) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
+from launcher.atomic import write_text_atomic
+
 SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 MASK = "***"
 ASSIGNMENT = re.compile(r"([A-Za-z_][\w.]*)=[\"']?([^\s\"']+)")
@@ -150,9 +152,4 @@ class RunFiles:
         return self._write(name, yaml.safe_dump(mask_secrets(obj, self.secrets), sort_keys=False))
 
     def _write(self, name: str, text: str) -> Path:
-        # Write then rename: a reader (sft-jobs, a restarted job) never sees half a file.
-        path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(self.run_dir / name, text)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from launcher.errors import ConfigError, problem
+from launcher.atomic import write_text_atomic
 from launcher.plan import default_procs_per_node
 
 log = logging.getLogger(__name__)
@@ -192,9 +193,7 @@ def record_jobs(run_dir: Path, jobs: List[Dict[str, Any]]) -> None:
     path = run_dir / "submission.json"
     record = json.loads(path.read_text())
     record["jobs"] = jobs
-    tmp = path.with_name(".submission.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str) -> List[str]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from launcher.atomic import write_text_atomic
 from launcher.data.errors import DataError
 from launcher.data.files import HUB
 
@@ -57,7 +58,7 @@ def file_digest(path: str, root: Path) -> str:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     digest = h.hexdigest()
-    _write_atomic(memo, json.dumps({"path": path, "stamp": stamp, "digest": digest}))
+    write_text_atomic(memo, json.dumps({"path": path, "stamp": stamp, "digest": digest}))
     return digest
 
 
@@ -94,13 +95,13 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
         try:
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
             build(tmp)
-            _write_atomic(tmp / MARKER, json.dumps({"built": time.time()}))
+            write_text_atomic(tmp / MARKER, json.dumps({"built": time.time()}))
             os.rename(tmp, final)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if is_complete(final):  # lost a race with a builder whose lock we could not see
                 return True
-            _write_atomic(failed, f"{type(e).__name__}: {e}")
+            write_text_atomic(failed, f"{type(e).__name__}: {e}")
             raise
     return False
 
@@ -124,14 +125,6 @@ def wait_for(final: Path, timeout_min: float, log: Callable[[str], Any] = print,
             log(f"data: waiting for local rank 0 to prepare {final} ({(now - start) / 60:.0f} min so far)")
             last_note = now
         time.sleep(poll_s)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class _lock:

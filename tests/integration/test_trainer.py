@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, SFT, run_sft
+from tests.conftest import SFT, run_sft
 from tests.utils.wandb_file import find_runs, read_run
 
 REFERENCE = Path(__file__).with_name("reference_losses.json")
