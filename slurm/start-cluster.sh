@@ -91,15 +91,7 @@ install_packages() {
 }
 
 # ---------------------------------------------------------------- helpers
-# pid from a pid file if that process is alive and runs the expected program.
-live_pid() { # pidfile comm
-    local pid
-    [[ -r $1 ]] || return 1
-    pid=$(tr -dc '0-9' <"$1")
-    [[ -n $pid ]] && [[ -r /proc/$pid/comm ]] || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2"* ]] || return 1
-    echo "$pid"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/pids.sh"
 
 wait_for() { # seconds description command...
     local secs=$1 what=$2
@@ -109,32 +101,6 @@ wait_for() { # seconds description command...
         ((SECONDS < end)) || return 1
         sleep 0.2
     done
-}
-
-# True if any of the pids is still running (zombies count as gone).
-alive() {
-    local pid
-    for pid in "$@"; do
-        [[ -r /proc/$pid/status ]] && ! grep -q '^State:.*Z' "/proc/$pid/status" 2>/dev/null && return 0
-    done
-    return 1
-}
-
-# Stop several daemons at once: stop_pids PIDFILE:COMM ... (TERM, then KILL after 15 s).
-stop_pids() {
-    local spec pid pids=() i
-    for spec in "$@"; do
-        if pid=$(live_pid "${spec%%:*}" "${spec##*:}"); then
-            kill -TERM "$pid" 2>/dev/null || true
-            pids+=("$pid")
-        fi
-        rm -f "${spec%%:*}"
-    done
-    for ((i = 0; i < 150; i++)); do
-        alive "${pids[@]}" || return 0
-        sleep 0.1
-    done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 # Run a daemon without the fds this script inherited or opened (lock, callers' pipes).
