@@ -111,7 +111,7 @@ def test_quick_job_completes_and_logs_follow_stops(slurm_cluster, tmp_path, caps
     wait_until(lambda: sacct_states(job) == {"COMPLETED"}, 30, f"sacct to show job {job} COMPLETED")
     assert status_cells(capsys, root, "quick", job)[1:4] == ["COMPLETED", "sacct", "0"]
 
-    monkeypatch.setattr(jobs, "POLL_S", 0.5)
+    monkeypatch.setattr(jobs.cli, "POLL_S", 0.5)  # follow() polls at launcher.jobs.cli.POLL_S
     assert jobs.main(["--runs-root", str(root), "logs", "quick", "-f"]) == 0  # returns: the job has ended
     captured = capsys.readouterr()
     assert captured.out == "train step 20  loss 1.5\n" and f"job {job} COMPLETED" in captured.err

@@ -1,0 +1,304 @@
+"""`sft-jobs` commands (list, status, logs, cancel, report), their output and the argument parser."""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from launcher.atomic import write_text_atomic
+from launcher.jobs.errors import JobsError, SlurmError
+from launcher.jobs.rundirs import (
+    Progress, discover, is_sweep, rank_pids, read_json, read_text, rel, resolve_run, run_dirs, started_key, sweep_points,
+)
+from launcher.jobs.slurm_state import LOCAL, Task, describe, is_terminal, slurm
+from launcher.metrics import read_metrics
+
+POLL_S = 3.0  # how often `logs -f` asks whether the job has ended
+
+
+def show_errors(errors: Iterable[SlurmError]) -> int:
+    """Slurm failures go to stderr; exit 1 when one was a real failure (not a missing command)."""
+    code = 0
+    for error in errors:
+        print(f"sft-jobs: {'note' if error.unavailable else 'error'}: {error}", file=sys.stderr)
+        code = code or (0 if error.unavailable else 1)
+    return code
+
+
+# ------------------------------------------------------------------ output
+def fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def step_cell(p: Progress) -> str:
+    return f"{fmt(p.step)} / {fmt(p.total) if p.total else '?'}"
+
+
+def read_overrides(run_dir: Path) -> List[str]:
+    try:
+        data = yaml.safe_load((run_dir / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in data] if isinstance(data, list) else []
+
+
+def point_labels(dirs: List[Path]) -> Dict[Path, str]:
+    """Each sweep point's overrides that differ between points (the shared ones say nothing)."""
+    overrides = {d: read_overrides(d) for d in dirs}
+    shared = set.intersection(*(set(o) for o in overrides.values())) if len(dirs) > 1 else set()
+    return {d: " ".join(o for o in overrides[d] if o not in shared) or f"point {d.name}" for d in dirs}
+
+
+def new_table(title: str, columns: Iterable[str]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def add_row(table: Table, *cells) -> None:
+    table.add_row(*(escape(str(c)) for c in cells))  # job ids like 12_[0-3] are not markup
+
+
+def summarize_states(tasks: List[Task]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in Counter(t.state for t in tasks).most_common())
+
+
+# ------------------------------------------------------------------ commands
+def task_row(task: Task, name: str) -> List[str]:
+    p = task.progress
+    return [name, task.backend, task.job_id, task.state, step_cell(p), fmt(p.loss), fmt(p.checkpoint)]
+
+
+def list_rows(entry: Path, by_dir: Dict[Path, List[Task]], root: Path) -> List[List[str]]:
+    """A run's rows, or a sweep's summary row followed by its points' rows."""
+    if not is_sweep(entry):
+        return [task_row(t, rel(entry, root)) for t in by_dir.get(entry, [])]
+    tasks = [t for d in sweep_points(entry) for t in by_dir.get(d, [])]
+    arrays = " ".join(sorted({t.job_id.split("_")[0] for t in tasks})) or "-"
+    head = [f"{rel(entry, root)}/ (sweep, {len(tasks)} points)", tasks[0].backend if tasks else "-", arrays,
+            summarize_states(tasks) or "-", "", "", ""]
+    return [head] + [task_row(t, "  " + rel(t.run_dir, root)) for t in tasks]
+
+
+def cmd_list(args, out: Console) -> int:
+    root = args.root
+    entries = sorted(discover(root), key=started_key, reverse=True)[: args.limit] if root.is_dir() else []
+    if not entries:
+        out.print(f"no runs under {root}", markup=False)
+        return 0
+    tasks, errors = describe([d for e in entries for d in run_dirs(e)])
+    by_dir: Dict[Path, List[Task]] = {}
+    for task in tasks:
+        by_dir.setdefault(task.run_dir, []).append(task)
+    table = new_table(f"runs under {root} (newest first)", ("run", "backend", "job", "state", "step", "loss", "checkpoint"))
+    for entry in entries:
+        for row in list_rows(entry, by_dir, root):
+            add_row(table, *row)
+    out.print(table)
+    return show_errors(errors)
+
+
+def cmd_status(args, out: Console) -> int:
+    root = args.root
+    target = resolve_run(args.run, root)
+    dirs = run_dirs(target)
+    if not dirs:
+        raise JobsError(f"{target}: a sweep with no points yet")
+    tasks, errors = describe(dirs)
+    submission = read_json(dirs[0] / "submission.json")
+    out.print(f"run        {target}", highlight=False, markup=False, soft_wrap=True)
+    out.print(f"backend    {submission.get('backend', '?')}   submitted {submission.get('submitted_at', '?')}", markup=False)
+    out.print(f"command    {' '.join(submission.get('argv', []))}", highlight=False, markup=False, soft_wrap=True)
+    labels = point_labels(dirs) if is_sweep(target) else {}
+    columns = (["point"] if labels else []) + ["job", "state", "from", "requeues", "step", "loss", "checkpoint"]
+    table = new_table("", columns)
+    for task in tasks:
+        p = task.progress
+        first = [f"{task.run_dir.name}  {labels[task.run_dir]}"] if labels else []
+        add_row(table, *first, task.job_id, task.state, task.source, fmt(task.requeues), step_cell(p), fmt(p.loss), fmt(p.checkpoint))
+    out.print(table)
+    return show_errors(errors)
+
+
+def single_run(args) -> Path:
+    root = args.root
+    target = resolve_run(args.run, root)
+    if is_sweep(target):
+        points = ", ".join(rel(p, root) for p in sweep_points(target)[:5])
+        raise JobsError(f"RUN {args.run!r} is a sweep: name one of its points ({points} ...)")
+    return target
+
+
+def task_state(run_dir: Path) -> Task:
+    tasks, _ = describe([run_dir])
+    return tasks[0]
+
+
+def submitit_logs(run_dir: Path, rank: int) -> List[Path]:
+    """submitit's stdout/stderr of this rank: where a job that died before training left its words."""
+    jobs = read_json(run_dir / "submission.json").get("jobs") or []
+    paths = [Path(j.get("submitit_folder", run_dir / "submitit")) / f"{j['job_id']}_{rank}_log.{ext}"
+             for j in jobs for ext in ("out", "err")]
+    return [p for p in paths if p.is_file()]
+
+
+def cmd_logs(args, out: Console) -> int:
+    run_dir = single_run(args)
+    world = read_json(run_dir / "plan.json").get("world_size")
+    if args.rank < 0 or (world and args.rank >= world):
+        raise JobsError(f"--rank {args.rank}: the run has ranks 0..{(world or 1) - 1}")
+    log = run_dir / "logs" / f"rank-{args.rank}.log"
+    if not args.follow:
+        if not log.exists():
+            task = task_state(run_dir)
+            hint = "".join(f"\n  see {p}" for p in submitit_logs(run_dir, args.rank))
+            print(f"{log} does not exist yet (job {task.job_id} {task.state}){hint}", file=sys.stderr)
+            return 0
+        sys.stdout.write(read_text(log))
+        return 0
+    try:
+        return follow(run_dir, log)
+    except KeyboardInterrupt:
+        return 0
+
+
+def follow(run_dir: Path, log: Path) -> int:
+    """Print the log as it grows until the job reaches a terminal state."""
+    position, next_check, said_waiting = 0, 0.0, False
+    while True:
+        done = False
+        if time.monotonic() >= next_check:
+            task = task_state(run_dir)
+            done, next_check = is_terminal(task), time.monotonic() + POLL_S
+        if log.exists():
+            with open(log, "rb") as f:
+                f.seek(position)
+                chunk = f.read()
+            position += len(chunk)
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        elif not said_waiting:
+            print(f"{log} does not exist yet (job {task.job_id} {task.state}): waiting", file=sys.stderr)
+            said_waiting = True
+        if done:
+            print(f"job {task.job_id} {task.state}", file=sys.stderr)
+            return 0
+        time.sleep(0.5)
+
+
+def record_cancelled(run_dir: Path, what: List[str]) -> None:
+    record = {"state": "CANCELLED", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": what}
+    write_text_atomic(run_dir / "cancelled.json", json.dumps(record, indent=2) + "\n")
+
+
+def cancel_slurm(tasks: List[Task], root: Path, out: Console) -> None:
+    """One scancel for every job that has not ended (raises SlurmError, recording nothing, if it fails)."""
+    live = [t for t in tasks if t.job_id != "-" and not is_terminal(t)]
+    for task in (t for t in tasks if t not in live):
+        out.print(f"job {task.job_id} ({rel(task.run_dir, root)}) already {task.state}: not cancelled", markup=False)
+    if live:
+        slurm(["scancel", *(t.job_id for t in live)])
+    for task in live:
+        record_cancelled(task.run_dir, [task.job_id])
+        out.print(f"cancelled job {task.job_id} ({rel(task.run_dir, root)})", markup=False)
+
+
+def cancel_local(task: Task, root: Path, out: Console) -> None:
+    """SIGTERM to the run's ranks, as a first Ctrl-C would send: they save a checkpoint and exit."""
+    pids = rank_pids(task.run_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # ended since we looked
+    if not pids:
+        out.print(f"local run {rel(task.run_dir, root)} ({task.state}) has no rank process on this machine: "
+                  "nothing to cancel", markup=False)
+        return
+    record_cancelled(task.run_dir, [f"pid {pid}" for pid in pids])
+    out.print(f"sent SIGTERM to the {len(pids)} rank processes of {rel(task.run_dir, root)}: they checkpoint and stop", markup=False)
+
+
+def cmd_cancel(args, out: Console) -> int:
+    tasks, errors = describe(run_dirs(resolve_run(args.run, args.root)))
+    show_errors(errors)  # states only spare jobs that have ended: the others are cancelled regardless
+    cancel_slurm([t for t in tasks if t.job_id != LOCAL], args.root, out)
+    for task in (t for t in tasks if t.job_id == LOCAL):
+        cancel_local(task, args.root, out)
+    return 0
+
+
+def cmd_report(args, out: Console) -> int:
+    from launcher.jobs.report import plot_runs
+
+    root = args.root
+    target = resolve_run(args.run, root)
+    dirs = run_dirs(target)
+    labels = point_labels(dirs) if is_sweep(target) else {target: ""}
+    series = [(labels[d], read_metrics(d)) for d in dirs]
+    if not any(rows for _, rows in series):
+        print(f"sft-jobs: note: no metrics yet in {target}: the panels are empty", file=sys.stderr)
+    path = plot_runs(series, Path(args.out) if args.out else target / "report.png", rel(target, root))
+    print(path)
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sft-jobs",
+        description="Inspect and control runs started by `sft`. RUN is a run (or sweep) directory, or a unique "
+                    "prefix of its path under --runs-root, e.g. tiny_sft or tiny_sft/20261124-2103.",
+    )
+    parser.add_argument("--runs-root", default="./runs", help="where runs live (default: ./runs)")
+    # Also accepted after the command; SUPPRESS keeps the top-level value when it is not given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--runs-root", default=argparse.SUPPRESS, help="where runs live (default: ./runs)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("list", parents=[common], help="recent runs and sweeps, newest first")
+    p.add_argument("--limit", type=int, default=20, help="how many runs and sweeps (default: 20)")
+    p = sub.add_parser("status", parents=[common], help="state, requeues, step, loss and checkpoint of each job of RUN")
+    p.add_argument("run", metavar="RUN")
+    p = sub.add_parser("logs", parents=[common], help="print a rank's log; -f follows it until the job ends")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--rank", type=int, default=0, help="whose log (default: 0)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends (Ctrl-C stops)")
+    p = sub.add_parser("cancel", parents=[common],
+                       help="scancel the jobs of RUN (local runs: ask the ranks to checkpoint and stop)")
+    p.add_argument("run", metavar="RUN")
+    p = sub.add_parser("report", parents=[common],
+                       help="PNG of loss, lr, eval metrics and tokens/s (a sweep: every point overlaid)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--out", help="where to write the PNG (default: RUN/report.png)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    args.root = Path(args.runs_root).expanduser().resolve()
+    try:
+        # COLUMNS, else the terminal, else 120 for pipes (rich's own default of 80 wraps run names).
+        return COMMANDS[args.command](args, Console(highlight=False, width=shutil.get_terminal_size((120, 24)).columns))
+    except JobsError as error:
+        print(f"sft-jobs: error: {error}", file=sys.stderr)
+        return error.code
