@@ -72,8 +72,7 @@ def token_loss_sum(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed cross-entropy over trained tokens (fp32), use_cache=False so packed rows stay isolated."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    targets = shifted_targets(batch)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-100, reduction="sum")
 
 
 class SFTTrainer:
@@ -223,10 +222,14 @@ class SFTTrainer:
         epoch, offset = divmod(step, self.steps_per_epoch)
         rows = self._epoch_indices(epoch)[offset * self.rows_per_step:(offset + 1) * self.rows_per_step]
         chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
-        return [
-            {k: v.to(self.device) for k, v in collate([self.data.train[i] for i in chunk], self.pad_id).items()}
-            for chunk in chunks
-        ]
+        return [self._batch([self.data.train[i] for i in chunk]) for chunk in chunks]
+
+    def _batch(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
+        """Collated rows on the device, with next-token targets computed once."""
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        batch["targets"] = shifted_targets(batch)
+        batch["trained"] = int((batch["targets"] != -100).sum())
+        return batch
 
     # ---------------------------------------------------------------- train
     def train(self) -> int:
@@ -240,7 +243,7 @@ class SFTTrainer:
             self._log_eval(self.evaluate())
         while self.global_step < self.total_steps:
             batches = self._step_batches(self.global_step)
-            trained = sum(int((shifted_targets(b) != -100).sum()) for b in batches)
+            trained = sum(b["trained"] for b in batches)
             # One collective per step: the global trained-token count and whether any rank was signalled.
             agree = self._sum_over_ranks(torch.tensor([trained, int(bool(self.stop))], dtype=torch.float64))
             if agree[1] > 0:
@@ -256,7 +259,7 @@ class SFTTrainer:
                 self.engine.backward(summed * (world * self.accum / max(global_trained, 1)))
                 self.engine.step()
                 loss_sum += summed.detach().double().cpu()
-                window += torch.tensor([batch["input_ids"].numel(), (shifted_targets(batch) != -100).sum(), batch["input_ids"].size(0)], dtype=torch.float64)
+                window += torch.tensor([batch["input_ids"].numel(), batch["trained"], batch["input_ids"].size(0)], dtype=torch.float64)
             self.global_step += 1
             step_time = time.perf_counter() - step_start
             if progress:
@@ -333,8 +336,8 @@ class SFTTrainer:
                 if i >= n:
                     row["labels"] = [-100] * len(row["labels"])
                 items.append(row)
-            batch = {k: v.to(self.device) for k, v in collate(items, self.pad_id).items()}
-            totals += torch.tensor([token_loss_sum(self.engine, batch).item(), (shifted_targets(batch) != -100).sum().item()], dtype=torch.float64)
+            batch = self._batch(items)
+            totals += torch.tensor([token_loss_sum(self.engine, batch).item(), batch["trained"]], dtype=torch.float64)
         totals = self._sum_over_ranks(totals)
         loss = totals[0].item() / max(totals[1].item(), 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
