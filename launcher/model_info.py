@@ -2,7 +2,6 @@
 
 import functools
 import os
-from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,25 +27,21 @@ def read_model_facts(model_cfg) -> ModelFacts:
 
 
 @functools.lru_cache(maxsize=16)  # a 100-point sweep reads the same model once
-def _read_model_facts(path: str, trust_remote_code: bool, params_b, max_positions) -> ModelFacts:
-    model_cfg = SimpleNamespace(path=path, trust_remote_code=trust_remote_code, params_b=params_b, max_positions=max_positions)
-    path = bundled.resolve(os.path.expanduser(model_cfg.path))
+def _read_model_facts(model_path: str, trust_remote_code: bool, params_b, max_positions) -> ModelFacts:
+    path = bundled.resolve(os.path.expanduser(model_path))
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(
-            path, local_files_only=True, trust_remote_code=model_cfg.trust_remote_code
-        )
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         # Meta tensors: counts parameters of a 70B model in about a second, allocating nothing.
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         params = sum(p.numel() for p in model.parameters())
-        max_positions = getattr(config, "max_position_embeddings", None)
-        return ModelFacts(path, params, max_positions, "config.json")
+        return ModelFacts(path, params, getattr(config, "max_position_embeddings", None), "config.json")
     except Exception as exc:  # noqa: BLE001 - any failure means "not readable here"; say why
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if model_cfg.params_b is not None or model_cfg.max_positions is not None:
-            params = int(model_cfg.params_b * 1e9) if model_cfg.params_b is not None else None
-            return ModelFacts(path, params, model_cfg.max_positions, "recipe hints", error)
+        if params_b is not None or max_positions is not None:
+            params = int(params_b * 1e9) if params_b is not None else None
+            return ModelFacts(path, params, max_positions, "recipe hints", error)
         return ModelFacts(path, None, None, "unknown", error)

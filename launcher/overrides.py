@@ -18,6 +18,11 @@ def _field_type(cls: Any, name: str) -> Optional[Any]:
     return hints.get(name) if name in {f.name for f in dataclasses.fields(cls)} else None
 
 
+def is_group_or_hydra_key(key: str) -> bool:
+    """A config-group choice (model=..., hydra/launcher=...) or a Hydra setting, not a schema key."""
+    return key in GROUPS or "/" in key or key.startswith("hydra")
+
+
 def key_problem(key: str) -> Optional[str]:
     """None if `key` (dotted) is in the schema, else a message with the nearest valid keys."""
     node: Any = Config
@@ -49,7 +54,7 @@ def override_problems(args: List[str]) -> List[str]:
         key = override.key_or_group
         if override.is_delete():
             continue
-        if key.startswith("hydra") or "/" in key or key in GROUPS:
+        if is_group_or_hydra_key(key):
             continue
         message = key_problem(key)
         if message:

@@ -16,7 +16,8 @@ from hydra.plugins.launcher import Launcher
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 
-GROUPS = ("model", "data", "optim", "deepspeed", "cluster", "tracking", "recipe")
+from launcher.overrides import is_group_or_hydra_key
+
 
 
 class SlurmSweeper(BasicSweeper):
@@ -29,9 +30,8 @@ class SlurmSweeper(BasicSweeper):
 
 def is_value_override(override) -> bool:
     """`key=value` for a plain config key: applied on a composed config, no recomposition needed."""
-    key = override.key_or_group
     return not (override.is_add() or override.is_force_add() or override.is_delete() or override.package
-                or key in GROUPS or "/" in key or key.startswith("hydra"))
+                or is_group_or_hydra_key(override.key_or_group))
 
 
 class SlurmSweepLauncher(Launcher):
