@@ -1,5 +1,7 @@
 """Slurm benchmarks on the local cluster (slurm/start-cluster.sh), measured side by side:
+- submitting one run: seconds until `sft` returns, against one plain `sbatch`;
 - submitting a 100-point sweep: wall time and sbatch calls, against 100 plain `sbatch` calls;
+- requeue: seconds from USR2 to the run's job RUNNING again, against `scontrol requeue` of a plain job;
 - latency from `sft ... cluster=slurm` to the first training step, against a hand-written
   sbatch + srun + torchrun of the same training (same run files, same entry point).
 """
@@ -51,11 +53,59 @@ def first_step_at(log: Path, timeout: float = 300) -> float:
     raise TimeoutError(log)
 
 
+def job_field(job_id: str, field: str, env: dict) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def running_again(job_id: str, env: dict, timeout: float = 300) -> float:
+    """Seconds until the job runs again after a requeue (Restarts=1, JobState=RUNNING)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if job_field(job_id, "Restarts", env) == "1" and job_field(job_id, "JobState", env) == "RUNNING":
+            return time.perf_counter() - start
+        time.sleep(0.2)
+    raise TimeoutError(job_id)
+
+
+def requeue_latency(env: dict, tmp: Path) -> tuple:
+    """USR2 to a running `sft` job (it checkpoints, requeues itself) against `scontrol requeue` of a plain job."""
+    run_dir = tmp / "requeued"
+    out = subprocess.run([BIN / "sft", *TINY, *SLURM, "trainer.max_steps=2000", f"run_dir={run_dir}"], env=env, cwd=tmp,
+                         capture_output=True, text=True, check=True).stdout
+    ours_id = re.search(r"submitted job (\d+)", out).group(1)
+    first_step_at(run_dir / "logs" / "rank-0.log")
+    subprocess.run(["scancel", "--signal=USR2", ours_id], env=env, check=True)
+    ours = running_again(ours_id, env)
+    subprocess.run(["scancel", ours_id], env=env, check=True)
+    peer_id = subprocess.run(["sbatch", "--parsable", "--requeue", "--partition=debug", f"--output={tmp}/peer-%j.out",
+                              "--wrap", "sleep 300"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    while job_field(peer_id, "JobState", env) != "RUNNING":
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", peer_id], env=env, check=True)
+    peer = running_again(peer_id, env)
+    subprocess.run(["scancel", peer_id], env=env, check=True)
+    return ("requeue: seconds until the job runs again", f"{ours:.1f} (USR2, checkpoint)", f"{peer:.1f} (scontrol requeue)", ours / peer)
+
+
 def main() -> None:
     env = {**os.environ, **start_cluster(), "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true"}
     tmp = Path(tempfile.mkdtemp(prefix="bench-slurm-"))
     env["PATH"] = f"{counting_sbatch(tmp)}:{env['PATH']}"
     rows = []
+
+    # One run, held so that nothing runs, then cancelled.
+    start = time.perf_counter()
+    out = subprocess.run([BIN / "sft", *TINY, *SLURM, "+cluster.sbatch_extra.hold=true", f"run_dir={tmp}/one"],
+                         env=env, cwd=tmp, capture_output=True, text=True, check=True).stdout
+    one_s = time.perf_counter() - start
+    subprocess.run(["scancel", re.search(r"submitted job (\d+)", out).group(1)], env=env, check=True)
+    start = time.perf_counter()
+    held = subprocess.run(["sbatch", "--hold", "--parsable", "--wrap", "true"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    plain_one_s = time.perf_counter() - start
+    subprocess.run(["scancel", held], env=env, check=True)
+    rows.append(("one run: seconds until the command returns", f"{one_s:.2f}", f"{plain_one_s:.2f} (sbatch)", one_s / plain_one_s))
 
     # 100 sweep points, held so that nothing runs, then cancelled.
     lrs = ",".join(f"{1e-4 * (i + 1):.6g}" for i in range(100))
@@ -96,6 +146,8 @@ srun {BIN}/torchrun --nproc_per_node=2 --master_port=29533 -m launcher.task {pee
     subprocess.run(["sbatch", str(script)], env=env, check=True, capture_output=True)
     peer = first_step_at(peer_dir / "logs" / "rank-0.log") - start
     rows.append(("seconds from submit to first step", f"{ours:.1f}", f"{peer:.1f} (sbatch+srun+torchrun)", ours / peer))
+
+    rows.append(requeue_latency(env, tmp))
 
     table = Table(title="Slurm benchmarks (local cluster, 2 nodes)")
     for col in ("measure", "ours", "peer", "ratio (ours/peer)"):

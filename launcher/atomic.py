@@ -1,8 +1,17 @@
-"""Write-then-rename: a reader (sft-jobs, a restarted job, another rank) never sees half a file."""
+"""Write-then-rename: a reader (sft-jobs, a restarted job, another rank) never sees half a file or directory."""
 
+import fcntl
+import glob
+import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
+
+MARKER = "COMPLETE"  # written last inside a built directory: present means complete
+FAILED = ".failed"  # suffix of the file that tells waiters that the builder failed
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -16,3 +25,60 @@ def write_text_atomic(path: Path, text: str) -> Path:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; run files are for the whole team to read
     os.replace(tmp, path)
     return path
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def build_once(final: Path, build: Callable[[Path], None]) -> bool:
+    """Make directory `final` with build(tmp_dir) unless it is complete; True when it was already there.
+
+    One builder at a time across processes (flock). The directory is built in a temporary sibling,
+    gets its marker last and is renamed into place, so it only ever appears complete. A builder
+    that was killed leaves a temporary directory; the next builder, holding the lock, removes it.
+    """
+    final = Path(final)
+    if is_complete(final):
+        return True
+    final.parent.mkdir(parents=True, exist_ok=True)
+    failed = final.with_name(final.name + FAILED)
+    with _lock(final.with_name(f".{final.name}.lock")):
+        if is_complete(final):  # another builder sharing this file system finished while we waited
+            return True
+        failed.unlink(missing_ok=True)
+        for stale in glob.glob(glob.escape(str(final.parent / f".{final.name}.tmp-")) + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed builder's leftovers: we hold the lock
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (the marker was removed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+            build(tmp)
+            write_text_atomic(tmp / MARKER, json.dumps({"built": time.time()}))
+            os.rename(tmp, final)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_complete(final):  # lost a race with a builder whose lock we could not see
+                return True
+            write_text_atomic(failed, f"{type(e).__name__}: {e}")
+            raise
+    return False
+
+
+class _lock:
+    """An exclusive flock, best effort: file systems without flock fall back to the atomic rename."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __enter__(self):
+        try:
+            self.file = open(self.path, "w")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.file:
+            self.file.close()  # closing releases the lock

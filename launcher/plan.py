@@ -4,6 +4,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
+from launcher import ops
 from launcher.errors import problem
 
 # Bytes per parameter of model states (ZeRO paper, Adam): parameters, gradients, optimizer states.
@@ -30,6 +31,7 @@ class Plan:
     precision: str
     gib_per_gpu: Dict[str, float]  # model states only: params, grads, optimizer, total
     gib_offloaded_per_node: float  # model states held in CPU memory by offload
+    compiled_ops: Dict[str, str]  # DeepSpeed ops the run JIT-compiles -> built here already or not
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -43,6 +45,15 @@ def default_procs_per_node(cluster) -> int:
     import torch
 
     return torch.cuda.device_count() or 2  # CPU: 2 ranks exercise real sharding
+
+
+def accelerator(cluster) -> str:
+    """What the ranks will train on: 'cuda' or 'cpu'."""
+    if cluster.backend == "slurm":
+        return "cuda" if cluster.gpus_per_node else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
@@ -124,6 +135,7 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
         precision=cfg.trainer.precision,
         gib_per_gpu=gib,
         gib_offloaded_per_node=round(offloaded * procs, 6),
+        compiled_ops=ops.plan(cfg.optim.name, accelerator(cfg.cluster)),
     )
 
 

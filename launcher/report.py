@@ -44,6 +44,7 @@ def plan_table(plan: Plan) -> Table:
     ]
     if plan.gib_offloaded_per_node:
         rows.append(("offloaded to CPU per node", fmt_gib(plan.gib_offloaded_per_node)))
+    rows.append(("compiled ops", "; ".join(f"{name} ({state})" for name, state in plan.compiled_ops.items()) or "none"))
     for row in rows:
         table.add_row(*row)
     return table

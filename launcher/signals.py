@@ -1,22 +1,37 @@
 """Stop signals: SIGUSR2 (Slurm's time-limit warning, preemption) and SIGTERM set one flag.
 
 The training loop reads the flag, agrees on it across ranks, saves a checkpoint and exits with
-EXIT_STOPPED, so the run resumes from that checkpoint when started again.
+EXIT_STOPPED, so the run resumes from that checkpoint when started again. A flag raised before
+the first step (imports, compiling ops, tokenising, loading) stops the run at its first step
+boundary; one raised after the last step changes nothing: the run is complete.
+
+Slurm signals every process of the step, children included. Children we start while a stop
+could arrive (compilers, W&B's service) are started with the stop signals blocked, which they
+inherit; the signal then stays with us and is handled once we unblock it.
 """
 
+import atexit
+import contextlib
 import signal
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; start it again to resume
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class StopFlag:
     def __init__(self) -> None:
         self.signum = 0
+        self._installed = False
 
     def install(self) -> "StopFlag":
         """Idempotent: a signal caught before the trainer starts (e.g. during imports) stays set."""
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._set)
+        if not self._installed:
+            # Interpreter exit puts Python-handled signals back to their default (terminate): a
+            # stop arriving while a finished run exits would turn it into a failed one.
+            atexit.register(_ignore_stop_signals)
+            self._installed = True
         return self
 
     def _set(self, signum, frame) -> None:
@@ -24,6 +39,21 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signum != 0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def blocked():
+        """Hold stop signals back for the block, and from every child started in it (exec keeps the mask)."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending stop is handled now
+
+
+def _ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # One flag per process: installed first thing in a Slurm task (replacing submitit's own USR2

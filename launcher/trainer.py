@@ -22,10 +22,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from launcher import bundled, checkpoint
+from launcher import bundled, checkpoint, ops
 from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
 from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
@@ -103,6 +104,9 @@ class SFTTrainer:
     def _setup_distributed(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        # Compile what DeepSpeed will load (init_distributed loads the CPU comm op) once per node,
+        # out of reach of stop signals.
+        ops.build(ops.needed(self.cfg.optim.name, get_accelerator().device_name()), log.info)
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         torch.manual_seed(self.cfg.seed)
 
@@ -199,9 +203,10 @@ class SFTTrainer:
         if tracking["name"] is None:
             tracking["name"] = f"{self.cfg.name}/{self.run_dir.name}"
         config["data_stats"] = self.data.stats
-        self.tracker = start_tracking(
-            OmegaConf.create(tracking), self.run_dir, self.env.rank, config, resume=self.resumed_from is not None
-        )
+        with STOP.blocked():  # W&B's service process inherits the mask: Slurm's stop signals miss it
+            self.tracker = start_tracking(
+                OmegaConf.create(tracking), self.run_dir, self.env.rank, config, resume=self.resumed_from is not None
+            )
         if self.is_main:
             self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
             self.tracker.summary({f"data/{k}": v for k, v in self.data.stats.items()})
@@ -238,6 +243,10 @@ class SFTTrainer:
         peak = device_peak_flops()
         self.engine.train()
         window_start, window = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # tokens, trained, rows
+        # A stop that came during start-up (imports, compiling, tokenising, loading) ends the run
+        # here, before the first eval and step, the way a stop at a step boundary does.
+        if self._sum_over_ranks(torch.tensor([float(bool(self.stop))], dtype=torch.float64))[0] > 0:
+            return self._stop_for_signal()
         progress = self._progress()
         if self.global_step == 0 and cfg.eval.every_steps:
             self._log_eval(self.evaluate())
@@ -304,11 +313,16 @@ class SFTTrainer:
         if self.is_main:
             self.tracker.summary({f"final/{k}": v for k, v in final.items()})
         self.tracker.finish(exit_code=0)
+        if self.stop:  # after the last step: the run is complete, whatever the signal asked
+            log.warning("stop signal received after the last step: the run is complete, not stopped")
         return 0
 
     def _stop_for_signal(self) -> int:
-        log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
-        if self.last_saved_step != self.global_step:
+        if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
+            log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
+        else:
+            log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
+        if self.global_step > 0 and self.last_saved_step != self.global_step:
             self.save_checkpoint()
         self.tracker.finish(exit_code=EXIT_STOPPED)
         return EXIT_STOPPED

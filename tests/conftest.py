@@ -1,8 +1,10 @@
 """Shared fixtures: composing configs the way `sft` does, and running the real CLI."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -20,6 +22,35 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 # Offline everywhere: nothing in the suite may reach a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _own_caches() -> Path:
+    """Every cache the project fills or reads, empty for this session (ranks and Slurm jobs inherit it).
+
+    A green suite must mean a green suite on a new machine: no bundled model, tokenised data,
+    compiled DeepSpeed op or Hugging Face / W&B state left by an earlier run may help. Set
+    SFT_TEST_CACHES=DIR to reuse DIR across sessions while iterating (never in CI).
+    """
+    reuse = os.environ.get("SFT_TEST_CACHES")
+    root = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="sft-test-caches-"))
+    dirs = {
+        "SFT_CACHE_DIR": "sft-launcher", "HF_HOME": "huggingface", "TORCH_EXTENSIONS_DIR": "torch_extensions",
+        "XDG_CACHE_HOME": "xdg", "TRITON_CACHE_DIR": "triton", "MPLCONFIGDIR": "matplotlib",
+        "WANDB_CACHE_DIR": "wandb-cache", "WANDB_CONFIG_DIR": "wandb-config", "WANDB_DATA_DIR": "wandb-data",
+    }
+    for var, name in dirs.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        os.environ[var] = str(root / name)
+    os.environ.pop("HF_DATASETS_CACHE", None)  # under HF_HOME
+    return root
+
+
+CACHES = _own_caches()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not os.environ.get("SFT_TEST_CACHES"):
+        shutil.rmtree(CACHES, ignore_errors=True)
 
 
 def compose_config(overrides: List[str] = ()):

@@ -5,30 +5,29 @@ URIs:
   bundled://tiny-tasks/train.jsonl   -> file path
   bundled://tiny-tasks/eval.jsonl    -> file path
 Anything else is returned unchanged. Artifacts live under $SFT_CACHE_DIR (default
-~/.cache/sft-launcher) in versioned folders; bump a version when its generator changes.
+~/.cache/sft-launcher) in folders named by VERSION and a digest of this package's source and of
+the libraries that shape the artifacts (see launcher.caches): changed code builds new folders.
 """
 
 from __future__ import annotations
 
-import fcntl
-import glob
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from launcher.atomic import build_once
+from launcher.caches import cache_root, code_digest
+
+# Bump when the artifacts' bytes change; tests/unit/test_cache_versions.py fails until you do.
+VERSION = 2
 PREFIX = "bundled://"
-TASKS_DIR = "tiny-tasks-v1"
-MODEL_DIR = "tiny-llama-v1"
+_CODE = code_digest(str(Path(__file__).parent), ("torch", "transformers", "tokenizers", "safetensors"))
+_TASKS_CODE = code_digest(str(Path(__file__).parent))  # the tasks are plain Python
+TASKS_DIR = f"tiny-tasks-v{VERSION}-{_TASKS_CODE}"
+MODEL_DIR = f"tiny-llama-v{VERSION}-{_CODE}"
 _FILES = {"tiny-tasks/train.jsonl": "train.jsonl", "tiny-tasks/eval.jsonl": "eval.jsonl"}
 
-__all__ = ["PREFIX", "cache_root", "is_bundled", "resolve"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SFT_CACHE_DIR") or Path.home() / ".cache" / "sft-launcher")
+__all__ = ["PREFIX", "VERSION", "is_bundled", "resolve"]
 
 
 def is_bundled(s: object) -> bool:
@@ -49,39 +48,8 @@ def resolve(uri: str) -> str:
 
 
 def _ensure(name: str, build: Callable[[Path], None]) -> Path:
-    """Build cache_root()/name exactly once across processes; it only ever appears complete.
-
-    The final dir comes into existence via one atomic rename of a fully built sibling temp dir,
-    so "exists" means "complete" and the fast path needs no lock.
-    """
-    root = cache_root()
-    final = root / name
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if final.is_dir():  # another process built it while we waited
-                return final
-            # Leftovers of a builder that crashed; safe to drop since we hold the lock.
-            for stale in glob.glob(str(root / f".{name}.tmp-*")):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-            try:
-                os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-                build(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not final.is_dir():  # else: lost a race where flock is not honoured (some NFS)
-                    raise
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    final = cache_root() / name
+    build_once(final, build)
     return final
 
 

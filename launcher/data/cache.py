@@ -1,34 +1,29 @@
-"""The preprocessing cache: content keys, a build that appears atomically, and waiting for it without collectives.
+"""The preprocessing cache: content keys, and waiting for local rank 0's build without collectives.
 
-A prepared cache is a directory named by its key; it is built in a temporary sibling, gets its
-completion marker written last, and is renamed into place. Other local ranks poll for the marker
-(a torch collective would time out after 30 minutes while rank 0 tokenises a large data set).
+A prepared cache is a directory named by its key, built once by launcher.atomic.build_once. Other
+local ranks poll for its marker (a torch collective would time out after 30 minutes while rank 0
+tokenises a large data set).
 """
 
-import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from launcher.atomic import write_text_atomic
+from launcher import caches
+from launcher.atomic import FAILED, is_complete, write_text_atomic
 from launcher.data.errors import DataError
 from launcher.data.files import HUB
 
-MARKER = "COMPLETE"
-FAILED = ".failed"  # suffix of the file that tells waiting ranks that the builder failed
 FRESH_S = 60  # a failure marker older than this (before we started waiting) is from an earlier run
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
     if cache_dir:
         return Path(os.path.expanduser(cache_dir))
-    base = os.environ.get("SFT_CACHE_DIR") or Path.home() / ".cache" / "sft-launcher"
-    return Path(base) / "data"
+    return caches.cache_root() / "data"
 
 
 def cache_key(parts: Any) -> str:
@@ -76,36 +71,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def is_complete(path: Path) -> bool:
-    return (path / MARKER).is_file()
-
-
-def build_once(final: Path, build: Callable[[Path], None]) -> bool:
-    """Make `final` with build(tmp_dir) unless it is complete; True when it was already there (a hit)."""
-    if is_complete(final):
-        return True
-    final.parent.mkdir(parents=True, exist_ok=True)
-    failed = final.with_name(final.name + FAILED)
-    with _lock(final.with_name(f".{final.name}.lock")):
-        if is_complete(final):  # another builder sharing this file system finished while we waited
-            return True
-        failed.unlink(missing_ok=True)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (the marker was removed)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-            build(tmp)
-            write_text_atomic(tmp / MARKER, json.dumps({"built": time.time()}))
-            os.rename(tmp, final)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if is_complete(final):  # lost a race with a builder whose lock we could not see
-                return True
-            write_text_atomic(failed, f"{type(e).__name__}: {e}")
-            raise
-    return False
-
-
 def wait_for(final: Path, timeout_min: float, log: Callable[[str], Any] = print, poll_s: float = 1.0) -> None:
     """Block until `final` is complete; raise if its builder failed or timeout_min passes."""
     start = time.time()
@@ -125,22 +90,3 @@ def wait_for(final: Path, timeout_min: float, log: Callable[[str], Any] = print,
             log(f"data: waiting for local rank 0 to prepare {final} ({(now - start) / 60:.0f} min so far)")
             last_note = now
         time.sleep(poll_s)
-
-
-class _lock:
-    """An exclusive flock, best effort: file systems without flock fall back to the atomic rename."""
-
-    def __init__(self, path: Path):
-        self.path, self.file = path, None
-
-    def __enter__(self):
-        try:
-            self.file = open(self.path, "w")
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        if self.file:
-            self.file.close()  # closing releases the lock

@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from launcher import caches
+from launcher.atomic import build_once
 from launcher.data import cache
 from launcher.data.errors import BAD_ROW_REASONS, DataError
 from launcher.data.examples import BLANK, LENGTH_STATUSES, ExampleBuilder, example_features
@@ -20,7 +22,11 @@ from launcher.data.formats import FORMATS, load_raw
 from launcher.data.packing import best_fit_decreasing, write_rows
 from launcher.data.templates import resolve_template
 
-VERSION = 1  # bump when the output of the same inputs changes
+# Bump when the output of the same inputs changes (tests/unit/test_cache_versions.py fails until you
+# do). The cache key also carries a digest of this package's source and of the libraries that
+# decide the rows, so even an unbumped edit never reads rows that older code wrote.
+VERSION = 2
+LIBRARIES = ("transformers", "tokenizers", "datasets", "jinja2", "numpy")
 CHOICES = {"format": FORMATS, "train_on": ("assistant", "last_assistant", "all"),
            "truncation": ("truncate", "drop"), "on_bad_row": ("error", "skip")}
 
@@ -57,14 +63,15 @@ def prepare_data(data_cfg, tokenizer, seed: int, *, local_rank: int = 0, cache_r
         tokenizer.chat_template = template
     root = cache.cache_root(cache_root or cfg.get("cache_dir"))
     key = cache.cache_key({
-        "version": VERSION, "seed": seed, "template": template, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "version": VERSION, "code": caches.code_digest(str(Path(__file__).parent), LIBRARIES),
+        "seed": seed, "template": template, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
         "train": [cache.source_key(s, root) for s in train_src], "eval": [cache.source_key(s, root) for s in eval_src],
         "pad_id": _pad_id(tokenizer),
         **{k: cfg.get(k) for k in ("format", "seq_len", "packing", "train_on", "truncation", "on_bad_row", "eval_fraction")},
     })
     final = root / key
     if local_rank == 0:
-        hit = cache.build_once(final, lambda tmp: _build(tmp, cfg, tokenizer, template, seed, train_src, eval_src, log))
+        hit = build_once(final, lambda tmp: _build(tmp, cfg, tokenizer, template, seed, train_src, eval_src, log))
     else:
         cache.wait_for(final, float(cfg.get("prepare_timeout_min") or 120), log)
         hit = True

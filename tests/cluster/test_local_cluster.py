@@ -167,13 +167,10 @@ def test_usr2_checkpoint_requeue(slurm_executor, tmp_path):
     executor = slurm_executor(timeout_min=20)
     job = executor.submit(Resumable(), str(tmp_path))
     wait_until((tmp_path / "running").exists, JOB_TIMEOUT_S, "the checkpointable job to start")
-    t0 = time.monotonic()
     # What Slurm sends before the time limit / on preemption (submitit: --signal=USR2@90).
+    # (How fast the requeued job starts again is measured in benchmarks/bench_slurm.py.)
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
-    (result,) = wait_result(job, timeout=60)
-    requeue_s = time.monotonic() - t0
+    (result,) = wait_result(job, timeout=180)
     assert result == {"attempts": "2", "restart_count": "1"}
     assert wait_sacct_state(job.job_id, "COMPLETED")[-1] == "COMPLETED"
     assert "REQUEUED" in sacct_states(job.job_id, duplicates=True)
-    # cred_expire=10 + sched_interval=5 in slurm.conf; Slurm's defaults would make this ~2 min.
-    assert requeue_s < 45, f"requeue took {requeue_s:.0f}s"

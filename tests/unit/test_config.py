@@ -159,3 +159,12 @@ def test_dry_run_prints_the_deepspeed_json(tmp_path):
     ds_json = json.loads(ds_text[ds_text.index("{"):ds_text.rindex("}") + 1])
     assert ds_json["zero_optimization"]["stage"] == 2 and ds_json["bf16"]["enabled"] is True
     assert ds_json["train_batch_size"] == 32
+
+
+def test_dry_run_says_what_will_be_compiled(tmp_path):
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "COLUMNS": "250"}
+    result = run_sft(["dry_run=true", "optim.name=cpu_adam", "deepspeed=zero3_offload"], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    [row] = [line for line in result.stdout.splitlines() if "compiled ops" in line]
+    assert ("deepspeed_shm_comm (compiled on first use, once per node, 20-40 s); "
+            "cpu_adam (compiled on first use, once per node, 20-40 s)") in row

@@ -1,7 +1,6 @@
 """Tracking with real offline W&B runs, read back from their `.wandb` files."""
 
 import socket
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -149,10 +148,10 @@ def test_api_key_is_written_nowhere(tmp_path, monkeypatch, isolated_wandb):
 
 def test_online_without_a_key_fails_fast_and_says_how_to_fix(tmp_path):
     assert not have_credentials()
-    started = time.monotonic()
+    # Refused before wandb.init, so it can neither prompt nor wait on a server (the time it takes
+    # is measured in benchmarks/bench_tracking.py).
     with pytest.raises(TrackingError) as err:
         start_tracking(tracking_cfg(mode="online"), tmp_path / "run", rank=0, config={}, resume=False)
-    assert time.monotonic() - started < 1
     assert "tracking.mode" in str(err.value)
     assert "WANDB_API_KEY" in str(err.value) and "tracking.mode=offline" in str(err.value)
     assert not (tmp_path / "run").exists()

@@ -1,0 +1,121 @@
+"""DeepSpeed's JIT-compiled ops: which ones a run needs, and building them once per node before ranks use them.
+
+DeepSpeed compiles an op the first time it is loaded (20-40 s each) into one shared
+~/.cache/torch_extensions. Left alone, every rank of a node races into that build, a killed build
+leaves torch's lock file behind (every later load then waits forever), and a stop signal sent to
+the job step kills the compiler with it. Here each rank loads the run's ops before DeepSpeed
+needs them, one rank at a time per node (flock), with stop signals blocked for the compiler; the
+first rank builds, the others load what it built. DeepSpeed then finds the ops already loaded.
+"""
+
+import fcntl
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from launcher.signals import STOP
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed builder class -> the op's name (its folder under the torch extensions root).
+OP_NAMES: Dict[str, str] = {
+    "ShareMemCommBuilder": "deepspeed_shm_comm",  # CPU collectives, loaded by init_distributed
+    "FusedAdamBuilder": "fused_adam",
+    "CPUAdamBuilder": "cpu_adam",
+}
+OPTIMIZER_OPS = {"fused_adam": "FusedAdamBuilder", "cpu_adam": "CPUAdamBuilder"}
+
+
+def needed(optimizer: str, accelerator: str) -> List[str]:
+    """Builder names a run compiles: the shared-memory comm op on CPU, and the optimizer's own op."""
+    builders = ["ShareMemCommBuilder"] if accelerator == "cpu" else []
+    if optimizer in OPTIMIZER_OPS:
+        builders.append(OPTIMIZER_OPS[optimizer])
+    return builders
+
+
+def plan(optimizer: str, accelerator: str) -> Dict[str, str]:
+    """For the plan: each op the run compiles and whether this host has it built already.
+
+    Reads the extensions folder without importing torch (the plan must stay fast).
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        candidates = [Path(root)]
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+        candidates = list(cache.glob(f"py{sys.version_info.major}{sys.version_info.minor}*"))
+    status = {}
+    for builder in needed(optimizer, accelerator):
+        name = OP_NAMES[builder]
+        built = any((c / name / f"{name}.so").is_file() for c in candidates)
+        status[name] = "built on this host" if built else "compiled on first use, once per node, 20-40 s"
+    return status
+
+
+def build_dir(op_name: str) -> Optional[Path]:
+    """Where torch builds (or built) the op on this host; None if torch cannot say."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return Path(_get_build_directory(op_name, verbose=False))
+    except Exception:  # a private torch helper: never let the plan fail on it
+        return None
+
+
+def is_built(op_name: str) -> bool:
+    d = build_dir(op_name)
+    return bool(d and (d / f"{op_name}.so").is_file())
+
+
+def build(builders: List[str], say: Callable[[str], None] = log.info) -> None:
+    """Load each op once in this process, compiling it if needed, one process per node at a time."""
+    if not builders:
+        return
+    from deepspeed.accelerator import get_accelerator
+    import deepspeed.ops
+
+    todo = []
+    for name in builders:
+        builder = get_accelerator().create_op_builder(name)
+        # DeepSpeed's own test before it loads the comm op: skip what it would skip.
+        if builder is not None and (name != "ShareMemCommBuilder" or deepspeed.ops.__compatible_ops__.get(builder.NAME)):
+            todo.append(builder)
+    if not todo:
+        return
+    root = build_dir(todo[0].NAME)
+    lock_path = (root.parent if root else Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp"))) / "sft-ops.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        _take(lock, lock_path, say)
+        for builder in todo:
+            d = build_dir(builder.NAME)
+            baton = d / "lock" if d else None
+            if baton and baton.exists():  # torch's lock, left by a build that was killed: we hold ours
+                say(f"ops: removing a stale build lock {baton}")
+                baton.unlink(missing_ok=True)
+            fresh = not is_built(builder.NAME)
+            say(f"ops: {'building' if fresh else 'loading'} {builder.NAME}"
+                + (" (compiled once per node, 20-40 s; stop signals wait until it is done)" if fresh else ""))
+            start, stopped_before = time.perf_counter(), bool(STOP)
+            with STOP.blocked():  # the compiler inherits the mask: a stop cannot kill it
+                builder.load(verbose=False)
+            say(f"ops: {builder.NAME} ready in {time.perf_counter() - start:.1f} s")
+            if STOP and not stopped_before:
+                say("ops: a stop signal arrived during the build; the run stops at its first step boundary")
+
+
+def _take(lock, path: Path, say: Callable[[str], None]) -> None:
+    """flock, saying so when another process holds it; file systems without flock go unlocked."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        start = time.perf_counter()
+        say(f"ops: waiting for another process building ops (lock {path})")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        say(f"ops: lock taken after {time.perf_counter() - start:.1f} s")
+    except OSError:
+        pass

@@ -1,0 +1,107 @@
+"""Guards for the cache versions: what the bundled generators and the data pipeline produce for a fixed
+input is pinned next to the VERSION that names their caches. Changing the output without bumping
+the VERSION fails here, so a cache written by older code (or a reference loss computed from it)
+cannot silently stand in for the current code's output.
+
+After a deliberate change: bump the VERSION, run this file with SFT_UPDATE_REFERENCE=1 (it pins
+the new digests only for a bumped VERSION), and regenerate tests/integration/reference_losses.json.
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from launcher import bundled
+from launcher.bundled import resolve
+from launcher.data import pipeline, prepare_data
+
+PINS = Path(__file__).with_name("cache_versions.json")
+ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 2 3"},
+                  {"role": "assistant", "content": "5"}]},
+    {"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"},
+                  {"role": "user", "content": "km to m: 3"}, {"role": "assistant", "content": "3000"}]},
+    {"messages": [{"role": "user", "content": "héllo 東京 🙂"}, {"role": "assistant", "content": "ok"}]},
+    *({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+      for i in range(9)),
+]
+CONFIGS = [  # packed with a held-out split; padded, truncated, last turn only
+    dict(seq_len=48, packing=True, train_on="assistant", truncation="truncate", eval_fraction=0.25),
+    dict(seq_len=28, packing=False, train_on="last_assistant", truncation="truncate", eval_fraction=0.0),
+]
+UNSTABLE_STATS = {"cache_key", "cache_hit", "prepare_seconds"}
+
+
+def digest(parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def check_pin(kind: str, version: int, got: str, version_name: str) -> None:
+    pins = json.loads(PINS.read_text())
+    pinned = pins[kind]
+    if (version, got) == (pinned["version"], pinned["digest"]):
+        return
+    if version == pinned["version"]:
+        pytest.fail(f"{kind}: the output for the fixed input changed (digest {got}, pinned {pinned['digest']}) but "
+                    f"{version_name} is still {version}: bump it, so caches written by the old code are not reused, "
+                    f"then pin the new digest (SFT_UPDATE_REFERENCE=1) and regenerate reference_losses.json")
+    if os.environ.get("SFT_UPDATE_REFERENCE"):
+        pins[kind] = {"version": version, "digest": got}
+        PINS.write_text(json.dumps(pins, indent=1) + "\n")
+        return
+    pytest.fail(f"{kind}: {version_name} is {version} but {PINS.name} pins version {pinned['version']}: "
+                f"pin version {version} with digest {got} (SFT_UPDATE_REFERENCE=1)")
+
+
+def bundled_digest() -> str:
+    model = Path(resolve("bundled://tiny-llama"))
+    tasks = Path(resolve("bundled://tiny-tasks/train.jsonl")).parent
+    config = json.loads((model / "config.json").read_text())
+    config.pop("transformers_version", None)  # the library version is in the cache name already
+    tensors = load_file(model / "model.safetensors")
+    return digest({
+        "tasks": [hashlib.sha256((tasks / f).read_bytes()).hexdigest() for f in ("train.jsonl", "eval.jsonl")],
+        "tokenizer": hashlib.sha256((model / "tokenizer.json").read_bytes()).hexdigest(),
+        "config": config,
+        "weights": {k: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for k, t in sorted(tensors.items())},
+    })
+
+
+def pipeline_digest(tmp_path: Path) -> str:
+    tok = AutoTokenizer.from_pretrained(resolve("bundled://tiny-llama"))
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    out = []
+    for i, extra in enumerate(CONFIGS):
+        cfg = dict(train_files=str(source), eval_files=None, format="auto", template=None, on_bad_row="error",
+                   num_proc=1, prepare_timeout_min=1.0, **extra)
+        data = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / f"cache{i}"), log=lambda m: None)
+        splits = {name: [ds[j] for j in range(len(ds))] for name, ds in (("train", data.train), ("eval", data.eval)) if ds is not None}
+        out.append({"rows": splits, "prompts": data.eval_prompts,
+                    "stats": {k: v for k, v in data.stats.items() if k not in UNSTABLE_STATS}})
+    return digest(out)
+
+
+def test_bundled_artifacts_match_their_version():
+    check_pin("bundled", bundled.VERSION, bundled_digest(), "launcher.bundled.VERSION")
+
+
+def test_pipeline_rows_match_its_version(tmp_path):
+    check_pin("data_pipeline", pipeline.VERSION, pipeline_digest(tmp_path), "launcher.data.pipeline.VERSION")
+
+
+def test_a_changed_output_without_a_bump_fails(monkeypatch, tmp_path):
+    """The guard itself: the pinned digest under the same version, output changed -> the bump is asked for."""
+    pins = json.loads(PINS.read_text())
+    fake = tmp_path / "pins.json"
+    fake.write_text(json.dumps({**pins, "data_pipeline": {**pins["data_pipeline"], "digest": "0" * 16}}))
+    monkeypatch.setattr(sys.modules[__name__], "PINS", fake)
+    monkeypatch.delenv("SFT_UPDATE_REFERENCE", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="bump it"):
+        check_pin("data_pipeline", pins["data_pipeline"]["version"], pins["data_pipeline"]["digest"], "VERSION")

@@ -1,0 +1,48 @@
+"""launcher.signals: stop signals held back from children, and harmless once the process is exiting."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.signals import StopFlag
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_children_started_while_blocked_survive_stop_signals_and_the_parent_gets_them():
+    flag = StopFlag()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        flag.install()
+        with flag.blocked():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+            os.kill(os.getpid(), signal.SIGUSR2)  # what Slurm does: every process of the step
+            os.kill(child.pid, signal.SIGUSR2)
+            os.kill(child.pid, signal.SIGTERM)
+            time.sleep(0.2)
+        # Handled on unblocking (or at once by another thread of ours that does not block it).
+        assert flag.signum == signal.SIGUSR2
+        assert child.wait(timeout=30) == 0  # the child (a compiler, W&B's service) was not killed
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_a_stop_signal_during_interpreter_exit_does_not_kill_the_process():
+    # atexit runs handlers last-in first-out: this one runs after the flag's own exit handler,
+    # when Python is about to put signal dispositions back to their defaults.
+    code = ("import atexit, os, signal, time\n"
+            "def late():\n"
+            "    print(signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGUSR2); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1)\n"
+            "atexit.register(late)\n"
+            "from launcher.signals import STOP\n"
+            "STOP.install()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
