@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from launcher import report
 from launcher.backends import launch
@@ -29,7 +30,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def fail(console: Console, error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)  # [reason] is text
     sys.exit(EXIT_BAD_CONFIG)
 
 
@@ -76,7 +77,7 @@ def prepare(cfg: DictConfig, console: Console) -> Prepared:
 def print_dry_run(prep: Prepared, console: Console) -> None:
     cfg = prep.cfg
     for warning in prep.checked.warnings:
-        console.print(f"[yellow]warning (a real run would stop here):[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning (a real run would stop here):[/] {escape(warning)}", highlight=False, soft_wrap=True)
     secrets = secret_values(prep.resolved)
     sbatch = ""
     if cfg.cluster.backend == "slurm":
@@ -107,9 +108,13 @@ def run(cfg: DictConfig) -> None:
     if cfg.dry_run:
         return print_dry_run(prep, console)
     if cfg.data.preview:
+        from launcher.data import DataError
         from launcher.data.preview import print_preview
 
-        return print_preview(cfg, prep.checked)
+        try:
+            return print_preview(cfg, prep.checked)
+        except (DataError, ConfigError) as error:
+            fail(console, error)
 
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:

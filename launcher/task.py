@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 log = logging.getLogger("launcher")
+EXIT_DATA = 2  # as `sft` exits for a bad config or bad data found before the run
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
@@ -27,6 +28,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def run_rank(run_dir: str) -> int:
     """Train one rank of the run whose files are in run_dir. Returns the process exit code."""
+    from launcher.data import DataError
     from launcher.trainer import RankEnv, SFTTrainer
 
     run_dir = Path(run_dir)
@@ -38,6 +40,12 @@ def run_rank(run_dir: str) -> int:
     try:
         trainer.setup()
         return trainer.train()
+    except DataError as error:
+        # The message names the file, the line and the fix: a traceback would only hide it.
+        log.error("rank %d stopped on a data problem: %s", env.rank, error)
+        if trainer.tracker is not None:
+            trainer.tracker.finish(exit_code=EXIT_DATA)
+        raise SystemExit(EXIT_DATA) from None  # a failed task under Slurm, exit 2 locally
     except BaseException:
         log.exception("rank %d failed", env.rank)
         if trainer.tracker is not None:

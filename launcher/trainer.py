@@ -314,7 +314,7 @@ class SFTTrainer:
             self.tracker.summary({f"final/{k}": v for k, v in final.items()})
         self.tracker.finish(exit_code=0)
         if self.stop:  # after the last step: the run is complete, whatever the signal asked
-            log.warning("stop signal received after the last step: the run is complete, not stopped")
+            log.warning("a stop signal arrived after the last step: the run is complete, not stopped")
         return 0
 
     def _stop_for_signal(self) -> int:

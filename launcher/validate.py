@@ -8,7 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from launcher.data.files import count_rows, expand_files, file_specs
+from launcher.bundled import is_bundled
+from launcher.data.check import check_files
+from launcher.data.files import HUB, count_rows, expand_files, file_specs
 from launcher.errors import ConfigError, problem
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.plan import batch_math, default_procs_per_node
@@ -133,14 +135,25 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         except FileNotFoundError as exc:
             missing.append(problem(key, spec, f"matches no file: {exc}"))
             continue
+        # Every row read here, so a bad file stops the run before ranks start or a job is queued.
+        data_problems, usable = check_files(key, files, data.format, data.on_bad_row)
+        missing += data_problems
         if key == "data.train_files":
             checked.train_files = files
             counts = [count_rows(f) for f in files]
             checked.train_examples = sum(counts) if files and None not in counts else None
+            if files and not data_problems and not usable and not any(f.startswith(HUB) for f in files):
+                missing.append(problem(key, data.train_files, f"no row can be trained on: every row is bad "
+                                       f"(data.on_bad_row=skip skipped them all; data.format={data.format})"))
         else:
             checked.eval_files = files
     if not file_specs(data.train_files):
         problems.append(problem("data.train_files", data.train_files, "must name at least one file"))
+    elif any(map(is_bundled, file_specs(data.eval_files))) and not any(map(is_bundled, file_specs(data.train_files))):
+        problems.append(problem("data.eval_files", data.eval_files,
+                                "the recipe's bundled eval split does not belong to your data.train_files: set "
+                                "data.eval_files=<your eval file>, or data.eval_files=null data.eval_fraction=0.02 "
+                                "to hold out rows of your own"))
 
     # Warmup against the total, when the total is known before tokenising (an upper bound with packing).
     if trainer.max_steps is not None:

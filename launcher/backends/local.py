@@ -12,12 +12,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from rich.console import Console
 
 from launcher.report import eval_summary
 from launcher.signals import EXIT_STOPPED
+from launcher.task import EXIT_DATA
 
 GRACE_S = 60  # after a failure or Ctrl-C, how long ranks get to exit before SIGKILL
 
@@ -78,11 +79,28 @@ def wait_all(procs: List[subprocess.Popen], timeout: float) -> None:
         proc.wait()
 
 
-def last_traceback(log_file: Path, max_lines: int = 80) -> str:
-    """The last traceback in a rank's output (or its last lines when there is none)."""
+def last_traceback(log_file: Path, max_lines: int = 80) -> Tuple[str, bool]:
+    """(the last traceback in a rank's output, True), or (its last lines, False) when there is none."""
     lines = log_file.read_text(errors="replace").splitlines()
     starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
-    return "\n".join(lines[starts[-1]:][:max_lines] if starts else lines[-40:])
+    return ("\n".join(lines[starts[-1]:][:max_lines]), True) if starts else ("\n".join(lines[-20:]), False)
+
+
+def describe_exit(rank: int, code: int) -> str:
+    """How a rank ended, in words: a signal by name (SIGKILL: most often the out-of-memory killer)."""
+    if code == EXIT_DATA:
+        return f"rank {rank} stopped on a data problem (exit {code})"
+    if code >= 0:
+        return f"rank {rank} failed (exit {code})"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    text = f"rank {rank} was killed by {name} (exit {code})"
+    if -code == signal.SIGKILL:
+        text += ("; a SIGKILL nobody sent is most often the kernel's out-of-memory killer (`dmesg | grep -i oom`): "
+                 "lower trainer.micro_batch_size, turn on trainer.activation_checkpointing or offload")
+    return text
 
 
 def run_local(cfg, run_dir: Path, plan) -> int:
@@ -108,11 +126,12 @@ def run_local(cfg, run_dir: Path, plan) -> int:
                 signal_all(procs, signal.SIGTERM)
                 wait_all(procs, GRACE_S)
                 rank = failed[0]
-                if rank != 0:
-                    console.print(f"[bold red]rank {rank} failed (exit {codes[rank]}):[/]", highlight=False)
-                    console.print(last_traceback(run_dir / "logs" / f"rank-{rank}.out"), highlight=False, markup=False)
-                else:
-                    console.print(f"[bold red]rank 0 failed (exit {codes[0]})[/]; other ranks stopped", highlight=False)
+                console.print(f"[bold red]{describe_exit(rank, codes[rank])}[/]; other ranks stopped", highlight=False, markup=True)
+                if rank != 0:  # rank 0's output is on this terminal already
+                    text, is_traceback = last_traceback(run_dir / "logs" / f"rank-{rank}.out")
+                    if not is_traceback:
+                        console.print(f"rank {rank} left no traceback; the last lines of its output:", highlight=False)
+                    console.print(text, highlight=False, markup=False)
                 console.print(f"logs: {run_dir / 'logs'}", highlight=False)
                 return 1
             if all(c is not None for c in codes):

@@ -5,6 +5,7 @@ Row shapes: `messages` (role/content; ShareGPT `conversations` with from/value a
 """
 
 import json
+import unicodedata
 from typing import Any, Dict, List, Tuple
 
 from launcher.data.errors import BadRow, DataError
@@ -24,6 +25,8 @@ def load_raw(path: str, scratch: str):
         return datasets.load_dataset(name, split=split or "train"), False
     plain = path[:-3] if path.endswith(".gz") else path
     kind = plain.rsplit(".", 1)[-1].lower()
+    if kind in ("jsonl", "json", "csv") and not _first_char(path):
+        raise DataError(f"{path}: the file is empty (no rows)")
     if kind == "json" and _first_char(path) == "[":
         return _load_json_array(path, scratch), False
     if kind in ("jsonl", "json"):
@@ -37,7 +40,7 @@ def load_raw(path: str, scratch: str):
 def _first_char(path: str) -> str:
     import gzip
 
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
         while chunk := f.read(4096):
             if chunk.strip():
                 return chunk.strip()[0]
@@ -54,7 +57,7 @@ def _load_json_array(path: str, scratch: str):
         pass
     import gzip
 
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
         try:
             rows = json.load(f)
         except json.JSONDecodeError as e:
@@ -67,7 +70,7 @@ def parse_row(row: Dict[str, Any]) -> Dict[str, Any]:
     if JSONL_COLUMN not in row:
         return row
     try:
-        value = json.loads(row[JSONL_COLUMN])
+        value = json.loads(row[JSONL_COLUMN].lstrip("\ufeff"))  # a UTF-8 byte-order mark opens line 1
     except json.JSONDecodeError as e:
         raise BadRow("invalid_json", f"invalid JSON at column {e.colno}: {e.msg}") from None
     if not isinstance(value, dict):
@@ -90,8 +93,27 @@ def detect_format(row: Dict[str, Any]) -> str:
 
 
 def normalise(row: Dict[str, Any], fmt: str = "auto") -> Tuple[str, Any]:
-    """("messages", [{role, content}, ...]) with an assistant turn, or ("text", str); raises BadRow."""
-    fmt = detect_format(row) if fmt == "auto" else fmt
+    """("messages", [{role, content}, ...]) with an assistant turn, or ("text", str); raises BadRow.
+
+    Text is NFC-normalised: the same words typed on another system give the same tokens.
+    """
+    if fmt == "auto":
+        return _normalise(row, detect_format(row))
+    try:
+        return _normalise(row, fmt)
+    except BadRow as bad:
+        if bad.reason in ("missing_field", "wrong_type"):
+            try:
+                looks = detect_format(row)
+            except BadRow:
+                looks = None
+            if looks and looks != fmt:
+                raise BadRow(bad.reason, f"{bad.detail} (read as data.format={fmt}; this row looks like "
+                                         f"{looks}: set data.format={looks} or data.format=auto)") from None
+        raise
+
+
+def _normalise(row: Dict[str, Any], fmt: str) -> Tuple[str, Any]:
     if fmt == "text":
         return "text", _text(row, "text")
     if fmt == "messages":
@@ -103,7 +125,7 @@ def normalise(row: Dict[str, Any], fmt: str = "auto") -> Tuple[str, Any]:
         instruction, extra = _text(row, "instruction"), row.get("input")
         if extra is not None and not isinstance(extra, str):
             raise BadRow("wrong_type", f"field 'input' must be a string, got {type(extra).__name__}")
-        user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        user = f"{instruction}\n\n{unicodedata.normalize('NFC', extra)}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
     else:
         raise DataError(f"data.format={fmt!r}: must be one of {', '.join(FORMATS)}")
@@ -120,7 +142,7 @@ def _text(row: Dict[str, Any], key: str) -> str:
         raise BadRow("wrong_type", f"field {key!r} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise BadRow("empty_content", f"field {key!r} is empty")
-    return value
+    return unicodedata.normalize("NFC", value)
 
 
 def _turns(row: Dict[str, Any], key: str, role: str) -> List[Dict[str, str]]:
@@ -156,5 +178,5 @@ def _messages(row: Dict[str, Any], key: str) -> List[Dict[str, str]]:
             raise BadRow("wrong_type", f"{key}[{i}] content must be a string, got {type(content).__name__}")
         if not content.strip():
             raise BadRow("empty_content", f"{key}[{i}] ({ROLES[role.lower()]}) has empty content")
-        out.append({"role": ROLES[role.lower()], "content": content})
+        out.append({"role": ROLES[role.lower()], "content": unicodedata.normalize("NFC", content)})
     return out

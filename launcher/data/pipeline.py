@@ -25,7 +25,7 @@ from launcher.data.templates import resolve_template
 # Bump when the output of the same inputs changes (tests/unit/test_cache_versions.py fails until you
 # do). The cache key also carries a digest of this package's source and of the libraries that
 # decide the rows, so even an unbumped edit never reads rows that older code wrote.
-VERSION = 2
+VERSION = 3  # 3: text NFC-normalised
 LIBRARIES = ("transformers", "tokenizers", "datasets", "jinja2", "numpy")
 CHOICES = {"format": FORMATS, "train_on": ("assistant", "last_assistant", "all"),
            "truncation": ("truncate", "drop"), "on_bad_row": ("error", "skip")}
@@ -78,6 +78,8 @@ def prepare_data(data_cfg, tokenizer, seed: int, *, local_rank: int = 0, cache_r
     data = load_prepared(final)
     data.stats.update(template=label, cache_key=key, cache_hit=hit, prepare_seconds=round(time.perf_counter() - start, 3))
     log(summary(data.stats))
+    for note in data.stats.get("dropped_for_length_rows", []):
+        log(f"data: {note}")
     return data
 
 
@@ -115,13 +117,14 @@ def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src,
     builder = ExampleBuilder(tokenizer, template, cfg["format"], cfg["train_on"], cfg["seq_len"], cfg["truncation"])
     counts: Dict[str, int] = {"rows_read": 0, "truncated": 0, "dropped_for_length": 0,
                               **{f"skipped_{r}": 0 for r in BAD_ROW_REASONS}}
+    notes: List[str] = []  # which rows were dropped for length, per file
     parts, kept = [], {}  # kept[(split, source index)] = global indices into the concatenated pool
     offset = 0
     for split, srcs in (("train", train_src), ("eval", eval_src)):
         for si, src in enumerate(srcs):
             idx = []
             for path in src.files:
-                ds, keep = _tokenise_file(path, len(parts), builder, tmp / "scratch", cfg, counts, log)
+                ds, keep = _tokenise_file(path, len(parts), builder, tmp / "scratch", cfg, counts, notes, log)
                 parts.append(ds)
                 idx.append(keep + offset)
                 offset += len(ds)
@@ -146,10 +149,11 @@ def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src,
     seq_len, pad = cfg["seq_len"], _pad_id(tokenizer)
     skipped = sum(v for k, v in counts.items() if k.startswith("skipped_"))
     stats = {"rows_read": counts["rows_read"], "rows_kept": counts["rows_read"] - skipped - counts["dropped_for_length"],
-             "rows_skipped": skipped, **counts}
+             "rows_skipped": skipped, **counts, **({"dropped_for_length_rows": notes} if notes else {})}
     if not len(train_idx):
         raise DataError("no training example is left: " + summary({**stats, "train_examples": 0,
-                                                                   "train_sequences": 0, "train_trained_tokens": 0}))
+                                                                   "train_sequences": 0, "train_trained_tokens": 0})
+                        + "".join(f"\n  {n}" for n in notes))
     for split, idx in (("train", train_idx), ("eval", eval_idx)):
         if split == "eval" and not has_eval:
             continue
@@ -176,7 +180,7 @@ def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src,
     shutil.rmtree(tmp / "scratch", ignore_errors=True)  # tokenised rows live on in train/eval.arrow
 
 
-def _tokenise_file(path: str, n: int, builder, scratch: Path, cfg: dict, counts: Dict[str, int], log):
+def _tokenise_file(path: str, n: int, builder, scratch: Path, cfg: dict, counts: Dict[str, int], notes: List[str], log):
     """(all rows tokenised, indices of kept rows); counts every row; error mode raises on a bad row."""
     raw, by_line = load_raw(path, str(scratch / "hf"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -196,10 +200,25 @@ def _tokenise_file(path: str, n: int, builder, scratch: Path, cfg: dict, counts:
     counts["rows_read"] += int((status != BLANK).sum())
     for reason, c in zip(*np.unique(status[bad], return_counts=True)):
         counts[f"skipped_{reason}"] += int(c)
-    counts["dropped_for_length"] += int(np.isin(status, LENGTH_STATUSES).sum())
+    dropped = np.flatnonzero(np.isin(status, LENGTH_STATUSES))
+    counts["dropped_for_length"] += len(dropped)
+    if len(dropped):
+        note = dropped_note(path, [(f"line {i + 1}" if by_line else f"row {i + 1}", status[i], ds[int(i)]["detail"])
+                                   for i in dropped[:3]], len(dropped), cfg["seq_len"])
+        notes.append(note)
     keep = np.flatnonzero(status == "")
     counts["truncated"] += int(_column(ds, "truncated")[keep].sum())
     return ds, keep
+
+
+def dropped_note(path: str, shown: List[tuple], total: int, seq_len: int) -> str:
+    """Which rows were dropped for length, why, and the setting that keeps them."""
+    where = "; ".join(f"{w}: {detail}" for w, _, detail in shown) + (f" and {total - len(shown)} more" if total > len(shown) else "")
+    if any(reason == "too_long" for _, reason, _ in shown):
+        fix = f"raise data.seq_len (now {seq_len}), or data.truncation=truncate to keep their first tokens"
+    else:
+        fix = f"raise data.seq_len (now {seq_len}) so the answer fits after the prompt"
+    return f"{path}: {total} row(s) dropped for length ({where}); {fix}"
 
 
 def _column(ds, name: str) -> np.ndarray:

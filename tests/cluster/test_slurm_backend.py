@@ -271,3 +271,16 @@ def test_bad_cluster_settings_fail_before_the_queue(slurm_cluster, tmp_path, ove
     assert not (tmp_path / "runs").exists()
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before)
+
+
+def test_bad_data_fails_before_the_queue(slurm_cluster, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    result = run_sft([*TINY, *SLURM, f"data.train_files={empty}", "data.eval_files=null", "data.eval_fraction=0.1",
+                      f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"data.train_files: {empty}: the file is empty (no rows)" in " ".join(result.stderr.split())
+    assert not (tmp_path / "runs").exists()
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)

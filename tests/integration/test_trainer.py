@@ -176,3 +176,45 @@ def test_demo_learns_the_bundled_task(tmp_path):
     assert evals[-1]["loss"] < 0.5 * evals[0]["loss"]
     assert f"eval loss: {evals[0]['loss']:.4f} (step 0) -> {evals[-1]['loss']:.4f} (step 60)" in result.stderr
     assert f"export: {run_dir / 'export'}" in result.stderr
+
+
+def test_a_killed_rank_is_named_with_its_signal(tmp_path):
+    """SIGKILL, as the out-of-memory killer sends it: the message names the signal and the likely cause."""
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([SFT, *SHORT, "trainer.max_steps=500", "checkpoint.every_steps=0", "tracking=none",
+                             f"run_dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
+        time.sleep(0.1)
+    [rank1] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank(p, run_dir, 1)]
+    os.kill(rank1, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    text = " ".join(err.split())
+    assert "rank 1 was killed by SIGKILL (exit -9); a SIGKILL nobody sent is most often the kernel's out-of-memory killer" in text
+    assert "rank 1 left no traceback; the last lines of its output:" in text
+
+
+def _is_rank(proc: Path, run_dir: Path, rank: int) -> bool:
+    try:
+        return (b"launcher.task\0" + str(run_dir).encode() in (proc / "cmdline").read_bytes()
+                and f"\0RANK={rank}\0".encode() in b"\0" + (proc / "environ").read_bytes())
+    except OSError:
+        return False
+
+
+def test_a_data_problem_found_by_the_ranks_is_one_clean_message(tmp_path):
+    """Only tokens tell that every row is too long: rank 0 says which lines and the fix, without a traceback."""
+    long = {"messages": [{"role": "user", "content": "reverse: " + " ".join("abcdefgh" * 8)}, {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(long) + "\n")
+    result = run_sft(["data=chat", f"data.train_files={path}", "data.eval_files=null", "data.seq_len=32",
+                      "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "optim.warmup_steps=0",
+                      "tracking=none", f"run_dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    err = " ".join(result.stderr.split())
+    assert "rank 0 stopped on a data problem: no training example is left" in err
+    assert f"{path}: 1 row(s) dropped for length (line 1: no trained token in the first data.seq_len=32 tokens)" in err
+    assert "Traceback" not in result.stderr

@@ -28,6 +28,7 @@ ROWS = [
     {"messages": [{"role": "user", "content": "reverse: a b c"}, {"role": "assistant", "content": "c b a"},
                   {"role": "user", "content": "km to m: 3"}, {"role": "assistant", "content": "3000"}]},
     {"messages": [{"role": "user", "content": "héllo 東京 🙂"}, {"role": "assistant", "content": "ok"}]},
+    {"messages": [{"role": "user", "content": "cafe\u0301?"}, {"role": "assistant", "content": "cafe\u0301"}]},  # NFD
     *({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": str(2 * i)}]}
       for i in range(9)),
 ]
@@ -85,7 +86,7 @@ def pipeline_digest(tmp_path: Path) -> str:
         splits = {name: [ds[j] for j in range(len(ds))] for name, ds in (("train", data.train), ("eval", data.eval)) if ds is not None}
         out.append({"rows": splits, "prompts": data.eval_prompts,
                     "stats": {k: v for k, v in data.stats.items() if k not in UNSTABLE_STATS}})
-    return digest(out)
+    return digest(json.loads(json.dumps(out).replace(str(tmp_path), "<tmp>")))  # notes name the file
 
 
 def test_bundled_artifacts_match_their_version():

@@ -1,0 +1,158 @@
+"""Bad data stops `sft` on the login side with a clean error (file, line, fix; exit 2) before anything is
+written or started; odd but valid files load with the same rows as their plain versions."""
+
+import gzip
+import json
+import unicodedata
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from launcher.bundled import resolve
+from launcher.data import DataError, prepare_data
+from launcher.data.check import check_files
+from tests.conftest import run_sft
+
+ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Où est le café ?"},
+                  {"role": "assistant", "content": "Ici. 東京 🙂"}]},
+    *({"messages": [{"role": "user", "content": f"add {i} {i}"}, {"role": "assistant", "content": str(2 * i)}]}
+      for i in range(7)),
+]
+ALPACA = [{"instruction": f"add {i} {i}", "input": "", "output": str(2 * i)} for i in range(4)]
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def sft_fails(tmp_path, *overrides, env=None):
+    """Run `sft` as a user would; assert the clean failure: exit 2, an error block, no traceback, nothing written."""
+    result = run_sft([*overrides, f"runs_root={tmp_path}/runs"], cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error:" in result.stderr
+    for noise in ("Traceback", "HYDRA_FULL_ERROR", "Error executing job"):
+        assert noise not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
+    return " ".join(result.stderr.split())  # rich may wrap long lines
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(resolve("bundled://tiny-llama"))
+
+
+def prepared_rows(tok, path, tmp_path, **kw):
+    cfg = {**dict(train_files=str(path), eval_files=None, eval_fraction=0.0, format="auto", template=None, seq_len=64,
+                  packing=False, train_on="assistant", truncation="truncate", on_bad_row="error", num_proc=1,
+                  prepare_timeout_min=1.0), **kw}
+    data = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "cache" / path.name), log=lambda m: None)
+    return [data.train[i] for i in range(len(data.train))]
+
+
+# --- 1. an empty file ----------------------------------------------------------------------------
+
+def test_an_empty_file_is_named_before_anything_starts(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    err = sft_fails(tmp_path, "data=chat", f"data.train_files={empty}", "data.eval_files=null")
+    assert f"data.train_files: {empty}: the file is empty (no rows)" in err
+    err = sft_fails(tmp_path, "data=chat", f"data.train_files={empty}", "data.eval_files=null", "data.preview=2")
+    assert f"{empty}: the file is empty (no rows)" in err
+
+
+def test_the_pipeline_names_an_empty_file_too(tok, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        prepared_rows(tok, tmp_path / "empty.jsonl", tmp_path)
+
+
+# --- 2. odd but valid files ----------------------------------------------------------------------
+
+def odd_files(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(jsonl(ROWS), encoding="utf-8")
+    text = jsonl(ROWS)
+    nfd = jsonl([json.loads(unicodedata.normalize("NFD", json.dumps(r, ensure_ascii=False))) for r in ROWS])
+    files = {
+        "bom.jsonl": b"\xef\xbb\xbf" + text.encode(),
+        "crlf.jsonl": text.replace("\n", "\r\n").encode(),
+        "bom_crlf.jsonl": b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode(),
+        "blank_lines.jsonl": ("\n" + text.replace("\n", "\n\n  \n")).encode(),
+        "array.json": json.dumps(ROWS, ensure_ascii=False, indent=1).encode(),
+        "bom_array.json": b"\xef\xbb\xbf" + json.dumps(ROWS, ensure_ascii=False).encode(),
+        "nfd.jsonl": nfd.encode(),
+        "gzipped.jsonl.gz": gzip.compress(text.encode()),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pd.DataFrame({"messages": [json.dumps(r["messages"], ensure_ascii=False) for r in ROWS]}).to_csv(
+        tmp_path / "bom.csv", index=False, encoding="utf-8-sig")
+    return plain, [tmp_path / n for n in files] + [tmp_path / "bom.csv"]
+
+
+def test_odd_but_valid_files_give_the_same_rows_as_plain_ones(tok, tmp_path):
+    plain, odd = odd_files(tmp_path)
+    want = prepared_rows(tok, plain, tmp_path)
+    assert len(want) == len(ROWS)
+    for path in odd:
+        assert check_files("data.train_files", [str(path)], "auto", "error") == ([], len(ROWS)), path.name
+        assert prepared_rows(tok, path, tmp_path) == want, path.name
+    # A byte-order mark is not a bad row when bad rows are skipped either: nothing is lost.
+    assert len(prepared_rows(tok, tmp_path / "bom.jsonl", tmp_path, on_bad_row="skip")) == len(ROWS)
+
+
+# --- 3. a bad row in error mode ------------------------------------------------------------------
+
+def test_a_bad_row_stops_sft_cleanly_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(jsonl(ROWS[:2]) + '{"messages": [{"role": "robot", "content": "hi"}]}\n' + "{not json\n")
+    err = sft_fails(tmp_path, "data=chat", f"data.train_files={bad}", "data.eval_files=null")
+    assert (f"data.train_files: {bad}, line 3: messages[0] has unknown role 'robot' (valid: system, user, assistant; "
+            "ShareGPT human, gpt) [unknown_role]; line 4: invalid JSON at column 2") in err
+    assert "(2 bad of 4 rows; fix them, or data.on_bad_row=skip skips and counts them)" in err
+
+
+def test_a_file_of_only_bad_rows_in_skip_mode_is_refused(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n{"messages": []}\n')
+    err = sft_fails(tmp_path, "data=chat", f"data.train_files={bad}", "data.eval_files=null", "data.on_bad_row=skip")
+    assert "no row can be trained on: every row is bad (data.on_bad_row=skip skipped them all; data.format=auto)" in err
+
+
+# --- 4. a recipe's pinned format and bundled eval split ------------------------------------------
+
+def test_the_tiny_recipe_with_alpaca_rows_names_both_formats_and_the_eval_split(tmp_path):
+    mine = tmp_path / "my_alpaca.jsonl"
+    mine.write_text(jsonl(ALPACA))
+    err = sft_fails(tmp_path, "recipe=tiny_sft", f"data.train_files={mine}")
+    assert (f"{mine}, line 1: missing field 'conversations' (read as data.format=messages; this row looks like "
+            "alpaca: set data.format=alpaca or data.format=auto) [missing_field]") in err
+    assert ("data.eval_files='bundled://tiny-tasks/eval.jsonl': the recipe's bundled eval split does not belong to "
+            "your data.train_files: set data.eval_files=<your eval file>, or data.eval_files=null "
+            "data.eval_fraction=0.02 to hold out rows of your own") in err
+
+
+# --- 5. rows dropped for length ------------------------------------------------------------------
+
+def test_rows_dropped_for_length_are_named_with_the_setting_that_keeps_them(tok, tmp_path):
+    long_prompt = {"messages": [{"role": "user", "content": "reverse: " + " ".join("abcdefgh" * 4)},
+                                {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "t.jsonl"
+    path.write_text(jsonl([ROWS[1], ROWS[2], long_prompt]))
+    logged = []
+    cfg = dict(train_files=str(path), eval_files=None, eval_fraction=0.0, format="auto", template=None, seq_len=32,
+               packing=True, train_on="assistant", truncation="truncate", on_bad_row="error", num_proc=1,
+               prepare_timeout_min=1.0)
+    data = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "c"), log=logged.append)
+    note = (f"data: {path}: 1 row(s) dropped for length (line 3: no trained token in the first data.seq_len=32 "
+            "tokens); raise data.seq_len (now 32) so the answer fits after the prompt")
+    assert note in logged and data.stats["dropped_for_length"] == 1
+    path.write_text(jsonl([long_prompt]))
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "c"), log=lambda m: None)
+    assert "no training example is left" in str(e.value) and "line 1: no trained token in the first" in str(e.value)
+    with pytest.raises(DataError) as e:
+        prepare_data({**cfg, "truncation": "drop"}, tok, 0, cache_root=str(tmp_path / "c"), log=lambda m: None)
+    assert "or data.truncation=truncate to keep their first tokens" in str(e.value)
