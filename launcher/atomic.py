@@ -43,13 +43,14 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
         return True
     final.parent.mkdir(parents=True, exist_ok=True)
     failed = final.with_name(final.name + FAILED)
-    with _lock(final.with_name(f".{final.name}.lock")):
+    with _lock(final.with_name(f".{final.name}.lock")) as lock:
         if is_complete(final):  # another builder sharing this file system finished while we waited
             return True
         failed.unlink(missing_ok=True)
-        for stale in glob.glob(glob.escape(str(final.parent / f".{final.name}.tmp-")) + "*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a killed builder's leftovers: we hold the lock
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (the marker was removed)
+        if lock.held:  # without the lock, these may be another builder's work in progress
+            for stale in glob.glob(glob.escape(str(final.parent / f".{final.name}.tmp-")) + "*"):
+                shutil.rmtree(stale, ignore_errors=True)  # a killed builder's leftovers
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (the marker was removed)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
         try:
             os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
@@ -69,12 +70,13 @@ class _lock:
     """An exclusive flock, best effort: file systems without flock fall back to the atomic rename."""
 
     def __init__(self, path: Path):
-        self.path, self.file = path, None
+        self.path, self.file, self.held = path, None, False
 
     def __enter__(self):
         try:
             self.file = open(self.path, "w")
             fcntl.flock(self.file, fcntl.LOCK_EX)
+            self.held = True
         except OSError:
             pass
         return self

@@ -9,6 +9,7 @@ call, next to a hand-bumped VERSION that tests/unit/test_cache_versions.py guard
 import functools
 import hashlib
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
@@ -22,7 +23,7 @@ def cache_root() -> Path:
 @functools.lru_cache(maxsize=None)
 def code_digest(package_dir: str, libraries: Iterable[str] = ()) -> str:
     """12 hex digits over every .py file of package_dir (names and bytes) and the libraries' versions."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"python {sys.version_info.major}.{sys.version_info.minor}\0".encode())  # random, unicodedata
     for path in sorted(Path(package_dir).glob("*.py")):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     for name in libraries:

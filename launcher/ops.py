@@ -4,19 +4,29 @@ DeepSpeed compiles an op the first time it is loaded (20-40 s each) into one sha
 ~/.cache/torch_extensions. Left alone, every rank of a node races into that build, a killed build
 leaves torch's lock file behind (every later load then waits forever), and a stop signal sent to
 the job step kills the compiler with it. Here each rank loads the run's ops before DeepSpeed
-needs them, one rank at a time per node (flock), with stop signals blocked for the compiler; the
-first rank builds, the others load what it built. DeepSpeed then finds the ops already loaded.
+needs them, one rank at a time per node (flock); the first rank builds, the others load what it
+built, and DeepSpeed then finds the ops already loaded.
+
+Slurm signals every process of the step. ninja starts each compiler with an empty signal mask
+and default handlers, so blocking signals in the rank does not reach the compilers: they run
+through a tiny wrapper (CXX) that ignores USR2 and TERM, which gcc and its children inherit.
+ninja itself ignores USR2 (blocked, inherited from the rank) but stops the build on TERM; a
+build stopped that way ends the rank as a stop before the first step, not as a failure.
 """
 
+import contextlib
 import fcntl
+import hashlib
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from launcher.signals import STOP
+from launcher.atomic import write_text_atomic
+from launcher.signals import STOP, StoppedDuringStartup
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +100,54 @@ def build(builders: List[str], say: Callable[[str], None] = log.info) -> None:
     lock_path = (root.parent if root else Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp"))) / "sft-ops.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as lock:
-        _take(lock, lock_path, say)
+        held = _take(lock, lock_path, say)
         for builder in todo:
             d = build_dir(builder.NAME)
             baton = d / "lock" if d else None
-            if baton and baton.exists():  # torch's lock, left by a build that was killed: we hold ours
+            if held and baton and baton.exists():  # torch's lock, left by a build that was killed: we hold ours
                 say(f"ops: removing a stale build lock {baton}")
                 baton.unlink(missing_ok=True)
             fresh = not is_built(builder.NAME)
             say(f"ops: {'building' if fresh else 'loading'} {builder.NAME}"
                 + (" (compiled once per node, 20-40 s; stop signals wait until it is done)" if fresh else ""))
+            if fresh and STOP:  # the build of another rank of this node was stopped: stop with it
+                raise StoppedDuringStartup(f"a stop signal arrived before {builder.NAME} was built")
             start, stopped_before = time.perf_counter(), bool(STOP)
-            with STOP.blocked():  # the compiler inherits the mask: a stop cannot kill it
-                builder.load(verbose=False)
+            try:
+                with STOP.blocked(), _compilers_ignore_stop_signals(lock_path.parent):
+                    builder.load(verbose=False)
+            except Exception as error:
+                if STOP and not stopped_before:
+                    log.info("ops: the build of %s ended with: %s", builder.NAME, error)
+                    raise StoppedDuringStartup(f"a stop signal ended the build of {builder.NAME}") from None
+                raise
             say(f"ops: {builder.NAME} ready in {time.perf_counter() - start:.1f} s")
             if STOP and not stopped_before:
                 say("ops: a stop signal arrived during the build; the run stops at its first step boundary")
 
 
-def _take(lock, path: Path, say: Callable[[str], None]) -> None:
-    """flock, saying so when another process holds it; file systems without flock go unlocked."""
+@contextlib.contextmanager
+def _compilers_ignore_stop_signals(folder: Path):
+    """CXX points at a wrapper that ignores USR2 and TERM, then runs the real compiler."""
+    before = os.environ.get("CXX")
+    real = before or "c++"
+    wrapper = folder / f"sft-cxx-{hashlib.sha256(real.encode()).hexdigest()[:8]}"
+    script = f"#!/bin/sh\n# launcher.ops: Slurm's stop signals reach every process of the step; not the compiler.\ntrap '' USR2 TERM\nexec {shlex.quote(real)} \"$@\"\n"
+    if not wrapper.is_file() or wrapper.read_text() != script:
+        write_text_atomic(wrapper, script)
+        wrapper.chmod(0o755)
+    os.environ["CXX"] = str(wrapper)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CXX", None)
+        else:
+            os.environ["CXX"] = before
+
+
+def _take(lock, path: Path, say: Callable[[str], None]) -> bool:
+    """flock, saying so when another process holds it; False on file systems without flock."""
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -118,4 +156,5 @@ def _take(lock, path: Path, say: Callable[[str], None]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         say(f"ops: lock taken after {time.perf_counter() - start:.1f} s")
     except OSError:
-        pass
+        return False
+    return True

@@ -51,6 +51,10 @@ class StopFlag:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending stop is handled now
 
 
+class StoppedDuringStartup(Exception):
+    """A stop signal ended something the run cannot start without (a compile): exit as stopped."""
+
+
 def _ignore_stop_signals() -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -28,6 +28,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def run_rank(run_dir: str) -> int:
     """Train one rank of the run whose files are in run_dir. Returns the process exit code."""
+    from launcher.signals import EXIT_STOPPED, STOP, StoppedDuringStartup
+
+    STOP.install()  # before the slow imports: a stop during them must not kill the rank
     from launcher.data import DataError
     from launcher.trainer import RankEnv, SFTTrainer
 
@@ -40,12 +43,15 @@ def run_rank(run_dir: str) -> int:
     try:
         trainer.setup()
         return trainer.train()
+    except StoppedDuringStartup as stop:
+        log.warning("stop signal received before the first step: %s; exiting without a checkpoint (%d)", stop, EXIT_STOPPED)
+        return EXIT_STOPPED
     except DataError as error:
         # The message names the file, the line and the fix: a traceback would only hide it.
         log.error("rank %d stopped on a data problem: %s", env.rank, error)
         if trainer.tracker is not None:
             trainer.tracker.finish(exit_code=EXIT_DATA)
-        raise SystemExit(EXIT_DATA) from None  # a failed task under Slurm, exit 2 locally
+        raise SystemExit(EXIT_DATA) from None  # a failed task under Slurm; locally the launcher names it
     except BaseException:
         log.exception("rank %d failed", env.rank)
         if trainer.tracker is not None:

@@ -204,8 +204,11 @@ class SFTTrainer:
             tracking["name"] = f"{self.cfg.name}/{self.run_dir.name}"
         config["data_stats"] = self.data.stats
         with STOP.blocked():  # W&B's service process inherits the mask: Slurm's stop signals miss it
+            # A requeued job continues its W&B run even when it stopped before its first checkpoint.
+            requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
             self.tracker = start_tracking(
-                OmegaConf.create(tracking), self.run_dir, self.env.rank, config, resume=self.resumed_from is not None
+                OmegaConf.create(tracking), self.run_dir, self.env.rank, config,
+                resume=self.resumed_from is not None or requeued,
             )
         if self.is_main:
             self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")

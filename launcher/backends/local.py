@@ -121,7 +121,8 @@ def run_local(cfg, run_dir: Path, plan) -> int:
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [r for r, c in enumerate(codes) if c not in (None, 0, EXIT_STOPPED)]
+            # A rank killed by a signal first: its peers then fail in a collective, which says less.
+            failed = sorted((r for r, c in enumerate(codes) if c not in (None, 0, EXIT_STOPPED)), key=lambda r: codes[r] >= 0)
             if failed:
                 signal_all(procs, signal.SIGTERM)
                 wait_all(procs, GRACE_S)
@@ -141,7 +142,7 @@ def run_local(cfg, run_dir: Path, plan) -> int:
         for sig, handler in previous.items():  # a local sweep runs the next point in this process
             signal.signal(sig, handler)
     if any(c == EXIT_STOPPED for c in codes):
-        console.print(f"stopped with a checkpoint; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
+        console.print(f"stopped; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
         return EXIT_STOPPED
     export = run_dir / "export"
     console.print(f"done: {run_dir}", highlight=False)

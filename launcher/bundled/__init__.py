@@ -21,7 +21,8 @@ from launcher.caches import cache_root, code_digest
 # Bump when the artifacts' bytes change; tests/unit/test_cache_versions.py fails until you do.
 VERSION = 2
 PREFIX = "bundled://"
-_CODE = code_digest(str(Path(__file__).parent), ("torch", "transformers", "tokenizers", "safetensors"))
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")  # they shape the model dir's bytes
+_CODE = code_digest(str(Path(__file__).parent), LIBRARIES)
 _TASKS_CODE = code_digest(str(Path(__file__).parent))  # the tasks are plain Python
 TASKS_DIR = f"tiny-tasks-v{VERSION}-{_TASKS_CODE}"
 MODEL_DIR = f"tiny-llama-v{VERSION}-{_CODE}"

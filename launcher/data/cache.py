@@ -79,7 +79,9 @@ def wait_for(final: Path, timeout_min: float, log: Callable[[str], Any] = print,
     while not is_complete(final):
         try:
             if failed.stat().st_mtime >= start - FRESH_S:
-                raise DataError(f"local rank 0 failed to prepare the data ({final}): {failed.read_text()}")
+                why = failed.read_text()
+                error = DataError if why.startswith(("DataError:", "ConfigError:")) else RuntimeError
+                raise error(f"local rank 0 failed to prepare the data ({final}): {why}")
         except FileNotFoundError:
             pass
         now = time.time()

@@ -9,6 +9,7 @@ import functools
 import gzip
 import json
 import os
+import zlib
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from launcher.data.errors import BadRow, DataError
@@ -77,15 +78,29 @@ def read_rows(path: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of a "
                             "block); save it as UTF-8") from None
-    elif kind in ("parquet", "csv"):
-        import pyarrow.csv
+        except (OSError, EOFError, zlib.error) as e:  # a truncated or mislabelled .gz, an unreadable disk
+            raise DataError(f"{path}: cannot read it: {e}") from None
+    elif kind == "parquet":
         import pyarrow.parquet
 
         try:
-            table = pyarrow.parquet.read_table(path) if kind == "parquet" else pyarrow.csv.read_csv(path)
+            batches = pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=4096)
+            rows = (row for batch in batches for row in batch.to_pylist())
+            for i, row in enumerate(rows):
+                yield f"row {i + 1}", row
         except Exception as e:  # noqa: BLE001 - arrow's own message says what is wrong
-            raise DataError(f"{path}: cannot read it as {kind}: {e}") from None
-        for i, row in enumerate(table.to_pylist()):
+            raise DataError(f"{path}: cannot read it as parquet: {e}") from None
+    elif kind == "csv":
+        import pandas as pd
+
+        # As the pipeline reads it (datasets' csv loader is pandas.read_csv with its defaults).
+        try:
+            frame = pd.read_csv(path, encoding="utf-8-sig")
+        except pd.errors.EmptyDataError:
+            return  # no rows: reported as an empty file
+        except Exception as e:  # noqa: BLE001 - pandas' own message says what is wrong
+            raise DataError(f"{path}: cannot read it as csv: {e}") from None
+        for i, row in enumerate(frame.astype(object).where(frame.notna(), None).to_dict("records")):
             yield f"row {i + 1}", row
     else:
         raise DataError(f"{path}: unknown file type .{kind}; use .jsonl, .json, .parquet or .csv (optionally .gz)")

@@ -49,7 +49,7 @@ class ExampleBuilder:
         pending = []  # (row index, kind, value, text, trained spans) of rows that render
         for i in range(n):
             row = {k: v[i] for k, v in batch.items()}
-            if isinstance(row.get(JSONL_COLUMN), str) and not row[JSONL_COLUMN].strip():
+            if isinstance(row.get(JSONL_COLUMN), str) and not row[JSONL_COLUMN].lstrip("\ufeff").strip():
                 out["status"][i] = BLANK
                 continue
             try:

@@ -167,9 +167,11 @@ def _messages(row: Dict[str, Any], key: str) -> List[Dict[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict):
             raise BadRow("wrong_type", f"{key}[{i}] must be an object with role and content")
-        role = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
-        if role is None or "content" not in m and "value" not in m:
+        # A key holding None is absent: a JSON array read as one Arrow table gives every message
+        # every key of every other message (ShareGPT's from/value next to role/content).
+        role = m.get("role") if m.get("role") is not None else m.get("from")
+        content = m.get("content") if m.get("content") is not None else m.get("value")
+        if role is None or content is None and "content" not in m and "value" not in m:
             raise BadRow("missing_field", f"{key}[{i}] needs role and content (or ShareGPT from and value)")
         if not isinstance(role, str) or role.lower() not in ROLES:
             raise BadRow("unknown_role", f"{key}[{i}] has unknown role {role!r} "

@@ -26,7 +26,7 @@ from launcher.data.templates import resolve_template
 # do). The cache key also carries a digest of this package's source and of the libraries that
 # decide the rows, so even an unbumped edit never reads rows that older code wrote.
 VERSION = 3  # 3: text NFC-normalised
-LIBRARIES = ("transformers", "tokenizers", "datasets", "jinja2", "numpy")
+LIBRARIES = ("transformers", "tokenizers", "datasets", "jinja2", "numpy", "pyarrow", "pandas")
 CHOICES = {"format": FORMATS, "train_on": ("assistant", "last_assistant", "all"),
            "truncation": ("truncate", "drop"), "on_bad_row": ("error", "skip")}
 

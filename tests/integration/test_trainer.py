@@ -218,3 +218,29 @@ def test_a_data_problem_found_by_the_ranks_is_one_clean_message(tmp_path):
     assert "rank 0 stopped on a data problem: no training example is left" in err
     assert f"{path}: 1 row(s) dropped for length (line 1: no trained token in the first data.seq_len=32 tokens)" in err
     assert "Traceback" not in result.stderr
+
+
+def test_sigterm_while_ops_compile_ends_as_a_stop(tmp_path):
+    """SIGTERM to every process while DeepSpeed compiles (an empty extensions folder): both ranks end as
+    stopped before the first step (exit 75), not as failed, and the next start builds and trains."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run_dir = tmp_path / "run"
+    args = [SFT, *SHORT, "trainer.max_steps=2", "checkpoint.every_steps=0", "checkpoint.export=false",
+            "tracking=none", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    logs = [run_dir / "logs" / f"rank-{rank}.log" for rank in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not any(p.exists() and "ops: building deepspeed_shm_comm" in p.read_text() for p in logs):  # either rank builds
+        assert time.monotonic() < deadline and proc.poll() is None, "the op build did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # forwarded to each rank's process group: ninja and compilers too
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    for rank in (0, 1):
+        log = (run_dir / "logs" / f"rank-{rank}.log").read_text()
+        assert "stop signal received before the first step" in log and "rank %d failed" % rank not in log
+    assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
+
+    result = run_sft([*args[1:]], cwd=tmp_path, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(run_dir)) == [1, 2]

@@ -43,21 +43,31 @@ def digest(parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def check_pin(kind: str, version: int, got: str, version_name: str) -> None:
+def check_pin(kind: str, version: int, got: str, version_name: str, libraries) -> None:
     pins = json.loads(PINS.read_text())
     pinned = pins[kind]
+    libs = {name: _version(name) for name in libraries}
     if (version, got) == (pinned["version"], pinned["digest"]):
         return
-    if version == pinned["version"]:
+    changed = {k: f"{pinned.get('libraries', {}).get(k)} -> {v}" for k, v in libs.items() if pinned.get("libraries", {}).get(k) != v}
+    if version == pinned["version"] and not changed:
         pytest.fail(f"{kind}: the output for the fixed input changed (digest {got}, pinned {pinned['digest']}) but "
                     f"{version_name} is still {version}: bump it, so caches written by the old code are not reused, "
                     f"then pin the new digest (SFT_UPDATE_REFERENCE=1) and regenerate reference_losses.json")
     if os.environ.get("SFT_UPDATE_REFERENCE"):
-        pins[kind] = {"version": version, "digest": got}
+        pins[kind] = {"version": version, "digest": got, "libraries": libs}
         PINS.write_text(json.dumps(pins, indent=1) + "\n")
         return
-    pytest.fail(f"{kind}: {version_name} is {version} but {PINS.name} pins version {pinned['version']}: "
-                f"pin version {version} with digest {got} (SFT_UPDATE_REFERENCE=1)")
+    why = (f"library versions changed ({', '.join(f'{k} {v}' for k, v in changed.items())}; cache names carry "
+           "them already)" if version == pinned["version"] else
+           f"{version_name} is {version} but {PINS.name} pins version {pinned['version']}")
+    pytest.fail(f"{kind}: {why}: pin digest {got} (SFT_UPDATE_REFERENCE=1) and regenerate reference_losses.json")
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(name)
 
 
 def bundled_digest() -> str:
@@ -90,11 +100,12 @@ def pipeline_digest(tmp_path: Path) -> str:
 
 
 def test_bundled_artifacts_match_their_version():
-    check_pin("bundled", bundled.VERSION, bundled_digest(), "launcher.bundled.VERSION")
+    check_pin("bundled", bundled.VERSION, bundled_digest(), "launcher.bundled.VERSION", bundled.LIBRARIES)
 
 
 def test_pipeline_rows_match_its_version(tmp_path):
-    check_pin("data_pipeline", pipeline.VERSION, pipeline_digest(tmp_path), "launcher.data.pipeline.VERSION")
+    check_pin("data_pipeline", pipeline.VERSION, pipeline_digest(tmp_path), "launcher.data.pipeline.VERSION",
+              pipeline.LIBRARIES)
 
 
 def test_a_changed_output_without_a_bump_fails(monkeypatch, tmp_path):
@@ -105,4 +116,5 @@ def test_a_changed_output_without_a_bump_fails(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.modules[__name__], "PINS", fake)
     monkeypatch.delenv("SFT_UPDATE_REFERENCE", raising=False)
     with pytest.raises(pytest.fail.Exception, match="bump it"):
-        check_pin("data_pipeline", pins["data_pipeline"]["version"], pins["data_pipeline"]["digest"], "VERSION")
+        check_pin("data_pipeline", pins["data_pipeline"]["version"], pins["data_pipeline"]["digest"], "VERSION",
+                  pipeline.LIBRARIES)

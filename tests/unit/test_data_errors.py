@@ -156,3 +156,25 @@ def test_rows_dropped_for_length_are_named_with_the_setting_that_keeps_them(tok,
     with pytest.raises(DataError) as e:
         prepare_data({**cfg, "truncation": "drop"}, tok, 0, cache_root=str(tmp_path / "c"), log=lambda m: None)
     assert "or data.truncation=truncate to keep their first tokens" in str(e.value)
+
+
+def test_the_login_check_and_the_pipeline_read_the_same_rows(tok, tmp_path):
+    """Where the two readers could differ (an Arrow table's merged keys, pandas' NA strings, a BOM before a
+    blank line, a broken .gz), they agree on which rows are usable or both report the file."""
+    mixed = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+             {"messages": [{"role": "user", "content": "add 1 1"}, {"role": "assistant", "content": "2"}]}]
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    pd.DataFrame({"instruction": ["say NA", "say None", "add 1 1"], "output": ["NA", "None", "two"]}).to_csv(
+        tmp_path / "na.csv", index=False)
+    (tmp_path / "bom_blank.jsonl").write_bytes(b"\xef\xbb\xbf\n" + jsonl(ROWS[:3]).encode())
+    for name in ("mixed.json", "na.csv", "bom_blank.jsonl"):
+        path = tmp_path / name
+        problems, usable = check_files("data.train_files", [str(path)], "auto", "skip")
+        cfg = dict(train_files=str(path), eval_files=None, eval_fraction=0.0, format="auto", template=None, seq_len=64,
+                   packing=False, train_on="assistant", truncation="truncate", on_bad_row="skip", num_proc=1,
+                   prepare_timeout_min=1.0)
+        stats = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "c" / name), log=lambda m: None).stats
+        assert problems == [] and usable == stats["rows_kept"], (name, usable, stats)
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(jsonl(ROWS).encode())[:40])
+    [problem], _ = check_files("data.train_files", [str(tmp_path / "broken.jsonl.gz")], "auto", "error")
+    assert problem.startswith(f"data.train_files: {tmp_path / 'broken.jsonl.gz'}: cannot read it:")
