@@ -8,18 +8,18 @@ needs them, one rank at a time per node (flock); the first rank builds, the othe
 built, and DeepSpeed then finds the ops already loaded.
 
 Slurm signals every process of the step. ninja starts each compiler with an empty signal mask
-and default handlers, so blocking signals in the rank does not reach the compilers: they run
-through a tiny wrapper (CXX) that ignores USR2 and TERM, which gcc and its children inherit.
-ninja itself ignores USR2 (blocked, inherited from the rank) but stops the build on TERM; a
-build stopped that way ends the rank as a stop before the first step, not as a failure.
+and default handlers, so blocking signals in the rank does not protect the compilers; ninja runs
+through a shim that ignores USR2, which ninja's children inherit (the rank still gets the signal,
+once the build is done). ninja stops the build on TERM whatever we do; a build stopped that way
+ends the rank as a stop before the first step, not as a failure.
 """
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -114,7 +114,7 @@ def build(builders: List[str], say: Callable[[str], None] = log.info) -> None:
                 raise StoppedDuringStartup(f"a stop signal arrived before {builder.NAME} was built")
             start, stopped_before = time.perf_counter(), bool(STOP)
             try:
-                with STOP.blocked(), _compilers_ignore_stop_signals(lock_path.parent):
+                with STOP.blocked(), _ninja_ignores_usr2(lock_path.parent):
                     builder.load(verbose=False)
             except Exception as error:
                 if STOP and not stopped_before:
@@ -127,23 +127,30 @@ def build(builders: List[str], say: Callable[[str], None] = log.info) -> None:
 
 
 @contextlib.contextmanager
-def _compilers_ignore_stop_signals(folder: Path):
-    """CXX points at a wrapper that ignores USR2 and TERM, then runs the real compiler."""
-    before = os.environ.get("CXX")
-    real = before or "c++"
-    wrapper = folder / f"sft-cxx-{hashlib.sha256(real.encode()).hexdigest()[:8]}"
-    script = f"#!/bin/sh\n# launcher.ops: Slurm's stop signals reach every process of the step; not the compiler.\ntrap '' USR2 TERM\nexec {shlex.quote(real)} \"$@\"\n"
-    if not wrapper.is_file() or wrapper.read_text() != script:
-        write_text_atomic(wrapper, script)
-        wrapper.chmod(0o755)
-    os.environ["CXX"] = str(wrapper)
+def _ninja_ignores_usr2(folder: Path):
+    """Put a `ninja` first on PATH that ignores USR2, then runs the real one.
+
+    ninja starts each command (`/bin/sh -c`, the compiler) with an empty signal mask and default
+    handlers, except for signals it ignores itself: those its children ignore too. The rank's
+    blocked mask carries over the moment between the shim's start and its `trap`.
+    """
+    real = shutil.which("ninja")
+    if real is None:  # torch says what is missing
+        yield
+        return
+    shim_dir = folder / "sft-bin"
+    shim = shim_dir / "ninja"
+    script = ("#!/bin/sh\n# launcher.ops: Slurm's USR2 reaches every process of the step; not the compilers.\n"
+              f"trap '' USR2\nexec {shlex.quote(real)} \"$@\"\n")
+    if not shim.is_file() or shim.read_text() != script:
+        write_text_atomic(shim, script)
+        shim.chmod(0o755)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{path}"
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("CXX", None)
-        else:
-            os.environ["CXX"] = before
+        os.environ["PATH"] = path
 
 
 def _take(lock, path: Path, say: Callable[[str], None]) -> bool:
