@@ -1,4 +1,5 @@
-"""Data pipeline benchmarks: packing efficiency vs padding, preprocessing throughput, cached-load time.
+"""Data pipeline benchmarks: packing efficiency vs padding, preprocessing throughput, cached-load time,
+and the login-side check of every row against a bare load of the same file.
 
     python -m benchmarks.bench_data            # from the repo root; about a minute on 2 cores
 
@@ -89,6 +90,22 @@ def main() -> None:
             s = data.stats
             print(f"{num_proc:>8} {built:>8.2f} {s['rows_read'] / built:>11,.0f} {s['train_tokens'] / built:>10,.0f} "
                   f"{cached:>14.3f}")
+
+        # What every `sft` pays on the login node to find bad rows before the queue, against the
+        # peer's bare read of the same file (datasets' JSON loader, as TRL and Axolotl load data).
+        from datasets import load_dataset
+
+        from launcher.data.check import check_files
+
+        start = time.perf_counter()
+        problems, usable = check_files("data.train_files", [str(synthetic)], "auto", "error")
+        ours = time.perf_counter() - start
+        start = time.perf_counter()
+        load_dataset("json", data_files=str(synthetic), split="train", cache_dir=str(work / "peer"))
+        peer = time.perf_counter() - start
+        assert not problems and usable == SYNTHETIC_ROWS
+        print(f"\nlogin-side check of every row ({SYNTHETIC_ROWS} rows): {ours:.2f} s; datasets' JSON load of the "
+              f"same file: {peer:.2f} s; ratio {ours / peer:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -109,7 +109,7 @@ def build(builders: List[str], say: Callable[[str], None] = log.info) -> None:
                 baton.unlink(missing_ok=True)
             fresh = not is_built(builder.NAME)
             say(f"ops: {'building' if fresh else 'loading'} {builder.NAME}"
-                + (" (compiled once per node, 20-40 s; stop signals wait until it is done)" if fresh else ""))
+                + (" (compiled once per node, 20-40 s; USR2 waits until it is done)" if fresh else ""))
             if fresh and STOP:  # the build of another rank of this node was stopped: stop with it
                 raise StoppedDuringStartup(f"a stop signal arrived before {builder.NAME} was built")
             start, stopped_before = time.perf_counter(), bool(STOP)
