@@ -5,9 +5,9 @@ EXIT_STOPPED, so the run resumes from that checkpoint when started again. A flag
 the first step (imports, compiling ops, tokenising, loading) stops the run at its first step
 boundary; one raised after the last step changes nothing: the run is complete.
 
-Slurm signals every process of the step, children included. Children we start while a stop
-could arrive (compilers, W&B's service) are started with the stop signals blocked, which they
-inherit; the signal then stays with us and is handled once we unblock it.
+Slurm signals every process of the step, children included. A child that keeps the mask it
+inherits (W&B's service) is started with the stop signals blocked; ninja resets its compilers'
+mask, so launcher.ops runs it through a shim that ignores USR2 instead.
 """
 
 import atexit

@@ -325,8 +325,8 @@ class SFTTrainer:
             log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
         else:
             log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
-        if self.global_step > 0 and self.last_saved_step != self.global_step:
-            self.save_checkpoint()
+            if self.last_saved_step != self.global_step:
+                self.save_checkpoint()
         self.tracker.finish(exit_code=EXIT_STOPPED)
         return EXIT_STOPPED
 
