@@ -188,13 +188,22 @@ def test_a_killed_rank_is_named_with_its_signal(tmp_path):
     while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2):
         assert time.monotonic() < deadline and proc.poll() is None, "the run did not start"
         time.sleep(0.1)
-    [rank1] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank(p, run_dir, 1)]
+    matches = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank(p, run_dir, 1)}
+    # A rank's forked children (a data worker, a compile pool) share its command line and environment.
+    [rank1] = [pid for pid in matches if _parent(pid) not in matches]
     os.kill(rank1, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     text = " ".join(err.split())
     assert "rank 1 was killed by SIGKILL (exit -9); a SIGKILL nobody sent is most often the kernel's out-of-memory killer" in text
     assert "rank 1 left no traceback; the last lines of its output:" in text
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _is_rank(proc: Path, run_dir: Path, rank: int) -> bool:
