@@ -14,17 +14,30 @@ MARKER = "COMPLETE"  # written last inside a built directory: present means comp
 FAILED = ".failed"  # suffix of the file that tells waiters that the builder failed
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> Path:
+    """durable: the bytes are on disk before the name appears (a marker that vouches for other files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique per writer
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; run files are for the whole team to read
     os.replace(tmp, path)
     return path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def is_complete(path: Path) -> bool:

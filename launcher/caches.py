@@ -21,11 +21,12 @@ def cache_root() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def code_digest(package_dir: str, libraries: Iterable[str] = ()) -> str:
+def code_digest(package_dir: str, libraries: Iterable[str] = (), recursive: bool = False) -> str:
     """12 hex digits over every .py file of package_dir (names and bytes) and the libraries' versions."""
     h = hashlib.sha256(f"python {sys.version_info.major}.{sys.version_info.minor}\0".encode())  # random, unicodedata
-    for path in sorted(Path(package_dir).glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    root = Path(package_dir)
+    for path in sorted(root.rglob("*.py") if recursive else root.glob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     for name in libraries:
         try:
             version = metadata.version(name)

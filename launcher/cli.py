@@ -20,6 +20,7 @@ from launcher.backends import slurm as slurm_backend
 from launcher.errors import ConfigError
 from launcher.overrides import override_problems
 from launcher.plan import Plan, deepspeed_config, make_plan
+from launcher.resume import check_resume, fingerprint, set_aside_newer
 from launcher.rundir import RunFiles, mask_file, mask_secrets, new_run_dir, secret_values, submission_record
 from launcher.schema import register_configs
 from launcher.validate import Checked, check_config
@@ -34,12 +35,13 @@ def fail(console: Console, error: Exception) -> None:
     sys.exit(EXIT_BAD_CONFIG)
 
 
-def write_run_files(run_dir: Path, resolved: dict, overrides: list, checked, plan, ds_config: dict) -> None:
+def write_run_files(run_dir: Path, resolved: dict, overrides: list, checked, plan, ds_config: dict, fingerprint: dict) -> None:
     """The files a run is started, inspected and resumed from (secrets masked in each)."""
     files = RunFiles(run_dir, resolved)
     files.write_yaml("config.yaml", resolved)
     files.write_yaml("overrides.yaml", overrides)
-    files.write_json("plan.json", {**plan.to_dict(), "train_files": checked.train_files, "eval_files": checked.eval_files})
+    files.write_json("plan.json", {**plan.to_dict(), "train_files": checked.train_files, "eval_files": checked.eval_files,
+                                   "fingerprint": fingerprint})
     files.write_json("ds_config.json", ds_config)
     files.write_json("submission.json", submission_record(resolved["cluster"]["backend"], overrides))
 
@@ -86,7 +88,10 @@ def print_dry_run(prep: Prepared, console: Console) -> None:
 
 
 def create_run(prep: Prepared, run_dir: Path, overrides: list, sweep_group: Optional[str] = None) -> None:
-    """Fix the run directory (and a sweep's W&B group) into the config and write the run's files."""
+    """Check what the start would resume, then fix the run directory (and a sweep's W&B group) into
+    the config and write the run's files. A refused resume writes nothing."""
+    current = fingerprint(prep.cfg, prep.plan)
+    source = check_resume(prep.cfg, run_dir, current)
     run_dir.mkdir(parents=True, exist_ok=True)
     for node in (prep.cfg, prep.resolved):
         node["run_dir"] = str(run_dir)
@@ -95,7 +100,11 @@ def create_run(prep: Prepared, run_dir: Path, overrides: list, sweep_group: Opti
     # Ranks get the W&B key from the environment, never from a file.
     if prep.cfg.tracking.api_key:
         os.environ["WANDB_API_KEY"] = prep.cfg.tracking.api_key
-    write_run_files(run_dir, prep.resolved, overrides, prep.checked, prep.plan, prep.ds_config)
+    write_run_files(run_dir, prep.resolved, overrides, prep.checked, prep.plan, prep.ds_config, current)
+    if source is not None and prep.cfg.resume not in ("auto", "never"):
+        aside = set_aside_newer(run_dir, source)
+        if aside is not None:
+            log.warning("resume=%s: the newer checkpoints of this run dir moved to %s", prep.cfg.resume, aside)
     if sweep_group and (run_dir.parent / "multirun.yaml").is_file():  # Hydra wrote it unmasked
         mask_file(run_dir.parent / "multirun.yaml", secret_values(prep.resolved) | secret_values(overrides))
 
@@ -123,7 +132,10 @@ def run(cfg: DictConfig) -> None:
         run_dir = Path(cfg.run_dir).expanduser().resolve()
     else:
         run_dir = new_run_dir(cfg.runs_root, cfg.name)
-    create_run(prep, run_dir, list(hydra_cfg.overrides.task), sweep_group(hydra_cfg) if multirun else None)
+    try:
+        create_run(prep, run_dir, list(hydra_cfg.overrides.task), sweep_group(hydra_cfg) if multirun else None)
+    except (ConfigError, FileNotFoundError) as error:
+        fail(console, error)
     console.print(f"run directory: {run_dir}", highlight=False)
 
     code = launch(cfg, run_dir, prep.plan)

@@ -92,6 +92,7 @@ class CheckpointConfig:
     keep: int = 2  # newest complete checkpoints kept
     export: bool = True  # write a Hugging Face model to export/ at the end
     export_dtype: Optional[str] = None  # bf16 | fp16 | fp32; None: bf16 on GPU, fp32 on CPU
+    allow_changes: List[str] = field(default_factory=list)  # resume despite a changed: data | model_path | launcher
 
 
 @dataclass

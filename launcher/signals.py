@@ -1,7 +1,10 @@
-"""Stop signals: SIGUSR2 (Slurm's time-limit warning, preemption) and SIGTERM set one flag.
+"""Stop signals: SIGUSR2 (Slurm's time-limit warning) and SIGTERM (preemption, `scontrol requeue`,
+`scancel`) set one flag.
 
 The training loop reads the flag, agrees on it across ranks, saves a checkpoint and exits with
-EXIT_STOPPED, so the run resumes from that checkpoint when started again. A flag raised before
+EXIT_STOPPED, so the run resumes from that checkpoint when started again. The flag remembers the
+strongest request: a USR2 asks the job to requeue itself, and a SIGTERM after it (the time limit
+itself, during a slow save) does not take that back. Slurm requeues a preempted job itself. A flag raised before
 the first step (imports, compiling ops, tokenising, loading) stops the run at its first step
 boundary; one raised after the last step changes nothing: the run is complete.
 
@@ -20,7 +23,9 @@ STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 class StopFlag:
     def __init__(self) -> None:
-        self.signum = 0
+        self.signum = 0  # the first stop signal
+        self.requeue = False  # a USR2 came: the time limit is near and the job should requeue itself
+        self.agreed_requeue = False  # what all ranks agreed at the stop (set by the trainer)
         self._installed = False
 
     def install(self) -> "StopFlag":
@@ -35,7 +40,8 @@ class StopFlag:
         return self
 
     def _set(self, signum, frame) -> None:
-        self.signum = signum
+        self.signum = self.signum or signum
+        self.requeue = self.requeue or signum == signal.SIGUSR2
 
     def __bool__(self) -> bool:
         return self.signum != 0

@@ -32,11 +32,12 @@ def run_rank(run_dir: str) -> int:
 
     STOP.install()  # before the slow imports: a stop during them must not kill the rank
     from launcher.data import DataError
-    from launcher.trainer import RankEnv, SFTTrainer
+    from launcher.trainer import RankEnv, ResumeError, SFTTrainer
 
     run_dir = Path(run_dir)
     env = RankEnv.from_environ()
     setup_logging(run_dir, env.rank)
+    log.info("code: %s", Path(__file__).resolve().parent)  # the run's snapshot (launcher.snapshot)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     trainer = SFTTrainer(cfg, run_dir, ds_config, env)
@@ -44,11 +45,13 @@ def run_rank(run_dir: str) -> int:
         trainer.setup()
         return trainer.train()
     except StoppedDuringStartup as stop:
+        STOP.agreed_requeue = STOP.requeue  # no collective yet: Slurm signals every rank alike
         log.warning("stop signal received before the first step: %s; exiting without a checkpoint (%d)", stop, EXIT_STOPPED)
         return EXIT_STOPPED
-    except DataError as error:
+    except (DataError, ResumeError) as error:
         # The message names the file, the line and the fix: a traceback would only hide it.
-        log.error("rank %d stopped on a data problem: %s", env.rank, error)
+        what = "a data problem" if isinstance(error, DataError) else "a resume it refused"
+        log.error("rank %d stopped on %s: %s", env.rank, what, error)
         if trainer.tracker is not None:
             trainer.tracker.finish(exit_code=EXIT_DATA)
         raise SystemExit(EXIT_DATA) from None  # a failed task under Slurm; locally the launcher names it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import secrets
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+log = logging.getLogger(__name__)
 STEP_METRIC = "trainer/global_step"
 RUN_ID_FILE = "wandb_run_id"
 
@@ -32,21 +34,30 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         if self._run is not None:
             # Our step goes in every row: wandb's own _step restarts at 0 on each offline resume.
-            self._run.log({**metrics, STEP_METRIC: step})
+            self._guarded("log", lambda: self._run.log({**metrics, STEP_METRIC: step}))
 
     def summary(self, values: dict) -> None:
         if self._run is not None:
-            self._run.summary.update(values)
+            self._guarded("summary", lambda: self._run.summary.update(values))
 
     def finish(self, exit_code: int = 0) -> None:
         if self._run is not None:
             import wandb
 
             run, self._run = self._run, None
-            run.finish(exit_code=exit_code)
             # run.finish() only informs wandb-core, which may still be writing the run's files;
             # teardown waits for it, so an offline run-<id>.wandb is complete once we return.
-            wandb.teardown()
+            self._guarded("finish", lambda: (run.finish(exit_code=exit_code), wandb.teardown()))
+
+    def _guarded(self, what: str, call) -> None:
+        """Tracking never fails the training: a W&B service killed by a signal (Slurm signals every
+        process of the job) or a lost connection ends tracking; metrics.jsonl keeps every row."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - whatever W&B raises, the run goes on
+            log.warning("W&B %s failed (%s: %s): tracking stops here; metrics.jsonl has every row",
+                        what, type(error).__name__, error)
+            self._run = None
 
 
 def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, resume: bool) -> Tracker:

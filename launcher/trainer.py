@@ -10,6 +10,7 @@ a Hugging Face export at the end.
     global batch = micro_batch_size x world_size x grad_accum_steps
 """
 
+import json
 import logging
 import math
 import os
@@ -26,14 +27,19 @@ from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from launcher import bundled, checkpoint, ops
+from launcher import bundled, checkpoint, ops, universal
 from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
 from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
+from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
 from launcher.tracking import start_tracking
 
 log = logging.getLogger(__name__)
+
+
+class ResumeError(Exception):
+    """The checkpoint to continue was written with settings that would make the resume inexact."""
 
 
 @dataclass
@@ -90,12 +96,15 @@ class SFTTrainer:
         self.engine = None
         self.tracker = None
         self.metrics_file = None
+        # What a checkpoint of this run records and a resume is checked against (written by `sft`).
+        self.fingerprint = json.loads((self.run_dir / "plan.json").read_text()).get("fingerprint") or {}
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         self._setup_distributed()
         self._setup_tokenizer()
         self._setup_data()
+        self._find_resume_point()  # before the model loads: a refused resume costs nothing
         self._setup_model()
         self._setup_optimizer_and_engine()
         self._resume()
@@ -183,16 +192,37 @@ class SFTTrainer:
             config=self.ds_config,
         )
 
-    def _resume(self) -> None:
+    def _find_resume_point(self) -> None:
+        """The checkpoint to continue, checked against this run's fingerprint; converted to DeepSpeed's
+        universal form when it was written by another number of ranks."""
+        if self.is_main:
+            checkpoint.discard_partial(self.run_dir)
         resume = self.cfg.resume
         # A requeued job continues its own run, whatever resume= said for the first start.
         if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and checkpoint.latest_complete(self.run_dir):
             resume = "auto"
         self.resumed_from = checkpoint.find_resume_point(resume, self.run_dir)
+        self.universal = False
+        if self.resumed_from is None:
+            return
+        info = checkpoint.marker_info(self.resumed_from)
+        refused = refused_changes(info.get("fingerprint") or {}, self.fingerprint, list(self.cfg.checkpoint.allow_changes))
+        if refused:
+            raise ResumeError(f"{self.resumed_from} was written with other settings: " + "; ".join(
+                f"{k}: {info['fingerprint'][k]!r} then, {self.fingerprint[k]!r} now" for k in refused))
+        saved_world = info.get("world_size", self.env.world_size)
+        if saved_world != self.env.world_size:
+            self.universal = True
+            log.info("%s was written by %d ranks; this run has %d: loading its universal form",
+                     self.resumed_from, saved_world, self.env.world_size)
+            universal.prepare(self.resumed_from, self.env, log.info)
+            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
+
+    def _resume(self) -> None:
         if self.resumed_from is None:
             return
         start = time.perf_counter()
-        state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.env.world_size)
+        state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.universal)
         self.global_step = self.last_saved_step = state["global_step"]
         log.info("resumed from %s at step %d in %.2f s", self.resumed_from, self.global_step, time.perf_counter() - start)
 
@@ -248,18 +278,20 @@ class SFTTrainer:
         window_start, window = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # tokens, trained, rows
         # A stop that came during start-up (imports, compiling, tokenising, loading) ends the run
         # here, before the first eval and step, the way a stop at a step boundary does.
-        if self._sum_over_ranks(torch.tensor([float(bool(self.stop))], dtype=torch.float64))[0] > 0:
-            return self._stop_for_signal()
+        agree = self._sum_over_ranks(torch.tensor([bool(self.stop), self.stop.requeue], dtype=torch.float64))
+        if agree[0] > 0:
+            return self._stop_for_signal(requeue=agree[1] > 0)
         progress = self._progress()
         if self.global_step == 0 and cfg.eval.every_steps:
             self._log_eval(self.evaluate())
         while self.global_step < self.total_steps:
             batches = self._step_batches(self.global_step)
             trained = sum(b["trained"] for b in batches)
-            # One collective per step: the global trained-token count and whether any rank was signalled.
-            agree = self._sum_over_ranks(torch.tensor([trained, int(bool(self.stop))], dtype=torch.float64))
+            # One collective per step: the global trained-token count, whether any rank was signalled
+            # and whether any was asked to requeue (USR2): every rank acts on the same answer.
+            agree = self._sum_over_ranks(torch.tensor([trained, bool(self.stop), self.stop.requeue], dtype=torch.float64))
             if agree[1] > 0:
-                return self._stop_for_signal()
+                return self._stop_for_signal(requeue=agree[2] > 0)
             global_trained = agree[0].item()
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             step_start = time.perf_counter()
@@ -320,7 +352,8 @@ class SFTTrainer:
             log.warning("a stop signal arrived after the last step: the run is complete, not stopped")
         return 0
 
-    def _stop_for_signal(self) -> int:
+    def _stop_for_signal(self, requeue: bool) -> int:
+        self.stop.agreed_requeue = requeue
         if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
             log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
         else:
@@ -397,6 +430,7 @@ class SFTTrainer:
         path = checkpoint.save(
             self.engine, self.run_dir, self.global_step, self.env.rank, self.env.world_size,
             {"global_step": self.global_step},
+            {**self.fingerprint, "world_size": self.env.world_size, "micro_batch_size": self.micro_batch},
         )
         self.last_saved_step = self.global_step
         if self.is_main:

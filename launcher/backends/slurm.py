@@ -1,155 +1,25 @@
-"""The Slurm backend: check the partition, submit through submitit, return at once.
+"""The Slurm backend: submit through submitit and return at once.
 
-Every task of the job runs `SlurmTask`, which maps Slurm's task environment to RANK/WORLD_SIZE/
-MASTER_ADDR and runs the same entry point as the local backend. On SIGUSR2 (time limit or
-preemption) the trainer checkpoints on all ranks and rank 0 requeues the job; the restarted job
-resumes from the newest complete checkpoint. Requeues are bounded by cluster.max_requeues.
+Each run's tasks run launcher.backends.slurm_task.SlurmTask; the login-node partition checks are in
+launcher.backends.slurm_partitions.
 """
 
-import functools
 import json
-import logging
-import os
-import re
-import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-from launcher.errors import ConfigError, problem
+from launcher import snapshot
 from launcher.atomic import write_text_atomic
-from launcher.plan import default_procs_per_node
-
-log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------ what runs on the nodes
-class SlurmTask:
-    """The callable submitit pickles: one per run directory, the same for every task and requeue."""
-
-    def __init__(self, run_dir: str, max_requeues: int, master_port: int):
-        self.run_dir = run_dir
-        self.max_requeues = max_requeues
-        self.master_port = master_port
-
-    def __call__(self) -> int:
-        from launcher.signals import EXIT_STOPPED, STOP
-
-        STOP.install()  # before anything slow: submitit's USR2 handler would exit without a checkpoint
-        import submitit
-
-        from launcher.task import run_rank
-
-        env = submitit.JobEnvironment()
-        job_num = int(re.sub(r"\D", "", os.environ.get("SLURM_JOB_ID", "0")) or 0)
-        os.environ.update(
-            RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
-            LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes), MASTER_ADDR=env.hostnames[0],
-            # A port per job: two jobs sharing a node must not collide.
-            MASTER_PORT=str(self.master_port + job_num % 10000),
-        )
-        os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-        code = run_rank(self.run_dir)
-        # Only USR2 (time limit, preemption) requeues; SIGTERM is scancel or Slurm ending the job.
-        if code != EXIT_STOPPED or STOP.signum != signal.SIGUSR2:
-            return code
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if env.global_rank == 0:
-            if restarts >= self.max_requeues:
-                raise RuntimeError(f"stopped by a signal after {restarts} requeues (cluster.max_requeues={self.max_requeues}): not requeued again")
-            # Every rank has saved (the save ends with a barrier); requeue the whole job.
-            subprocess.run(["scontrol", "requeue", env.job_id], check=True)
-            log.warning("requeued job %s (restart %d of at most %d)", env.job_id, restarts + 1, self.max_requeues)
-        time.sleep(600)  # Slurm ends this task as the job goes back to the queue
-        return code
-
-
-# ------------------------------------------------------------------ login-node checks
-@dataclass
-class Partition:
-    name: str
-    default: bool
-    max_time_min: Optional[int]  # None: unlimited
-    total_nodes: int
-    max_nodes: Optional[int]  # per job; None: unlimited
-    gpus_per_node: int
-    cpus_per_node: int
-
-
-def parse_slurm_minutes(text: str) -> Optional[int]:
-    """Slurm's [days-]hours:minutes:seconds (or minutes, or UNLIMITED) as minutes."""
-    if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
-        return None
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    if len(parts) == 1:
-        h, m, s = 0, parts[0], 0
-    elif len(parts) == 2:
-        h, m, s = 0, parts[0], parts[1]
-    else:
-        h, m, s = parts
-    return int(days or 0) * 1440 + h * 60 + m + (1 if s else 0)
-
-
-@functools.lru_cache(maxsize=1)  # once per command, however many sweep points
-def read_partitions() -> tuple:
-    try:
-        out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, timeout=30, check=True).stdout
-    except FileNotFoundError:
-        raise ConfigError([problem("cluster", "slurm", "scontrol is not on PATH: submit from a Slurm login node (or cluster=local)")])
-    except subprocess.CalledProcessError as exc:
-        raise ConfigError([problem("cluster", "slurm", f"cannot reach the Slurm controller: {exc.stderr.strip()}")])
-    partitions = []
-    for line in out.splitlines():
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        node_info = subprocess.run(["sinfo", "-h", "-p", fields["PartitionName"], "-o", "%G|%c"], capture_output=True, text=True, timeout=30).stdout
-        gpus = max((int(m) for m in re.findall(r"gpu(?::[\w-]+)?:(\d+)", node_info)), default=0)
-        cpus = max((int(m) for m in re.findall(r"\|(\d+)", node_info)), default=0)
-        partitions.append(Partition(
-            name=fields["PartitionName"], default=fields.get("Default") == "YES",
-            max_time_min=parse_slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
-            total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus, cpus_per_node=cpus,
-            max_nodes=None if fields.get("MaxNodes", "UNLIMITED") == "UNLIMITED" else int(fields["MaxNodes"]),
-        ))
-    return tuple(partitions)
-
-
-def check_partition(cluster, partitions: List[Partition]) -> Partition:
-    """The partition the job would land on, if it fits; else ConfigError naming what does not."""
-    names = [p.name for p in partitions]
-    if cluster.partition is None:
-        chosen = next((p for p in partitions if p.default), None)
-        if chosen is None:
-            raise ConfigError([problem("cluster.partition", None, f"the cluster has no default partition; choose one of {', '.join(names)}")])
-    else:
-        chosen = next((p for p in partitions if p.name == cluster.partition), None)
-        if chosen is None:
-            raise ConfigError([problem("cluster.partition", cluster.partition, f"no such partition; valid: {', '.join(names)}")])
-    problems = []
-    if chosen.max_time_min is not None and cluster.time_min > chosen.max_time_min:
-        problems.append(problem("cluster.time_min", cluster.time_min, f"must be <= partition {chosen.name}'s MaxTime ({chosen.max_time_min} min)"))
-    if cluster.nodes > chosen.total_nodes:
-        problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= the {chosen.total_nodes} nodes of partition {chosen.name}"))
-    elif chosen.max_nodes is not None and cluster.nodes > chosen.max_nodes:
-        problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= partition {chosen.name}'s MaxNodes ({chosen.max_nodes}) per job"))
-    if cluster.gpus_per_node > chosen.gpus_per_node:
-        problems.append(problem("cluster.gpus_per_node", cluster.gpus_per_node, f"must be <= the {chosen.gpus_per_node} GPUs per node of partition {chosen.name}"))
-    tasks = default_procs_per_node(cluster)
-    if chosen.cpus_per_node and tasks * cluster.cpus_per_task > chosen.cpus_per_node:
-        problems.append(problem("cluster.cpus_per_task", cluster.cpus_per_task, f"x {tasks} tasks per node must be <= the {chosen.cpus_per_node} CPUs per node of partition {chosen.name}"))
-    if problems:
-        raise ConfigError(problems)
-    return chosen
+from launcher.backends.slurm_partitions import check_partition, read_partitions
+from launcher.backends.slurm_task import SlurmTask
 
 
 def preflight(cfg) -> None:
     check_partition(cfg.cluster, read_partitions())
 
 
-# ------------------------------------------------------------------ submission
 def executor_parameters(cfg, plan, job_name: str) -> Dict[str, Any]:
     c = cfg.cluster
     extra: Dict[str, Any] = dict(c.sbatch_extra)
@@ -185,6 +55,7 @@ def sbatch_preview(cfg, plan, run_dir: Path) -> str:
 
     params = executor_parameters(cfg, plan, cfg.name)
     params.pop("array_parallelism")
+    params["setup"] = [*snapshot.setup_lines(run_dir / "code"), *params["setup"]]
     command = f"{sys.executable} -u -m submitit.core._submit {run_dir}/submitit"
     return _make_sbatch_string(command=command, folder=str(run_dir / "submitit"), **params)
 
@@ -198,7 +69,10 @@ def record_jobs(run_dir: Path, jobs: List[Dict[str, Any]]) -> None:
 
 def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str) -> List[str]:
     """One sbatch call for all run dirs: a job array when there are several. Returns job ids."""
-    executor = make_executor(folder, executor_parameters(cfg, plan, job_name))
+    params = executor_parameters(cfg, plan, job_name)
+    # Every task and requeue runs the code submitted now, whatever is checked out when it starts.
+    params["setup"] = [*snapshot.setup_lines(snapshot.snapshot_code(folder.parent)), *params["setup"]]
+    executor = make_executor(folder, params)
     tasks = [SlurmTask(str(d), cfg.cluster.max_requeues, cfg.cluster.master_port) for d in run_dirs]
     if len(tasks) == 1:
         jobs = [executor.submit(tasks[0])]

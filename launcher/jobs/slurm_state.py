@@ -2,7 +2,8 @@
 
 How a run's state is read (the `from` column of `status` says which rule answered):
 - Slurm runs: `sacct` (one call for all job ids; its latest record per job or array task wins, and
-  the earlier records of a requeued job count its requeues). Ids sacct has no record of yet (just
+  the earlier records of a requeued job count its requeues; FAILED with exit code 75 is STOPPED:
+  the trainer checkpointed on a signal and the run resumes when started again). Ids sacct has no record of yet (just
   submitted, pending array tasks) are asked of `squeue`. When sacct is unavailable or silent, a
   `cancelled.json` written by `sft-jobs cancel` wins; with no Slurm answer at all the run's files
   decide as for a finished local run (export/ -> COMPLETED, an error in the logs -> FAILED ...).
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from launcher.jobs.errors import SlurmError
+from launcher.signals import EXIT_STOPPED
 from launcher.jobs.rundirs import Progress, local_state, log_requeues, read_json, state_from_files
 
 LOCAL = "local"  # the job id column of a local run
 SLURM_TERMINAL = {
     "BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
-    "PREEMPTED", "REVOKED", "TIMEOUT",
+    "PREEMPTED", "REVOKED", "TIMEOUT", "STOPPED",
 }
 
 
@@ -62,12 +64,16 @@ def expand_job_id(job: str) -> List[str]:
 
 
 def parse_sacct(text: str) -> Dict[str, JobInfo]:
-    """`sacct -P --duplicates -o JobID,State` rows (oldest first) -> latest state and requeue count per id."""
+    """`sacct -P --duplicates -o JobID,State,ExitCode` rows (oldest first) -> latest state and requeue
+    count per id. A job that ended with the trainer's stop code (75) checkpointed and stopped: STOPPED."""
     own: Dict[str, List[str]] = {}
     pending_arrays: Dict[str, List[str]] = {}
     for line in text.splitlines():
-        job, _, state = line.partition("|")
+        job, _, rest = line.partition("|")
+        state, _, exit_code = rest.partition("|")
         state = (state.split() or ["UNKNOWN"])[0]
+        if state == "FAILED" and exit_code.split(":")[0] == str(EXIT_STOPPED):
+            state = "STOPPED"
         tasks = expand_job_id(job.strip())
         for task in tasks:
             (own if tasks == [job.strip()] else pending_arrays).setdefault(task, []).append(state)
@@ -86,7 +92,7 @@ def query_jobs(ids: List[str]) -> Tuple[Dict[str, JobInfo], List[SlurmError]]:
     errors: List[SlurmError] = []
     bases = sorted({i.split("_")[0] for i in ids})
     try:
-        infos = parse_sacct(slurm(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "JobID,State", "-j", ",".join(bases)]))
+        infos = parse_sacct(slurm(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "JobID,State,ExitCode", "-j", ",".join(bases)]))
     except SlurmError as error:
         errors.append(error)
     missing = [i for i in ids if i not in infos]

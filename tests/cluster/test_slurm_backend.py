@@ -3,6 +3,7 @@ array, preemption and time-limit requeues with exact resume, and checks before t
 
 import json
 import os
+import re
 import subprocess
 import signal
 import time
@@ -111,6 +112,9 @@ def runs(slurm_cluster, tmp_path_factory):
     while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 12):
         assert time.monotonic() < deadline, "the run did not reach step 12"
         time.sleep(0.2)
+    # Twice in quick succession (Slurm may repeat it; a user may too): one checkpoint, one requeue.
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     return tmp, plain, preempted
 
@@ -137,6 +141,102 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(runs):
     assert same_weights(run_dir, plain_dir)
     ids = {read_run(f)["run_id"] for f in find_runs(run_dir)}
     assert len(find_runs(run_dir)) == 2 and ids == {(run_dir / "wandb_run_id").read_text().strip()}
+
+
+STEPS = ["trainer.max_steps=40", "checkpoint.every_steps=10"]  # as the runs above
+
+
+def run_until(run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= step):
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
+        time.sleep(0.2)
+
+
+def stopped_and_resumed_at(run_dir: Path) -> tuple:
+    """(step saved on the stop, step resumed from): equal when no step was lost."""
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    saved = [int(m) for m in re.findall(r"stop signal received: saving a checkpoint at step (\d+)", log)]
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert len(saved) == 1 and len(resumed) == 1, log[-3000:]
+    return saved[0], resumed[0]
+
+
+def assert_one_wandb_run_across_segments(run_dir: Path, segments: int) -> None:
+    files = find_runs(run_dir)
+    runs_read = [read_run(f) for f in files]  # each file complete and readable: W&B ended cleanly
+    assert len(files) == segments and {r["run_id"] for r in runs_read} == {(run_dir / "wandb_run_id").read_text().strip()}
+    assert "tracking stops here" not in (run_dir / "logs" / "rank-0.log").read_text()  # no W&B call failed
+
+
+@pytest.fixture(scope="module")
+def sigterm_runs(runs):
+    """SIGTERM as Slurm sends it (W&B on): `scontrol requeue` on one run, `scancel --signal=TERM` on another."""
+    tmp = runs[0]
+    requeued = submit(tmp, [*TINY, *SLURM, *STEPS], "requeued")
+    terminated = submit(tmp, [*TINY, *SLURM, *STEPS], "terminated")
+    run_until(requeued[0], 12)
+    subprocess.run(["scontrol", "requeue", requeued[1]], check=True)
+    run_until(terminated[0], 12)
+    subprocess.run(["scancel", "--signal=TERM", terminated[1]], check=True)
+    return requeued, terminated
+
+
+def test_scontrol_requeue_checkpoints_and_the_job_resumes_exactly(sigterm_runs, runs):
+    (run_dir, job_id), _ = sigterm_runs
+    _, (plain_dir, plain_id), _ = runs
+    assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=500) == "COMPLETED"
+    assert restarts(job_id) == 1 and status_row(run_dir)[1:4] == ["COMPLETED", "sacct", "1"]
+    saved, resumed = stopped_and_resumed_at(run_dir)
+    assert saved == resumed >= 12  # no step lost
+    assert wait_for_state(plain_id) == "COMPLETED"
+    assert losses(run_dir) == losses(plain_dir) and same_weights(run_dir, plain_dir)
+    assert_one_wandb_run_across_segments(run_dir, 2)
+
+
+def test_scancel_term_stops_the_run_resumable_and_a_new_start_finishes_it_exactly(sigterm_runs, runs):
+    _, (run_dir, job_id) = sigterm_runs
+    _, (plain_dir, plain_id), _ = runs
+    assert wait_for_state(job_id) == "FAILED"
+    assert sacct(job_id, "State,ExitCode") == [["FAILED", "75:0"]]  # the stop code, not a crash
+    row = status_row(run_dir)
+    assert row[1:3] == ["STOPPED", "sacct"], row
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    saved = int(re.findall(r"stop signal received: saving a checkpoint at step (\d+)", log)[-1])
+    assert (run_dir / "checkpoints" / f"step-{saved:06d}" / "COMPLETE").is_file()
+    assert_one_wandb_run_across_segments(run_dir, 1)
+
+    # A changed global batch would replay data: refused, with nothing submitted or rewritten.
+    config = (run_dir / "config.yaml").read_bytes()
+    result = run_sft([*TINY, *SLURM, *STEPS, "trainer.global_batch_size=32", f"run_dir={run_dir}"], cwd=run_dir.parent)
+    assert result.returncode == 2 and "global_batch_size: 16 in the checkpoint, 32 now" in " ".join(result.stderr.split())
+    assert (run_dir / "config.yaml").read_bytes() == config
+
+    _, again = submit(run_dir.parent, [*TINY, *SLURM, *STEPS], run_dir.name)
+    assert wait_for_state(again) == "COMPLETED"
+    assert stopped_and_resumed_at(run_dir) == (saved, saved)
+    assert wait_for_state(plain_id) == "COMPLETED"
+    assert losses(run_dir) == losses(plain_dir) and same_weights(run_dir, plain_dir)
+    assert_one_wandb_run_across_segments(run_dir, 2)
+
+
+def test_a_real_preemption_checkpoints_and_slurm_requeues_the_run(runs, tmp_path):
+    """A job of the higher-priority `urgent` partition takes the node: Slurm sends SIGTERM, the run
+    checkpoints within the grace time, Slurm requeues it, and it resumes where it stopped."""
+    _, (plain_dir, plain_id), _ = runs
+    run_dir, job_id = submit(tmp_path, [*TINY, *SLURM, *STEPS], "preempted")
+    run_until(run_dir, 12)
+    node = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "--exclusive", "-n", "1", "-t", "1",
+                             "-o", "/dev/null", "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+    assert wait_for_state(urgent) == "COMPLETED"
+    assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=500) == "COMPLETED"
+    assert restarts(job_id) == 1
+    saved, resumed = stopped_and_resumed_at(run_dir)
+    assert saved == resumed >= 12
+    assert wait_for_state(plain_id) == "COMPLETED"
+    assert losses(run_dir) == losses(plain_dir) and same_weights(run_dir, plain_dir)
+    assert_one_wandb_run_across_segments(run_dir, 2)
 
 
 def test_two_nodes_train_one_job(slurm_cluster, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -58,9 +59,17 @@ def test_run_directory_holds_the_contract(reference_run):
     assert {"config.yaml", "overrides.yaml", "plan.json", "ds_config.json", "submission.json", "metrics.jsonl",
             "checkpoints", "export", "logs", "wandb", "wandb_run_id"} <= names
     assert {p.name for p in (reference_run / "logs").glob("rank-*.log")} == {"rank-0.log", "rank-1.log"}
+    # The ranks ran the code `sft` copied at the start, not the checkout.
+    assert (reference_run / "code" / "launcher" / "trainer.py").is_file()
+    for rank in (0, 1):
+        assert f"code: {reference_run / 'code' / 'launcher'}\n" in (reference_run / "logs" / f"rank-{rank}.log").read_text()
     assert sorted(p.name for p in (reference_run / "checkpoints").glob("step-*")) == ["step-000004", "step-000008", "step-000012"]
+    plan = json.loads((reference_run / "plan.json").read_text())
     for ckpt in (reference_run / "checkpoints").glob("step-*"):
-        assert json.loads((ckpt / "COMPLETE").read_text())["world_size"] == 2
+        marker = json.loads((ckpt / "COMPLETE").read_text())
+        assert marker["world_size"] == 2 and marker["fingerprint"] == plan["fingerprint"]
+    assert plan["fingerprint"]["global_batch_size"] == 16 and plan["fingerprint"]["micro_batch_size"] == 4
+    assert not (reference_run / "checkpoints" / ".partial").exists()
     rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
     train_row = next(r for r in rows if r["kind"] == "train")
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_rank", "effective_tokens_per_s",
@@ -116,14 +125,17 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, reference_r
     assert 5 <= stopped_at < 12
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     assert ckpts[-1].name == f"step-{stopped_at:06d}" and (ckpts[-1] / "COMPLETE").is_file()
-    # A save cut short has no marker: resume must skip it and take the periodic checkpoint before.
-    (ckpts[-1] / "COMPLETE").unlink()
+    # What a save killed half-way leaves: its files under .partial/, no step dir. Resume takes the
+    # periodic checkpoint before and removes the leftovers.
+    partial = run_dir / "checkpoints" / ".partial"
+    partial.mkdir()
+    ckpts[-1].rename(partial / ckpts[-1].name)
     first_id = (run_dir / "wandb_run_id").read_text().strip()
 
     result = run_sft([*SHORT, f"run_dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (run_dir / "logs" / "rank-0.log").read_text()
-    assert f"skipping checkpoint without a COMPLETE marker (an interrupted save): {ckpts[-1]}" in log
+    assert f"removing an interrupted save: {partial}" in log and not partial.exists()
     previous = (stopped_at - 1) // 4 * 4  # the periodic checkpoint before the unmarked one
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{previous:06d}'} at step {previous}" in log
     assert losses(run_dir) == losses(reference_run)  # bitwise, step by step
@@ -253,3 +265,75 @@ def test_sigterm_while_ops_compile_ends_as_a_stop(tmp_path):
     result = run_sft([*args[1:]], cwd=tmp_path, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses(run_dir)) == [1, 2]
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_and_continues_the_same_run(tmp_path, reference_run):
+    """The checkpoint of step 4 of the 2-rank reference, resumed on 1 rank (4 accumulation steps instead
+    of 2): converted once to DeepSpeed's universal form, it continues with the reference's losses."""
+    source = tmp_path / "two-ranks" / "checkpoints" / "step-000004"
+    shutil.copytree(reference_run / "checkpoints" / "step-000004", source)
+    run_dir = train(tmp_path, [*SHORT, "cluster.procs_per_node=1", f"resume={source}", "checkpoint.export=false"], "one-rank")
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert f"{source} was written by 2 ranks; this run has 1: loading its universal form" in log
+    assert f"resumed from {source} at step 4" in log
+    assert (source / "universal" / "COMPLETE").is_file()
+    want, got = losses(reference_run), losses(run_dir)
+    assert sorted(got) == list(range(5, 13))
+    assert max(abs(got[s] - want[s]) for s in got) < 1e-4, {s: got[s] - want[s] for s in got}
+
+    # A later start that changes the global batch is refused before anything is rewritten.
+    config = (run_dir / "config.yaml").read_bytes()
+    logs = {p: p.read_bytes() for p in (run_dir / "logs").iterdir()}
+    result = run_sft([*SHORT, "cluster.procs_per_node=1", "trainer.global_batch_size=32", f"run_dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2
+    err = " ".join(result.stderr.split())
+    assert f"{run_dir / 'checkpoints' / 'step-000012'} was written with other settings" in err
+    assert "global_batch_size: 16 in the checkpoint, 32 now" in err
+    assert (run_dir / "config.yaml").read_bytes() == config
+    assert {p: p.read_bytes() for p in (run_dir / "logs").iterdir()} == logs
+
+
+def _bigger_model(path: Path) -> Path:
+    """The bundled tokenizer with a 25M-parameter Llama: a save that takes long enough to be hit."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import bundled
+
+    tiny = bundled.resolve("bundled://tiny-llama")
+    config = AutoConfig.from_pretrained(tiny)
+    config.update(dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8, head_dim=64))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(path)
+    return path
+
+
+def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path):
+    model = _bigger_model(tmp_path / "model")
+    run_dir = tmp_path / "run"
+    args = [SFT, "recipe=tiny_sft", f"model.path={model}", "data.seq_len=64", "trainer.micro_batch_size=1",
+            "trainer.global_batch_size=2", "trainer.max_steps=3", "trainer.log_every=1", "optim.warmup_steps=0",
+            "eval.max_batches=1", "eval.generate_samples=0", "checkpoint.every_steps=1", "checkpoint.export=false",
+            "tracking=none", f"run_dir={run_dir}"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    saving = run_dir / "checkpoints" / ".partial" / "step-000002"
+    deadline = time.monotonic() + 600
+    while not saving.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never started its second save"
+        time.sleep(0.005)
+    matches = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank(p, run_dir, 1)}
+    [rank1] = [pid for pid in matches if _parent(pid) not in matches]
+    os.kill(rank1, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == ["step-000001"]
+    assert (run_dir / "checkpoints" / "step-000001" / "COMPLETE").is_file() and saving.is_dir()
+
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert f"removing an interrupted save: {saving.parent}" in log
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-000001'} at step 1" in log
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]

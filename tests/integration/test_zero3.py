@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from launcher.backends.local import free_port, rank_env
 from launcher.cli import write_run_files
 from launcher.plan import deepspeed_config, make_plan
+from launcher.resume import fingerprint
 from launcher.validate import check_config
 from tests.conftest import REPO, compose_config
 
@@ -20,7 +21,7 @@ def test_every_parameter_is_sharded_across_ranks(tmp_path):
     cfg = compose_config(overrides)
     checked = check_config(cfg)
     plan = make_plan(cfg, checked.model, checked.train_examples)
-    write_run_files(tmp_path, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan, deepspeed_config(cfg, plan))
+    write_run_files(tmp_path, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("zero3_probe.py")), str(tmp_path)],
                               env={**rank_env(r, 2, port, 2), "PYTHONPATH": str(REPO)}) for r in range(2)]

@@ -186,11 +186,13 @@ def test_status_of_a_sweep_labels_points_by_their_overrides(root, capsys):
 
 # ------------------------------------------------------------------ Slurm runs without Slurm
 def test_parse_sacct_arrays_and_requeues():
-    text = "7|COMPLETED\n8|REQUEUED\n8|RUNNING\n9_0|CANCELLED by 0\n9_[1-2,5%2]|PENDING\n9_2|REQUEUED\n9_2|PENDING\n"
+    text = ("7|COMPLETED|0:0\n8|REQUEUED|0:0\n8|RUNNING|0:0\n9_0|CANCELLED by 0|0:15\n9_[1-2,5%2]|PENDING|0:0\n"
+            "9_2|REQUEUED|0:0\n9_2|PENDING|0:0\n10|FAILED|75:0\n11|FAILED|1:0\n")
     infos = jobs.parse_sacct(text)
     assert {k: (v.state, v.restarts) for k, v in infos.items()} == {
         "7": ("COMPLETED", 0), "8": ("RUNNING", 1), "9_0": ("CANCELLED", 0),
-        "9_1": ("PENDING", 0), "9_2": ("PENDING", 1), "9_5": ("PENDING", 0)}
+        "9_1": ("PENDING", 0), "9_2": ("PENDING", 1), "9_5": ("PENDING", 0),
+        "10": ("STOPPED", 0), "11": ("FAILED", 0)}
 
 
 def test_cancel_record_wins_when_slurm_is_unavailable(root, capsys, monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from launcher.cli import write_run_files
 from launcher.plan import deepspeed_config, make_plan
+from launcher.resume import fingerprint
 from launcher.rundir import is_secret_name, mask_secrets, new_run_dir, secret_values
 from launcher.validate import check_config
 from tests.conftest import compose_config
@@ -22,7 +23,7 @@ def test_saved_files_hold_no_secret(tmp_path, monkeypatch):
     checked = check_config(cfg)
     plan = make_plan(cfg, checked.model, checked.train_examples)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan))
+    write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
 
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["config.yaml", "ds_config.json", "overrides.yaml", "plan.json", "submission.json"]

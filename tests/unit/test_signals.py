@@ -46,3 +46,19 @@ def test_a_stop_signal_during_interpreter_exit_does_not_kill_the_process():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
 
+
+
+def test_the_flag_remembers_a_requeue_request_through_a_later_sigterm():
+    """USR2 (time limit near) then SIGTERM (the limit itself, during a slow save): still a requeue."""
+    flag = StopFlag()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        flag.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag and flag.signum == signal.SIGTERM and not flag.requeue  # preemption: Slurm requeues
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.signum == signal.SIGTERM and flag.requeue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

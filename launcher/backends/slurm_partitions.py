@@ -1,0 +1,87 @@
+"""Login-node checks of a Slurm submission: the partition exists and can hold the job."""
+
+import functools
+import re
+import subprocess
+from dataclasses import dataclass
+from typing import List, Optional
+
+from launcher.errors import ConfigError, problem
+from launcher.plan import default_procs_per_node
+
+
+@dataclass
+class Partition:
+    name: str
+    default: bool
+    max_time_min: Optional[int]  # None: unlimited
+    total_nodes: int
+    max_nodes: Optional[int]  # per job; None: unlimited
+    gpus_per_node: int
+    cpus_per_node: int
+
+
+def parse_slurm_minutes(text: str) -> Optional[int]:
+    """Slurm's [days-]hours:minutes:seconds (or minutes, or UNLIMITED) as minutes."""
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = 0, parts[0], parts[1]
+    else:
+        h, m, s = parts
+    return int(days or 0) * 1440 + h * 60 + m + (1 if s else 0)
+
+
+@functools.lru_cache(maxsize=1)  # once per command, however many sweep points
+def read_partitions() -> tuple:
+    try:
+        out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except FileNotFoundError:
+        raise ConfigError([problem("cluster", "slurm", "scontrol is not on PATH: submit from a Slurm login node (or cluster=local)")])
+    except subprocess.CalledProcessError as exc:
+        raise ConfigError([problem("cluster", "slurm", f"cannot reach the Slurm controller: {exc.stderr.strip()}")])
+    partitions = []
+    for line in out.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        node_info = subprocess.run(["sinfo", "-h", "-p", fields["PartitionName"], "-o", "%G|%c"], capture_output=True, text=True, timeout=30).stdout
+        gpus = max((int(m) for m in re.findall(r"gpu(?::[\w-]+)?:(\d+)", node_info)), default=0)
+        cpus = max((int(m) for m in re.findall(r"\|(\d+)", node_info)), default=0)
+        partitions.append(Partition(
+            name=fields["PartitionName"], default=fields.get("Default") == "YES",
+            max_time_min=parse_slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
+            total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus, cpus_per_node=cpus,
+            max_nodes=None if fields.get("MaxNodes", "UNLIMITED") == "UNLIMITED" else int(fields["MaxNodes"]),
+        ))
+    return tuple(partitions)
+
+
+def check_partition(cluster, partitions: List[Partition]) -> Partition:
+    """The partition the job would land on, if it fits; else ConfigError naming what does not."""
+    names = [p.name for p in partitions]
+    if cluster.partition is None:
+        chosen = next((p for p in partitions if p.default), None)
+        if chosen is None:
+            raise ConfigError([problem("cluster.partition", None, f"the cluster has no default partition; choose one of {', '.join(names)}")])
+    else:
+        chosen = next((p for p in partitions if p.name == cluster.partition), None)
+        if chosen is None:
+            raise ConfigError([problem("cluster.partition", cluster.partition, f"no such partition; valid: {', '.join(names)}")])
+    problems = []
+    if chosen.max_time_min is not None and cluster.time_min > chosen.max_time_min:
+        problems.append(problem("cluster.time_min", cluster.time_min, f"must be <= partition {chosen.name}'s MaxTime ({chosen.max_time_min} min)"))
+    if cluster.nodes > chosen.total_nodes:
+        problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= the {chosen.total_nodes} nodes of partition {chosen.name}"))
+    elif chosen.max_nodes is not None and cluster.nodes > chosen.max_nodes:
+        problems.append(problem("cluster.nodes", cluster.nodes, f"must be <= partition {chosen.name}'s MaxNodes ({chosen.max_nodes}) per job"))
+    if cluster.gpus_per_node > chosen.gpus_per_node:
+        problems.append(problem("cluster.gpus_per_node", cluster.gpus_per_node, f"must be <= the {chosen.gpus_per_node} GPUs per node of partition {chosen.name}"))
+    tasks = default_procs_per_node(cluster)
+    if chosen.cpus_per_node and tasks * cluster.cpus_per_task > chosen.cpus_per_node:
+        problems.append(problem("cluster.cpus_per_task", cluster.cpus_per_task, f"x {tasks} tasks per node must be <= the {chosen.cpus_per_node} CPUs per node of partition {chosen.name}"))
+    if problems:
+        raise ConfigError(problems)
+    return chosen
