@@ -33,7 +33,7 @@ from launcher.export import DTYPES, export_dtype, export_model
 from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
 from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
-from launcher.tracking import start_tracking
+from launcher.tracking import start_tracking, wandb_row
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class SFTTrainer:
             requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
             self.tracker = start_tracking(
                 OmegaConf.create(tracking), self.run_dir, self.env.rank, config,
-                resume=self.resumed_from is not None or requeued,
+                resume=self.resumed_from is not None or requeued, metrics=self.run_dir / "metrics.jsonl",
             )
         if self.is_main:
             self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
@@ -446,7 +446,7 @@ class SFTTrainer:
         if not self.is_main:
             return
         self.metrics_file.write({"kind": kind, **row})
-        self.tracker.log({f"{kind}/{k}": v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+        self.tracker.log(wandb_row({"kind": kind, **row}), step=row["step"])
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None)
         log.info("%s %s", kind, shown)
 

@@ -6,8 +6,9 @@ the local backend. How the job ends says how the run ended:
 - a USR2 (the time limit is near) that every rank agreed on: all ranks checkpoint, rank 0 requeues
   the job, and the restarted job resumes from the newest complete checkpoint (at most
   cluster.max_requeues times);
-- a SIGTERM (preemption, `scontrol requeue`, `scancel`): all ranks checkpoint and exit; Slurm
-  requeues a preempted or requeued job itself and ends a cancelled one;
+- a SIGTERM: all ranks checkpoint and exit. A preempted job (Slurm has set its PreemptTime) is
+  requeued by rank 0, as a USR2 would be: Slurm itself requeues only a job that outlives its grace
+  time. `scontrol requeue` requeues the job in Slurm, `scancel` ends it;
 - stopped and not requeued by us: rank 0 exits EXIT_STOPPED (75), so Slurm records the job as
   ended with exit code 75 (sft-jobs status: STOPPED, resumable), never as COMPLETED.
 """
@@ -49,20 +50,30 @@ class SlurmTask:
         code = run_rank(self.run_dir)
         if code != EXIT_STOPPED:
             return code
+        if env.global_rank != 0:
+            # Rank 0 alone decides how the job ends; exiting 0 does not trip srun's --kill-on-bad-exit.
+            return 0
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        # Only a USR2 requeues from here; Slurm requeues a preempted job (SIGTERM) itself.
-        if STOP.agreed_requeue and restarts < self.max_requeues:
-            if env.global_rank == 0:
-                # Every rank has saved (the save ends with a barrier); requeue the whole job.
-                subprocess.run(["scontrol", "requeue", env.job_id], check=True)
-                log.warning("requeued job %s (restart %d of at most %d)", env.job_id, restarts + 1, self.max_requeues)
+        # USR2 (agreed by all ranks): the time limit is near. SIGTERM with a preemption under way:
+        # Slurm would requeue only a job still running when the grace time ends, and this one has
+        # already saved. Any other SIGTERM (scancel --signal=TERM) stops without a requeue.
+        wanted = STOP.agreed_requeue or being_preempted(env.job_id)
+        if wanted and restarts < self.max_requeues:
+            subprocess.run(["scontrol", "requeue", env.job_id], check=True)
+            log.warning("requeued job %s (restart %d of at most %d)", env.job_id, restarts + 1, self.max_requeues)
             time.sleep(600)  # Slurm ends this task as the job goes back to the queue
             return code
-        if STOP.agreed_requeue:
+        if wanted:
             log.warning("stopped after %d requeues (cluster.max_requeues=%d): not requeued again; "
                         "resume with sft run_dir=%s", restarts, self.max_requeues, self.run_dir)
-        # One exit code for the job: rank 0's. Other ranks exit 0, so srun's --kill-on-bad-exit
-        # does not cut rank 0 short while it closes W&B.
-        if env.global_rank == 0:
-            raise SystemExit(EXIT_STOPPED)  # submitit would record a returned value as success
-        return 0
+        raise SystemExit(EXIT_STOPPED)  # the job's exit code; submitit would record a returned value as success
+
+
+def being_preempted(job_id: str) -> bool:
+    """Whether Slurm has chosen this job for preemption (its PreemptTime is set during the grace time)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    found = re.search(r"\bPreemptTime=(\S+)", out)
+    return bool(found) and found.group(1) not in ("None", "Unknown")

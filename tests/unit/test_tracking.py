@@ -1,6 +1,11 @@
 """Tracking with real offline W&B runs, read back from their `.wandb` files."""
 
+import json
+import os
+import signal
 import socket
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -109,7 +114,45 @@ def test_resume_reuses_the_run_id_and_continues_our_step(tmp_path):
     assert [r[STEP_METRIC] for r in old["history"]] == [1, 2, 3]
     assert [r[STEP_METRIC] for r in new["history"]] == [4, 5]
     assert [r["train/loss"] for r in new["history"]] == [0.25, 0.2]
-    assert [r["_step"] for r in new["history"]] == [0, 1]  # why ours is the step metric
+    # W&B's own step is the global step: the segments of one run never collide.
+    assert [r["_step"] for r in old["history"]] == [1, 2, 3] and [r["_step"] for r in new["history"]] == [4, 5]
+
+
+def test_a_killed_wandb_service_costs_no_row_and_never_fails_the_run(tmp_path, caplog):
+    """SIGTERM to W&B's service, as Slurm sends it to every process of a job: the calls after it
+    fail quietly, and finish rebuilds the segment in a new service from metrics.jsonl."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(json.dumps({"kind": "train", "step": 1, "loss": 9.0}) + "\n")  # an earlier segment's row
+    tracker = start_tracking(tracking_cfg(), run_dir, rank=0, config={"a": 1}, resume=True, metrics=metrics)
+    rows = [{"kind": "train", "step": s, "loss": 1.0 / s} for s in (2, 3, 4, 5)] + [{"kind": "eval", "step": 5, "loss": 0.5}]
+    for i, row in enumerate(rows):
+        if i == 2:
+            [service] = [pid for pid in _children() if b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            os.kill(service, signal.SIGTERM)
+            time.sleep(1)
+        with metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        tracker.log({f"{row['kind']}/loss": row["loss"]}, step=row["step"])
+    tracker.summary({"final/loss": 0.5})
+    tracker.finish(exit_code=0)
+    assert "W&B log failed" in caplog.text and "rebuilt this segment from metrics.jsonl (5 rows)" in caplog.text
+    [segment] = [read_run(p) for p in find_runs(run_dir)]  # the dead segment's partial file is gone
+    assert segment["exit_code"] == 0 and segment["summary"]["final/loss"] == 0.5
+    assert [(r["_step"], r.get("train/loss"), r.get("eval/loss")) for r in segment["history"]] == [
+        (2, 0.5, None), (3, 1 / 3, None), (4, 0.25, None), (5, 0.2, 0.5)]
+
+
+def _children() -> list:
+    me, found = os.getpid(), []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 def test_a_fresh_start_gets_a_new_run_id(tmp_path):
