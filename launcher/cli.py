@@ -1,5 +1,6 @@
 """`sft`: compose the config with Hydra, validate it, plan, write the run directory, launch."""
 
+import json
 import logging
 import os
 import sys
@@ -43,7 +44,12 @@ def write_run_files(run_dir: Path, resolved: dict, overrides: list, checked, pla
     files.write_json("plan.json", {**plan.to_dict(), "train_files": checked.train_files, "eval_files": checked.eval_files,
                                    "fingerprint": fingerprint})
     files.write_json("ds_config.json", ds_config)
-    files.write_json("submission.json", submission_record(resolved["cluster"]["backend"], overrides))
+    record = submission_record(resolved["cluster"]["backend"], overrides)
+    try:  # submitted again (sft run_dir=...): the earlier jobs stay in the run's history
+        record["jobs"] = json.loads((run_dir / "submission.json").read_text()).get("jobs") or []
+    except (OSError, ValueError):
+        pass
+    files.write_json("submission.json", record)
 
 
 @dataclass
@@ -136,7 +142,8 @@ def run(cfg: DictConfig) -> None:
         create_run(prep, run_dir, list(hydra_cfg.overrides.task), sweep_group(hydra_cfg) if multirun else None)
     except (ConfigError, FileNotFoundError) as error:
         fail(console, error)
-    console.print(f"run directory: {run_dir}", highlight=False)
+    if cfg.cluster.backend == "local":  # a Slurm submission prints it with the job id
+        console.print(f"run directory: {run_dir}", highlight=False)
 
     code = launch(cfg, run_dir, prep.plan)
     if code and multirun:

@@ -131,6 +131,7 @@ class TrackingConfig:
     job_type: str = "sft"
     tags: List[str] = field(default_factory=list)
     api_key: Optional[str] = None  # prefer the WANDB_API_KEY environment variable
+    init_timeout_s: float = 60.0  # online: a W&B server that does not answer in this time -> offline
 
 
 @dataclass

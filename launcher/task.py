@@ -53,11 +53,14 @@ def run_rank(run_dir: str) -> int:
         what = "a data problem" if isinstance(error, DataError) else "a resume it refused"
         log.error("rank %d stopped on %s: %s", env.rank, what, error)
         if trainer.tracker is not None:
+            trainer.tracker.summary({"end_reason": "failed", "error": str(error)[:500]})
             trainer.tracker.finish(exit_code=EXIT_DATA)
         raise SystemExit(EXIT_DATA) from None  # a failed task under Slurm; locally the launcher names it
-    except BaseException:
+    except BaseException as error:
         log.exception("rank %d failed", env.rank)
         if trainer.tracker is not None:
+            trainer.tracker.summary({"end_reason": "failed", "error": f"{type(error).__name__}: {error}"[:500]})
+            trainer.tracker.alert("run failed", f"{run_dir}: rank {env.rank} failed: {type(error).__name__}: {error}"[:1000])
             trainer.tracker.finish(exit_code=1)
         raise
     finally:

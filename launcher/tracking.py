@@ -63,6 +63,11 @@ class Tracker:
             if not self._lost:
                 self._guarded("summary", lambda: self._run.summary.update(values))
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (email/Slack as the user set them up); online runs only: offline nobody would see it."""
+        if self._run is not None and not self._lost and not self._offline:
+            self._guarded("alert", lambda: self._run.alert(title=title, text=text))
+
     def finish(self, exit_code: int = 0) -> None:
         if self._run is None:
             return
@@ -160,16 +165,59 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         dir=str(run_dir),  # W&B files land in run_dir/wandb
         # The key goes to wandb in memory only: unlike wandb.login(key=...), it is not saved to ~/.netrc.
         # console="off": stdout is the trainer's, and wrapping it would interfere with its own logging.
-        settings=wandb.Settings(api_key=api_key if mode == "online" else None, console="off"),
+        # A server that does not answer costs at most init_timeout_s, then the run goes on offline.
+        settings=wandb.Settings(api_key=api_key if mode == "online" else None, console="off",
+                                init_timeout=float(getattr(tracking_cfg, "init_timeout_s", 60.0))),
     )
 
-    def open_run():
-        run = wandb.init(**init)
+    def open_run(mode: str = mode):
+        run = wandb.init(**{**init, "mode": mode})
         run.define_metric(STEP_METRIC)
         run.define_metric("*", step_metric=STEP_METRIC)
         return run
 
-    return Tracker(open_run(), reopen=open_run, metrics=metrics, offline=mode == "offline")
+    before = set((run_dir / "wandb").glob("run-*"))
+    try:
+        run = open_run()
+    except Exception as error:  # noqa: BLE001 - W&B's errors for an unreachable or refusing server vary
+        if mode != "online":
+            raise
+        for attempt in set((run_dir / "wandb").glob("run-*")) - before:  # the failed attempt's empty folder
+            shutil.rmtree(attempt, ignore_errors=True)
+        log.warning("W&B did not start online (%s: %s): this run logs offline instead; upload it later "
+                    "with `wandb sync %s`", type(error).__name__, error, run_dir / "wandb")
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001
+            pass
+        mode = "offline"
+        run = open_run(mode)
+    return Tracker(run, reopen=lambda: open_run(mode), metrics=metrics, offline=mode == "offline")
+
+
+def run_metadata(run_dir: Path, world_size: int, launcher: Optional[str]) -> dict:
+    """Where and what ran: the Slurm job (array task, requeues, nodes), world size, code version."""
+    env = os.environ
+    try:
+        submission = json.loads((Path(run_dir) / "submission.json").read_text())
+    except (OSError, ValueError):
+        submission = {}
+    git = submission.get("git") or {}
+    array = env.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array}_{env.get('SLURM_ARRAY_TASK_ID')}" if array else env.get("SLURM_JOB_ID")
+    return {"backend": submission.get("backend"), "slurm_job_id": job, "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+            "requeues": int(env.get("SLURM_RESTART_COUNT", "0")), "nodes": env.get("SLURM_JOB_NODELIST"),
+            "world_size": world_size, "git_sha": git.get("sha"), "git_dirty": git.get("dirty"), "launcher": launcher}
+
+
+def run_tags(meta: dict) -> list:
+    """Tags to filter runs by in W&B's table."""
+    tags = [f"backend:{meta['backend']}", f"world_size:{meta['world_size']}"]
+    if meta["slurm_job_id"]:
+        tags.append(f"slurm_job:{meta['slurm_job_id']}")
+    if meta["git_dirty"]:
+        tags.append("git:dirty")
+    return tags
 
 
 def have_credentials() -> bool:

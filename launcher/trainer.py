@@ -33,7 +33,7 @@ from launcher.export import DTYPES, export_dtype, export_model
 from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
 from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
-from launcher.tracking import start_tracking, wandb_row
+from launcher.tracking import run_metadata, run_tags, start_tracking, wandb_row
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class SFTTrainer:
         self.engine = None
         self.tracker = None
         self.metrics_file = None
+        self._alerted_nonfinite = False
         # What a checkpoint of this run records and a resume is checked against (written by `sft`).
         self.fingerprint = json.loads((self.run_dir / "plan.json").read_text()).get("fingerprint") or {}
 
@@ -233,6 +234,8 @@ class SFTTrainer:
         if tracking["name"] is None:
             tracking["name"] = f"{self.cfg.name}/{self.run_dir.name}"
         config["data_stats"] = self.data.stats
+        config["run"] = run_metadata(self.run_dir, self.env.world_size, self.fingerprint.get("launcher"))
+        tracking["tags"] = [*tracking["tags"], *run_tags(config["run"])]
         with STOP.blocked():  # W&B's service process inherits the mask: Slurm's stop signals miss it
             # A requeued job continues its W&B run even when it stopped before its first checkpoint.
             requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
@@ -285,7 +288,9 @@ class SFTTrainer:
         if self.global_step == 0 and cfg.eval.every_steps:
             self._log_eval(self.evaluate())
         while self.global_step < self.total_steps:
+            data_start = time.perf_counter()
             batches = self._step_batches(self.global_step)
+            data_wait = time.perf_counter() - data_start
             trained = sum(b["trained"] for b in batches)
             # One collective per step: the global trained-token count, whether any rank was signalled
             # and whether any was asked to requeue (USR2): every rank acts on the same answer.
@@ -310,7 +315,12 @@ class SFTTrainer:
                 progress.update(progress.task_ids[0], completed=self.global_step)
 
             if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps:
-                stats = self._sum_over_ranks(torch.cat([loss_sum.view(1), window]))
+                # One collective per log step: each rank's sums and its health (step time, peak
+                # memory, data wait), so stragglers show by rank.
+                health = torch.tensor([step_time, peak_memory_gib(), data_wait], dtype=torch.float64)
+                ranks = self._gather_from_ranks(torch.cat([loss_sum.view(1), window, health]))
+                stats = ranks[:, :4].sum(0)
+                step_times = ranks[:, 4]
                 elapsed = time.perf_counter() - window_start
                 loss = stats[0].item() / max(global_trained, 1)
                 row = {
@@ -326,6 +336,11 @@ class SFTTrainer:
                     "samples_seen": self.global_step * self.ds_config["train_batch_size"],
                     "peak_mem_gib": peak_memory_gib(),
                     "mfu": mfu(self.n_params, stats[1].item() / elapsed / world, peak),
+                    "step_time_min_s": step_times.min().item(),
+                    "step_time_max_s": step_times.max().item(),
+                    "slowest_rank": int(step_times.argmax()),
+                    "peak_mem_gib_max": ranks[:, 5].max().item(),
+                    "data_wait_s_max": ranks[:, 6].max().item(),
                 }
                 self._log("train", row)
                 if progress:
@@ -346,7 +361,8 @@ class SFTTrainer:
         if cfg.checkpoint.export:
             self.export()
         if self.is_main:
-            self.tracker.summary({f"final/{k}": v for k, v in final.items()})
+            export = str(self.run_dir / "export") if cfg.checkpoint.export else None
+            self.tracker.summary({**{f"final/{k}": v for k, v in final.items()}, "end_reason": "completed", "export_path": export})
         self.tracker.finish(exit_code=0)
         if self.stop:  # after the last step: the run is complete, whatever the signal asked
             log.warning("a stop signal arrived after the last step: the run is complete, not stopped")
@@ -354,6 +370,11 @@ class SFTTrainer:
 
     def _stop_for_signal(self, requeue: bool) -> int:
         self.stop.agreed_requeue = requeue
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if requeue and restarts >= self.cfg.cluster.max_requeues and os.environ.get("SLURM_JOB_ID"):
+            self.tracker.alert("requeues exhausted", f"{self.run_dir}: stopped at step {self.global_step} after "
+                               f"{restarts} requeues (cluster.max_requeues); resume it by hand")
+        self.tracker.summary({"end_reason": "stopped (requeue)" if requeue else "stopped", "stopped_at_step": self.global_step})
         if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
             log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
         else:
@@ -418,6 +439,13 @@ class SFTTrainer:
             correct += sum(i < len(prompts) and a.strip() == p["answer"].strip() for (i, p), a in zip(chunk, answers))
         return self._sum_over_ranks(torch.tensor([correct], dtype=torch.float64)).item() / len(prompts)
 
+    def _gather_from_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's copy of a small CPU vector, as a (world, n) tensor (one all-gather)."""
+        on_device = values.to(self.device)
+        out = torch.empty(self.env.world_size * values.numel(), dtype=values.dtype, device=self.device)
+        dist.all_gather_into_tensor(out, on_device)
+        return out.view(self.env.world_size, -1).cpu()
+
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """All-reduce a small CPU tensor on the training device (NCCL takes no CPU tensors)."""
         on_device = values.to(self.device)
@@ -446,6 +474,9 @@ class SFTTrainer:
         if not self.is_main:
             return
         self.metrics_file.write({"kind": kind, **row})
+        if kind == "train" and not math.isfinite(row["loss"]) and not self._alerted_nonfinite:
+            self._alerted_nonfinite = True
+            self.tracker.alert("loss is not finite", f"{self.run_dir}: train loss {row['loss']} at step {row['step']}")
         self.tracker.log(wandb_row({"kind": kind, **row}), step=row["step"])
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v is not None)
         log.info("%s %s", kind, shown)

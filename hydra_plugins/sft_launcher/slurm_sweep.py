@@ -44,7 +44,7 @@ class SlurmSweepLauncher(Launcher):
         self.hydra_context = hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from launcher.backends.slurm import submit_runs
+        from launcher.backends.slurm import offline_wandb, submit_runs
         from launcher.cli import create_run, print_dry_run
 
         setup_globals()
@@ -71,7 +71,9 @@ class SlurmSweepLauncher(Launcher):
         job_ids = submit_runs(first.cfg, first.plan, run_dirs, sweep_dir / "submitit", first.cfg.name)
         array_id = job_ids[0].split("_")[0]
         print(f"submitted job array {array_id} with {len(job_ids)} tasks\nsweep directory: {sweep_dir}\n"
-              f"W&B group: {group}\nfollow it: sft-jobs list", flush=True)
+              f"W&B group: {group}\nfollow it: sft-jobs status {sweep_dir}", flush=True)
+        if offline_wandb(first.cfg):
+            print(f"upload W&B from this node as it runs: sft-jobs sync {sweep_dir} --follow", flush=True)
         return [
             JobReturn(overrides=overrides, cfg=task_cfg, hydra_cfg=cfg, _return_value=job_id, status=JobStatus.COMPLETED)
             for (_, overrides, cfg, task_cfg, _), job_id in zip(points, job_ids)

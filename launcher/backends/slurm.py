@@ -61,9 +61,10 @@ def sbatch_preview(cfg, plan, run_dir: Path) -> str:
 
 
 def record_jobs(run_dir: Path, jobs: List[Dict[str, Any]]) -> None:
+    """Append: a run submitted again (sft run_dir=...) keeps its earlier jobs in its history."""
     path = run_dir / "submission.json"
     record = json.loads(path.read_text())
-    record["jobs"] = jobs
+    record["jobs"] = [*record.get("jobs", []), *jobs]
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
@@ -87,4 +88,10 @@ def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str) ->
 def submit(cfg, run_dir: Path, plan) -> int:
     job_ids = submit_runs(cfg, plan, [run_dir], run_dir / "submitit", cfg.name)
     print(f"submitted job {job_ids[0]}\nrun directory: {run_dir}\nfollow it: sft-jobs logs {run_dir} -f", flush=True)
+    if offline_wandb(cfg):
+        print(f"upload W&B from this node as it runs: sft-jobs sync {run_dir} --follow", flush=True)
     return 0
+
+
+def offline_wandb(cfg) -> bool:
+    return cfg.tracking.backend == "wandb" and cfg.tracking.mode == "offline"

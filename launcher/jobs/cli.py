@@ -131,6 +131,10 @@ def cmd_status(args, out: Console) -> int:
         first = [f"{task.run_dir.name}  {labels[task.run_dir]}"] if labels else []
         add_row(table, *first, task.job_id, task.state, task.source, fmt(task.requeues), step_cell(p), fmt(p.loss), fmt(p.checkpoint))
     out.print(table)
+    for task in tasks if len(dirs) == 1 else []:
+        if task.progress.health():
+            out.print(f"health     {task.progress.health()}", highlight=False, markup=False, soft_wrap=True)
+            break
     return show_errors(errors)
 
 
@@ -257,7 +261,25 @@ def cmd_report(args, out: Console) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report}
+def cmd_sync(args, out: Console) -> int:
+    from launcher.jobs.sync import sync
+
+    dirs = run_dirs(resolve_run(args.run, args.root))
+
+    def is_live(run_dir: Path) -> bool:
+        tasks, errors = describe([run_dir])
+        return any(not is_terminal(t) for t in tasks) and not errors
+
+    def say(text: str) -> None:
+        out.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    synced = sync(dirs, is_live, args.follow, say=say)
+    say(f"{synced} segment(s) handed to W&B" if synced else "nothing to sync: every finished segment is synced")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report,
+            "sync": cmd_sync}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="PNG of loss, lr, eval metrics and tokens/s (a sweep: every point overlaid)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", help="where to write the PNG (default: RUN/report.png)")
+    p = sub.add_parser("sync", parents=[common],
+                       help="upload RUN's offline W&B segments (a sweep: every point) in order, each once")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("-f", "--follow", action="store_true", help="follow the live segment and keep syncing until the jobs end")
     return parser
 
 

@@ -18,6 +18,8 @@ def column(rows: Sequence[dict], key: str) -> Tuple[List[int], List[float]]:
 
 def plot(ax, rows: Sequence[dict], key: str, label: str, **style) -> bool:
     steps, values = column(rows, key)
+    if len(steps) == 1 and "marker" not in style:
+        style["marker"] = "o"  # a line through one point draws nothing
     if steps:
         ax.plot(steps, values, label=label, **style)
     return bool(steps)
@@ -28,7 +30,19 @@ def named(label: str, what: str) -> str:
 
 
 def plot_runs(series: List[Series], out: Path, title: str) -> Path:
-    """Panels: loss (train lines, eval points), lr, eval perplexity/accuracy, tokens/s; one colour per run."""
+    fig = draw(series, title)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, bbox_inches="tight" if fig.legends else None)  # a legend beside the panels stays in
+    plt.close(fig)
+    return out.resolve()
+
+
+def draw(series: List[Series], title: str):
+    """Panels: loss (train lines, eval points), lr, eval perplexity/accuracy, tokens/s; one colour per run.
+
+    One run: a legend in each panel. Several: one legend beside the panels, a colour per run and
+    a line style per measure, so that a sweep's legend never covers its curves."""
     fig, ((ax_loss, ax_lr), (ax_eval, ax_tps)) = plt.subplots(2, 2, figsize=(13, 8.5), sharex=True)  # one step axis
     ax_acc: Optional[plt.Axes] = None
     drawn = {ax: False for ax in (ax_loss, ax_lr, ax_eval, ax_tps)}
@@ -60,17 +74,22 @@ def plot_runs(series: List[Series], out: Path, title: str) -> Path:
     if ax_acc is not None:
         ax_acc.set_ylabel("accuracy")
         ax_acc.set_ylim(0, 1)
-    legend_size = "small" if len(series) < 5 else "x-small"
-    for ax in (ax_loss, ax_lr, ax_tps):
-        if ax.get_legend_handles_labels()[0] and (len(series) > 1 or ax is not ax_lr):
-            ax.legend(fontsize=legend_size)
-    handles = [h for a in (ax_eval, ax_acc) if a for h in zip(*a.get_legend_handles_labels())]
-    if handles:
-        ax_eval.legend(*zip(*handles), fontsize=legend_size)
     fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out.resolve()
+    if len(series) > 1:
+        from matplotlib.lines import Line2D
+
+        runs = [Line2D([], [], color=f"C{i % 10}", label=label) for i, (label, _) in enumerate(series)]
+        styles = [Line2D([], [], color="gray", label="train / lr / tokens/s"),
+                  Line2D([], [], color="gray", marker="o", linestyle="none", label="eval"),
+                  Line2D([], [], color="gray", linestyle=":", label="trained tokens/s")]
+        fig.legend(handles=runs + styles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small",
+                   ncol=1 + len(runs) // 30)
+        return fig
+    for ax in (ax_loss, ax_tps):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    handles = [h for a in (ax_eval, ax_acc) if a for h in zip(*a.get_legend_handles_labels())]
+    if handles:
+        ax_eval.legend(*zip(*handles), fontsize="small")
+    return fig

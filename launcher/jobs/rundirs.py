@@ -135,12 +135,23 @@ class Progress:
     total: Optional[int]
     loss: Optional[float]
     checkpoint: Optional[int]
+    last_row: Optional[dict] = None  # the last train row: its health keys say how the ranks fared
 
     @classmethod
     def of(cls, run_dir: Path) -> "Progress":
         train = [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
         last = train[-1] if train else {}
-        return cls(last.get("step"), total_steps(run_dir), last.get("loss"), last_checkpoint(run_dir))
+        return cls(last.get("step"), total_steps(run_dir), last.get("loss"), last_checkpoint(run_dir), last or None)
+
+    def health(self) -> Optional[str]:
+        """Stragglers, memory and data wait at the last logged step, in words."""
+        row = self.last_row or {}
+        if row.get("step_time_max_s") is None:
+            return None
+        lo, hi = row["step_time_min_s"], row["step_time_max_s"]
+        return (f"step {row['step']}: step time {lo:.3g}-{hi:.3g} s over ranks (slowest: rank {row['slowest_rank']}, "
+                f"+{(hi / lo - 1) * 100 if lo else 0:.0f}%), peak memory max {row['peak_mem_gib_max']:.3g} GiB, "
+                f"data wait max {row['data_wait_s_max']:.3g} s")
 
     @property
     def finished(self) -> bool:

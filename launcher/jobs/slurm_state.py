@@ -82,8 +82,16 @@ def parse_sacct(text: str) -> Dict[str, JobInfo]:
 
 
 def parse_squeue(text: str) -> Dict[str, JobInfo]:
-    rows = (line.split("|", 1) for line in text.splitlines() if "|" in line)
-    return {job.strip(): JobInfo(state.strip(), None, "squeue") for job, state in rows}
+    """`squeue -o %i|%T|%r` rows; a pending job's state carries Slurm's reason: PENDING (ReqNodeNotAvail, ...)."""
+    infos = {}
+    for line in text.splitlines():
+        job, _, rest = line.partition("|")
+        state, _, reason = rest.partition("|")
+        state, reason = state.strip(), reason.strip()
+        if state == "PENDING" and reason and reason != "None":
+            state = f"PENDING ({reason})"
+        infos[job.strip()] = JobInfo(state, None, "squeue")
+    return infos
 
 
 def query_jobs(ids: List[str]) -> Tuple[Dict[str, JobInfo], List[SlurmError]]:
@@ -95,10 +103,14 @@ def query_jobs(ids: List[str]) -> Tuple[Dict[str, JobInfo], List[SlurmError]]:
         infos = parse_sacct(slurm(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "JobID,State,ExitCode", "-j", ",".join(bases)]))
     except SlurmError as error:
         errors.append(error)
-    missing = [i for i in ids if i not in infos]
+    # squeue for ids sacct has no record of yet, and for the reason a pending job waits.
+    missing = [i for i in ids if i not in infos or infos[i].state == "PENDING"]
     if missing:
         try:
-            infos.update(parse_squeue(slurm(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(missing)])))
+            queued = parse_squeue(slurm(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(missing)]))
+            for job, info in queued.items():
+                known = infos.get(job)
+                infos[job] = JobInfo(info.state, known.restarts, known.source) if known else info
         except SlurmError as error:
             if "Invalid job id" not in str(error):  # squeue's answer for jobs no longer queued
                 errors.append(error)

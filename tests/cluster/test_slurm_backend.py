@@ -53,8 +53,9 @@ def submit(tmp: Path, overrides, name: str, env=None):
     run_dir = tmp / name
     result = run_sft([*overrides, f"run_dir={run_dir}"], cwd=tmp, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    job_id = json.loads((run_dir / "submission.json").read_text())["jobs"][0]["job_id"]
+    job_id = json.loads((run_dir / "submission.json").read_text())["jobs"][-1]["job_id"]  # the newest: a resubmitted run keeps its earlier jobs
     assert f"submitted job {job_id}" in result.stdout and f"sft-jobs logs {run_dir} -f" in result.stdout
+    assert (result.stdout + result.stderr).count("run directory:") == 1
     # `sft` returns once the job is queued, never after it: the job (tens of seconds at least) is still there.
     queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
     assert queued in ("PENDING", "CONFIGURING", "RUNNING"), f"sft returned when job {job_id} was {queued!r}"
@@ -201,6 +202,14 @@ def test_scontrol_requeue_checkpoints_and_the_job_resumes_exactly(sigterm_runs, 
     assert wait_for_state(plain_id) == "COMPLETED"
     assert losses(run_dir) == losses(plain_dir) and same_weights(run_dir, plain_dir)
     assert_one_wandb_run_across_segments(run_dir, 2)
+    # Each segment says which Slurm job, which requeue and which nodes, and why it ended.
+    first, second = (read_run(f) for f in find_runs(run_dir))
+    for segment, requeues in ((first, 0), (second, 1)):
+        meta = segment["config"]["run"]
+        assert (meta["backend"], meta["slurm_job_id"], meta["requeues"], meta["world_size"]) == ("slurm", job_id, requeues, 2)
+        assert meta["nodes"] in ("node1", "node2") and f"slurm_job:{job_id}" in segment["tags"]
+    assert first["summary"]["end_reason"] == "stopped" and first["exit_code"] == 75
+    assert second["summary"]["end_reason"] == "completed"
 
 
 def test_scancel_term_stops_the_run_resumable_and_a_new_start_finishes_it_exactly(sigterm_runs, runs):
@@ -222,6 +231,8 @@ def test_scancel_term_stops_the_run_resumable_and_a_new_start_finishes_it_exactl
     assert (run_dir / "config.yaml").read_bytes() == config
 
     _, again = submit(run_dir.parent, [*TINY, *SLURM, *STEPS], run_dir.name)
+    jobs = [j["job_id"] for j in json.loads((run_dir / "submission.json").read_text())["jobs"]]
+    assert jobs == [job_id, again]  # the first job stays in the run's history
     assert wait_for_state(again) == "COMPLETED"
     assert stopped_and_resumed_at(run_dir) == (saved, saved)
     assert wait_for_state(plain_id) == "COMPLETED"
@@ -385,6 +396,9 @@ def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "submitted job array" in result.stdout and "with 3 tasks" in result.stdout
     [sweep_dir] = (tmp_path / "runs" / "tiny_sft").iterdir()
+    # The follow-up commands work from anywhere: they name the sweep, not a runs root.
+    assert f"follow it: sft-jobs status {sweep_dir}" in result.stdout
+    assert f"upload W&B from this node as it runs: sft-jobs sync {sweep_dir} --follow" in result.stdout
     points = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
     assert [p.name for p in points] == ["0", "1", "2"]
     job_ids = [json.loads((p / "submission.json").read_text())["jobs"][0]["job_id"] for p in points]
@@ -402,7 +416,7 @@ def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("cluster.partition=nope", "cluster.partition='nope': no such partition; valid: debug, short"),
+        ("cluster.partition=nope", "cluster.partition='nope': no such partition; valid: debug, short, urgent"),
         ("cluster.time_min=61", "cluster.time_min=61: must be <= partition debug's MaxTime (60 min)"),
         ("cluster.nodes=4", "cluster.nodes=4: must be <= the 2 nodes of partition debug"),
         ("cluster.gpus_per_node=4", "cluster.gpus_per_node=4: must be <= the 2 GPUs per node of partition debug"),

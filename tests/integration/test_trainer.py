@@ -164,6 +164,17 @@ def test_wandb_offline_run_holds_config_history_and_summary(reference_run):
     assert all(r["train/loss"] == pytest.approx(by_step[r["trainer/global_step"]], rel=1e-12) for r in train_rows)
     assert run["summary"]["final/loss"] > 0 and run["summary"]["data/rows_kept"] > 0
     assert run["exit_code"] == 0
+    # Where and what ran, and why it ended.
+    meta = run["config"]["run"]
+    submission = json.loads((reference_run / "submission.json").read_text())
+    assert meta["backend"] == "local" and meta["world_size"] == 2 and meta["requeues"] == 0
+    assert meta["git_sha"] == submission["git"]["sha"] and meta["launcher"].startswith("0.1.0+")
+    assert {"backend:local", "world_size:2"} <= set(run["tags"])
+    assert run["summary"]["end_reason"] == "completed" and run["summary"]["export_path"] == str(reference_run / "export")
+    # Health of each log step, gathered from every rank.
+    row = train_rows[-1]
+    assert row["train/slowest_rank"] in (0, 1) and row["train/step_time_max_s"] >= row["train/step_time_min_s"] > 0
+    assert row["train/peak_mem_gib_max"] >= row["train/peak_mem_gib"] > 0 and row["train/data_wait_s_max"] >= 0
 
 
 def test_a_failing_rank_stops_all_and_shows_its_traceback(tmp_path):

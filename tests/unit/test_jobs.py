@@ -145,6 +145,15 @@ def test_status_of_a_local_run(root, capsys):
     assert cells(out, "│ local") == ["local", "STOPPED", "logs", "-", "30 / 100", "3.25", "20"]
 
 
+def test_status_names_the_slowest_rank_of_the_last_log_step(root, capsys):
+    health = {"step_time_min_s": 0.5, "step_time_max_s": 0.6, "slowest_rank": 3, "peak_mem_gib_max": 71.5, "data_wait_s_max": 0.02}
+    make_run(root, "tiny_sft/20261124-210300", rows=[train_row(10, 5.0), {**train_row(20, 4.0), **health}])
+    code, out, _ = sft_jobs(capsys, root, "status", "tiny")
+    assert code == 0
+    assert ("health     step 20: step time 0.5-0.6 s over ranks (slowest: rank 3, +20%), peak memory max 71.5 GiB, "
+            "data wait max 0.02 s") in out
+
+
 @pytest.mark.parametrize("setup, state, source", [
     (dict(export=True), "COMPLETED", "export/"),
     (dict(logs={1: "x INFO launcher.trainer: steps: 10 per epoch, 100 in total\nx ERROR launcher: rank 1 failed\n"}), "FAILED", "logs"),
@@ -243,10 +252,13 @@ def test_cancel_a_running_local_run(root, capsys):
 
 
 # ------------------------------------------------------------------ report
-def assert_png(path: Path) -> None:
+def assert_png(path: Path, legend_beside: bool = False) -> None:
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(path)
-    assert image.shape[:2] == (850, 1300)  # figsize 13 x 8.5 at 100 dpi
+    if legend_beside:  # a sweep: the panels and, to their right, the legend
+        assert image.shape[0] > 800 and image.shape[1] > 1300
+    else:
+        assert image.shape[:2] == (850, 1300)  # figsize 13 x 8.5 at 100 dpi
     assert image.std() > 0.05  # something was drawn
 
 
@@ -266,7 +278,21 @@ def test_report_of_a_sweep_overlays_points(root, capsys, tmp_path):
     out_file = tmp_path / "plots" / "sweep.png"
     code, out, _ = sft_jobs(capsys, root, "report", "sw", "--out", str(out_file))
     assert code == 0 and out.strip() == str(out_file)
-    assert_png(out_file)
+    assert_png(out_file, legend_beside=True)
+
+
+def test_a_sweeps_report_has_one_legend_beside_the_panels_and_single_points_show():
+    from launcher.jobs.report import draw
+
+    series = [(f"optim.lr={i}e-5", [train_row(10, 2.0 - i / 10), train_row(20, 1.5 - i / 10), eval_row(20, 1.6)]) for i in range(12)]
+    series.append(("optim.lr=9e-4", [train_row(10, 3.0)]))  # a run that logged one step so far
+    fig = draw(series, "sweep")
+    assert all(ax.get_legend() is None for ax in fig.axes)  # nothing drawn over the curves
+    [legend] = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:13] == [label for label, _ in series] and "eval" in labels
+    one_point = [line for line in fig.axes[0].lines if line.get_label() == "optim.lr=9e-4: train"]
+    assert one_point and one_point[0].get_marker() == "o"
 
 
 def test_report_without_metrics_still_writes_a_png(root, capsys):
@@ -274,3 +300,71 @@ def test_report_without_metrics_still_writes_a_png(root, capsys):
     code, _, err = sft_jobs(capsys, root, "report", "r")
     assert code == 0 and "no metrics yet" in err
     assert (run / "report.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ------------------------------------------------------------------ sync
+def offline_segment(run_dir: Path, stamp: str, run_id: str = "abcd1234", synced: bool = False) -> Path:
+    folder = run_dir / "wandb" / f"offline-run-{stamp}-{run_id}"
+    folder.mkdir(parents=True)
+    (folder / f"run-{run_id}.wandb").write_bytes(b"W&B")
+    if synced:
+        (folder / f"run-{run_id}.wandb.synced").write_text("")
+    return folder
+
+
+class FakeWandb:
+    """Records the commands; marks what it uploads as `wandb beta sync` does."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cmd):
+        self.calls.append([Path(c).name if c.startswith("/") and "offline-run" not in c else c for c in cmd])
+        for arg in cmd:
+            if "offline-run-" in arg:
+                for f in Path(arg).glob("run-*.wandb"):
+                    f.with_name(f.name + ".synced").write_text("")
+        return 0
+
+
+def test_sync_uploads_each_finished_segment_once_in_order(root):
+    from launcher.jobs.sync import sync
+
+    run = make_run(root, "tiny_sft/20261124-210300", backend="slurm", jobs_=["4242"])
+    first = offline_segment(run, "20261124_210400", synced=True)  # uploaded by an earlier sync
+    second = offline_segment(run, "20261124_220000")
+    third = offline_segment(run, "20261124_220000-1")  # same second: wandb adds -1
+    fourth = offline_segment(run, "20261124_230000")  # still being written
+    wandb = FakeWandb()
+    said = []
+    assert sync([run], lambda d: True, follow=False, run=wandb, say=said.append) == 2
+    assert wandb.calls == [["wandb", "beta", "sync", str(second), str(third)]]
+    assert f"{fourth}: still being written (the job runs); sync it when the job ends, or use --follow" in said
+    assert sync([run], lambda d: True, follow=False, run=wandb, say=said.append) == 0  # nothing twice
+    assert sync([run], lambda d: False, follow=False, run=wandb, say=said.append) == 1  # the job ended
+    assert wandb.calls[-1] == ["wandb", "beta", "sync", str(fourth)] and len(wandb.calls) == 2
+    assert first.exists() and all(any(s.glob("*.synced")) for s in (first, second, third, fourth))
+
+
+def test_sync_follow_follows_the_live_segment(root):
+    from launcher.jobs.sync import sync
+
+    run = make_run(root, "tiny_sft/20261124-210300", backend="slurm", jobs_=["4242"])
+    older = offline_segment(run, "20261124_210400")
+    newest = offline_segment(run, "20261124_220000")
+    wandb = FakeWandb()
+    assert sync([run], lambda d: False, follow=True, run=wandb, say=lambda t: None) == 2  # job ended: both, plainly
+    assert wandb.calls == [["wandb", "beta", "sync", str(older), str(newest)]]
+    run2 = make_run(root, "tiny_sft/20261124-210301", backend="slurm", jobs_=["4243"])
+    newest2 = offline_segment(run2, "20261124_220000")
+    wandb2, alive = FakeWandb(), iter([True, False])
+    assert sync([run2], lambda d: next(alive), follow=True, run=wandb2, say=lambda t: None, poll_s=0) == 1
+    assert wandb2.calls == [["wandb", "beta", "sync", "--live", str(newest2)]]
+
+
+def test_squeue_gives_the_reason_a_job_waits():
+    from launcher.jobs.slurm_state import parse_squeue
+
+    infos = parse_squeue("5|PENDING|ReqNodeNotAvail, UnavailableNodes:node1\n6|RUNNING|None\n7|PENDING|None\n")
+    assert {k: v.state for k, v in infos.items()} == {
+        "5": "PENDING (ReqNodeNotAvail, UnavailableNodes:node1)", "6": "RUNNING", "7": "PENDING"}

@@ -62,3 +62,18 @@ def test_secret_names_are_whole_words():
 def test_run_dirs_in_the_same_second_do_not_collide(tmp_path):
     first, second = new_run_dir(str(tmp_path), "x"), new_run_dir(str(tmp_path), "x")
     assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_a_run_submitted_again_keeps_its_earlier_jobs(tmp_path):
+    from launcher.backends.slurm import record_jobs
+
+    overrides = ["optim.lr=1e-3"]
+    cfg = compose_config(overrides)
+    checked = check_config(cfg)
+    plan = make_plan(cfg, checked.model, checked.train_examples)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
+    record_jobs(tmp_path, [{"job_id": "41"}])
+    write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
+    record_jobs(tmp_path, [{"job_id": "42"}])
+    assert [j["job_id"] for j in json.loads((tmp_path / "submission.json").read_text())["jobs"]] == ["41", "42"]

@@ -180,11 +180,10 @@ def test_api_key_is_written_nowhere(tmp_path, monkeypatch, isolated_wandb):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
-    with pytest.raises(wandb.errors.CommError):  # cannot reach the server
-        start_tracking(tracking_cfg(api_key=KEY, mode="online"), run_dir, rank=0, config={"a": 1}, resume=True)
+    # It cannot reach the server, and goes on offline.
+    start_tracking(tracking_cfg(api_key=KEY, mode="online", init_timeout_s=2), run_dir, rank=0, config={"a": 1}, resume=True).finish()
 
-    assert any(p.parent.name.startswith("run-") for p in find_runs(run_dir)), "the online attempt ran"
+    assert len(find_runs(run_dir)) == 2
     assert all_files_containing(run_dir, KEY.encode()) == []
     assert all_files_containing(isolated_wandb, KEY.encode()) == []  # no ~/.netrc, no wandb settings
 
@@ -208,3 +207,19 @@ def test_credentials_are_found_in_env_or_netrc(monkeypatch, isolated_wandb):
     assert have_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
     assert not have_credentials()  # the entry is for another host
+
+
+def test_an_unreachable_server_falls_back_to_offline_within_the_init_timeout(tmp_path, monkeypatch, caplog):
+    """Online with a server that refuses connections (a closed port on loopback): after
+    tracking.init_timeout_s the run logs offline, with a warning that says how to upload it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the socket is: nothing listens there
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    run_dir = tmp_path / "run"
+    tracker = start_tracking(tracking_cfg(mode="online", api_key=KEY, init_timeout_s=5), run_dir, rank=0, config={"a": 1}, resume=False)
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.finish()
+    assert "W&B did not start online" in caplog.text and f"wandb sync {run_dir / 'wandb'}" in caplog.text
+    [run] = [read_run(p) for p in find_runs(run_dir)]
+    assert run["exit_code"] == 0 and [r["train/loss"] for r in run["history"]] == [1.0]
