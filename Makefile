@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/sft recipe=tiny_sft
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest --durations=15 tests
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,7 +375,8 @@ class SFTTrainer:
         if requeue and restarts >= self.cfg.cluster.max_requeues and os.environ.get("SLURM_JOB_ID"):
             self.tracker.alert("requeues exhausted", f"{self.run_dir}: stopped at step {self.global_step} after "
                                f"{restarts} requeues (cluster.max_requeues); resume it by hand")
-        self.tracker.summary({"end_reason": "stopped (requeue)" if requeue else "stopped", "stopped_at_step": self.global_step})
+        signame = signal.Signals(self.stop.signum).name if self.stop.signum else None
+        self.tracker.summary({"end_reason": "stopped", "stop_signal": signame, "stopped_at_step": self.global_step})
         if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
             log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
         else:

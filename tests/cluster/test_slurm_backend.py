@@ -210,6 +210,9 @@ def test_scontrol_requeue_checkpoints_and_the_job_resumes_exactly(sigterm_runs, 
         assert meta["nodes"] in ("node1", "node2") and f"slurm_job:{job_id}" in segment["tags"]
     assert first["summary"]["end_reason"] == "stopped" and first["exit_code"] == 75
     assert second["summary"]["end_reason"] == "completed"
+    last = [row for row in second["history"] if "train/loss" in row][-1]
+    assert last["train/slowest_rank"] in (0, 1) and last["train/step_time_max_s"] >= last["train/step_time_min_s"] > 0
+    assert last["train/peak_mem_gib_max"] > 0 and last["train/data_wait_s_max"] >= 0
 
 
 def test_scancel_term_stops_the_run_resumable_and_a_new_start_finishes_it_exactly(sigterm_runs, runs):

@@ -153,6 +153,32 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, reference_r
     assert steps[0] <= stopped_at and steps[-1] == 12
 
 
+def test_a_run_stopped_twice_is_one_wandb_run_whose_step_is_the_global_step(tmp_path):
+    """USR2 twice (each a checkpoint at the stop), three offline segments of one run id: W&B's own
+    step equals the global step in every row and rises strictly across the segments."""
+    run_dir = tmp_path / "thrice"
+    args = [SFT, *SHORT, "checkpoint.every_steps=0", "checkpoint.export=false", f"run_dir={run_dir}"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    for stop_at in (3, 7):
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= stop_at):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run did not get far enough"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=300) == 75
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    segments = [read_run(f) for f in find_runs(run_dir)]
+    assert len(segments) == 3 and len({s["run_id"] for s in segments}) == 1
+    assert [s["summary"]["end_reason"] for s in segments] == ["stopped", "stopped", "completed"]
+    assert [s["summary"].get("stop_signal") for s in segments] == ["SIGUSR2", "SIGUSR2", None]
+    rows = [row for s in segments for row in s["history"]]
+    assert all(row["_step"] == row["trainer/global_step"] for row in rows)
+    steps = [row["_step"] for row in rows if "train/loss" in row]
+    assert steps == list(range(1, 13))  # each step once, in order, across the three segments
+
+
 def test_wandb_offline_run_holds_config_history_and_summary(reference_run):
     [path] = find_runs(reference_run)
     run = read_run(path)
