@@ -178,6 +178,22 @@ def test_a_run_stopped_twice_is_one_wandb_run_whose_step_is_the_global_step(tmp_
     steps = [row["_step"] for row in rows if "train/loss" in row]
     assert steps == list(range(1, 13))  # each step once, in order, across the three segments
 
+    # `sft-jobs sync` hands the three real segments to W&B in order, once (W&B marks what it uploads).
+    from launcher.jobs.sync import sync
+
+    calls = []
+
+    def wandb_cli(cmd):
+        calls.append(cmd[-3:])
+        for folder in cmd[3:]:
+            for f in Path(folder).glob("run-*.wandb"):
+                f.with_name(f.name + ".synced").write_text("")
+        return 0
+
+    assert sync([run_dir], lambda d: False, follow=False, run=wandb_cli, say=lambda t: None) == 3
+    assert calls == [[str(f.parent) for f in find_runs(run_dir)]]
+    assert sync([run_dir], lambda d: False, follow=False, run=wandb_cli, say=lambda t: None) == 0 and len(calls) == 1
+
 
 def test_wandb_offline_run_holds_config_history_and_summary(reference_run):
     [path] = find_runs(reference_run)
