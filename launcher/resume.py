@@ -6,6 +6,7 @@ start that would continue from it with different ones is refused on the login si
 of the run directory is rewritten, naming each key with its old and new value.
 """
 
+import functools
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,6 +24,7 @@ ALLOWABLE = ("data", "model_path", "launcher")
 DATA_KEYS = ("format", "template", "train_on", "truncation", "on_bad_row")  # what shapes the rows
 
 
+@functools.lru_cache(maxsize=1)  # once per command, however many sweep points
 def launcher_version() -> str:
     """The package version and a digest of its code: an edited launcher is a different launcher."""
     from importlib import metadata
