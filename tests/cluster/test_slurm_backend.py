@@ -114,9 +114,18 @@ def runs(slurm_cluster, tmp_path_factory):
         assert time.monotonic() < deadline, "the run did not reach step 12"
         time.sleep(0.2)
     # Twice in quick succession (Slurm may repeat it; a user may too): one checkpoint, one requeue.
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    # The ranks are frozen meanwhile, so both signals reach this incarnation whatever the machine's
+    # speed (a second scancel during the requeue is retried by scancel and hits the next one).
+    pids = rank_pids(run_dir)
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
     return tmp, plain, preempted
 
 
