@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -65,8 +66,35 @@ def _start_cluster() -> tuple[subprocess.CompletedProcess[str], bool]:
     return proc, started_ctld
 
 
+def _cancel_leftover_test_jobs(pytest_root: Path, timeout_s: float = 90) -> None:
+    """Cancel jobs that earlier test sessions left queued or running, and wait until they are gone.
+
+    A session killed half-way (a CI timeout, a cut-off shell) leaves its jobs in the cluster's
+    saved state; a restarted slurmctld recovers them, and the requeueable ones run again and hold
+    the nodes, so this session's jobs would pend behind them ("PENDING (Priority)"). Only jobs whose
+    output goes under pytest's temp root are touched: a user's own jobs on this cluster are not.
+    """
+    listing = subprocess.run(["squeue", "-h", "-O", "JobID:|,StdOut:|"], capture_output=True, text=True, check=False)
+    leftovers = [
+        row.split("|")[0].split("_")[0]
+        for row in listing.stdout.splitlines()
+        if row.count("|") >= 2 and row.split("|")[1].startswith(str(pytest_root))
+    ]
+    if not leftovers:
+        return
+    subprocess.run(["scancel", *sorted(set(leftovers))], check=False)
+    deadline = time.monotonic() + timeout_s  # KillWait is 30 s: a job that ignores SIGTERM takes that long
+    while time.monotonic() < deadline:
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(sorted(set(leftovers)))],
+                                capture_output=True, text=True, check=False).stdout.split()
+        if not queued:
+            return
+        time.sleep(1)
+    pytest.fail(f"jobs left by an earlier test session did not end within {timeout_s}s: {queued}")
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     proc, started_here = _start_cluster()
     exports = dict(re.findall(r"^export (\w+)=(\S+)$", proc.stdout, flags=re.M))
     if "SLURM_CONF" not in exports:
@@ -75,6 +103,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     previous = {k: os.environ.get(k) for k in exports}
     # Clients (sbatch, sacct, submitit) and the jobs they submit find the cluster via this.
     os.environ.update(exports)
+    # pytest-of-<user>/ holds every session's temp dirs, this one's included (it has submitted
+    # nothing yet); with a --basetemp of the user's choosing, only that one is ours to clean.
+    basetemp = tmp_path_factory.getbasetemp()
+    _cancel_leftover_test_jobs(basetemp.parent if basetemp.parent.name.startswith("pytest-of-") else basetemp)
     cluster = SlurmCluster(state_dir=slurm_conf.parent.parent, slurm_conf=slurm_conf, env=exports)
     yield cluster
     for key, value in previous.items():

@@ -40,7 +40,13 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
 
 def wait_result(job: submitit.Job, timeout: float = JOB_TIMEOUT_S):
     """job.results() with a deadline (a job that never finishes must not hang the suite)."""
-    wait_until(lambda: job.done(force_check=True), timeout, f"job {job.job_id} to finish")
+    try:
+        wait_until(lambda: job.done(force_check=True), timeout, f"job {job.job_id} to finish")
+    except AssertionError as timed_out:
+        # Say what held it: the queue (pending reasons) and the nodes.
+        queue = subprocess.run(["squeue", "-o", "%i %T %r %N %j"], capture_output=True, text=True).stdout
+        nodes = subprocess.run(["sinfo", "-N", "-o", "%N %t %E"], capture_output=True, text=True).stdout
+        raise AssertionError(f"{timed_out}\nsqueue:\n{queue}\nsinfo:\n{nodes}") from None
     return job.results()
 
 
