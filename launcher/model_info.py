@@ -1,11 +1,13 @@
 """What the plan needs to know about a model, read from its config.json without loading weights."""
 
 import functools
+import json
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 from launcher import bundled
+from launcher.plan.shape import ModelShape
 
 
 @dataclass
@@ -15,6 +17,8 @@ class ModelFacts:
     max_positions: Optional[int]
     source: str  # "config.json" | "recipe hints" | "unknown"
     error: Optional[str] = None  # why config.json could not be read
+    shape: Optional[ModelShape] = None  # None: not a Llama-family model, or unknown
+    config: Dict[str, Any] = field(default_factory=dict)
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -22,26 +26,54 @@ def looks_like_hub_id(path: str) -> bool:
 
 
 def read_model_facts(model_cfg) -> ModelFacts:
-    """Parameter count and max positions from config.json (local dir, or the local HF cache)."""
-    return _read_model_facts(model_cfg.path, model_cfg.trust_remote_code, model_cfg.params_b, model_cfg.max_positions)
+    """Parameter count, shape and max positions from config.json (local dir, or the local HF cache)."""
+    hints = json.dumps(dict(model_cfg.config_hints or {}), sort_keys=True)
+    return _read_model_facts(model_cfg.path, model_cfg.trust_remote_code, hints)
+
+
+def read_config_json(path: str) -> Dict[str, Any]:
+    """config.json of a local model dir, or of a hub id already in the local Hugging Face cache."""
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    if not isinstance(cached, str):
+        raise OSError(f"{path} is not a local directory and its config.json is not in the Hugging Face cache")
+    with open(cached) as f:
+        return json.load(f)
+
+
+def count_params_on_meta(config: Dict[str, Any], trust_remote_code: bool) -> int:
+    """Parameters of any architecture: build it on the meta device (about a second, allocates nothing)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
 
 
 @functools.lru_cache(maxsize=16)  # a 100-point sweep reads the same model once
-def _read_model_facts(model_path: str, trust_remote_code: bool, params_b, max_positions) -> ModelFacts:
+def _read_model_facts(model_path: str, trust_remote_code: bool, hints_json: str) -> ModelFacts:
     path = bundled.resolve(os.path.expanduser(model_path))
+    hints = json.loads(hints_json)
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        # Meta tensors: counts parameters of a 70B model in about a second, allocating nothing.
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        params = sum(p.numel() for p in model.parameters())
-        return ModelFacts(path, params, getattr(config, "max_position_embeddings", None), "config.json")
+        config, source, error = read_config_json(path), "config.json", None
     except Exception as exc:  # noqa: BLE001 - any failure means "not readable here"; say why
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if params_b is not None or max_positions is not None:
-            params = int(params_b * 1e9) if params_b is not None else None
-            return ModelFacts(path, params, max_positions, "recipe hints", error)
-        return ModelFacts(path, None, None, "unknown", error)
+        config, source = hints, "recipe hints" if hints else "unknown"
+    if not config:
+        return ModelFacts(path, None, None, source, error)
+    shape = ModelShape.from_config(config)
+    if shape is not None:
+        params = shape.params
+    else:
+        try:
+            params = count_params_on_meta(config, trust_remote_code)
+        except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: no count
+            params = None
+    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape, config)

@@ -16,9 +16,9 @@ class ModelConfig:
     path: str = MISSING  # local HF model dir, hub id, or bundled://tiny-llama
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False
-    # Used by dry runs when the model's config.json cannot be read offline (hub ids on a laptop).
-    params_b: Optional[float] = None  # parameter count in billions
-    max_positions: Optional[int] = None  # max_position_embeddings
+    # config.json fields (hidden_size, num_hidden_layers, vocab_size, ...) the plan uses when the
+    # model's own config.json cannot be read offline (a hub id on a laptop); the file wins when readable.
+    config_hints: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +93,9 @@ class CheckpointConfig:
     export: bool = True  # write a Hugging Face model to export/ at the end
     export_dtype: Optional[str] = None  # bf16 | fp16 | fp32; None: bf16 on GPU, fp32 on CPU
     allow_changes: List[str] = field(default_factory=list)  # resume despite a changed: data | model_path | launcher
+    # Write speed of one node's checkpoint shards, GB/s (the plan's stop-window check). None: the
+    # speed this run's own earlier saves measured (metrics.jsonl), else unknown.
+    write_gb_s: Optional[float] = None
 
 
 @dataclass
@@ -118,6 +121,13 @@ class ClusterConfig:
     container_image: Optional[str] = None  # pyxis --container-image
     container_mounts: Optional[str] = None  # pyxis --container-mounts
     master_port: int = 29500
+    # What the plan predicts with (memory fit, step time); gpu names a known device (h100, h200,
+    # a100_80g, a100_40g, l40s, ...); gpu_mem_gib / gpu_tflops override or replace it.
+    gpu: Optional[str] = None
+    gpu_mem_gib: Optional[float] = None  # usable memory per GPU
+    gpu_tflops: Optional[float] = None  # dense bf16/fp16 peak per GPU
+    net_gbps: float = 400.0  # inter-node bandwidth per GPU, Gbit/s (one 400G NIC per GPU on HGX nodes)
+    intra_node_gbps: float = 3600.0  # GPU-to-GPU inside a node, Gbit/s per direction (NVLink 4: 450 GB/s)
 
 
 @dataclass
@@ -135,6 +145,13 @@ class TrackingConfig:
 
 
 @dataclass
+class PlanConfig:
+    force: bool = False  # launch even when the plan predicts the run does not fit in GPU memory
+    scaling: bool = False  # dry runs: print step time and memory for 1..max_nodes nodes
+    max_nodes: int = 16  # the scaling table's last row (powers of two up to it, and cluster.nodes)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +162,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     name: str = "sft"  # run name: runs/<name>/<timestamp>/
     seed: int = 42
     runs_root: str = "./runs"
