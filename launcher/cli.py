@@ -18,7 +18,7 @@ from rich.markup import escape
 from launcher import report
 from launcher.backends import launch
 from launcher.backends import slurm as slurm_backend
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, problem
 from launcher.overrides import override_problems
 from launcher.plan import Plan, deepspeed_config, make_plan
 from launcher.resume import check_resume, fingerprint, set_aside_newer
@@ -79,7 +79,25 @@ def prepare(cfg: DictConfig, console: Console) -> Prepared:
         fail(console, ConfigError(problems))
     checked.warnings += warnings
     plan = make_plan(cfg, checked.model, checked.train_examples)
-    return Prepared(cfg, checked, plan, deepspeed_config(cfg, plan), OmegaConf.to_container(cfg, resolve=True))
+    refusal = memory_refusal(cfg, plan)
+    if refusal and cfg.dry_run:
+        checked.warnings.append(refusal)
+    elif refusal:
+        fail(console, ConfigError([refusal]))
+    return Prepared(cfg, checked, plan, deepspeed_config(cfg, plan), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+
+
+def memory_refusal(cfg: DictConfig, plan: Plan) -> Optional[str]:
+    """A run the plan predicts will not fit in GPU memory is refused before the queue, unless forced."""
+    mem = plan.memory
+    if not mem or mem["fits"] is not False or cfg.plan.force:
+        return None
+    key, value = ("cluster.gpu_mem_gib", cfg.cluster.gpu_mem_gib) if cfg.cluster.gpu_mem_gib is not None else ("cluster.gpu", cfg.cluster.gpu)
+    parts = ", ".join(f"{group} {max(v.values()) if 'larger' in group else sum(v.values()):.2f}"
+                      for group, v in mem["parts_gib"].items())
+    fixes = "; ".join(mem["advice"]) or "no single change: combine them, or use a larger GPU"
+    return problem(key, value, f"the run does not fit: the plan predicts {mem['peak_gib']:.2f} GiB per GPU at peak ({parts} GiB) "
+                   f"and {mem['gpu_mem_gib']:.2f} GiB is usable; it would fit with: {fixes}; or set plan.force=true to launch anyway")
 
 
 def print_dry_run(prep: Prepared, console: Console) -> None:

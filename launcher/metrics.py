@@ -7,29 +7,16 @@ from typing import Any, Dict, List, Optional
 
 # torch is imported where used: sft-jobs reads metrics.jsonl through this module and stays light.
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "V100": 125e12,
-}
-
-
 def device_peak_flops() -> Optional[float]:
     """Peak FLOP/s of this rank's device, or None where unknown (CPUs, unlisted GPUs)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, flops in PEAK_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    from launcher.devices import by_device_name
+
+    device = by_device_name(torch.cuda.get_device_name())
+    return device.tflops * 1e12 if device else None
 
 
 def mfu(params: int, tokens_per_s_per_device: float, peak: Optional[float]) -> Optional[float]:

@@ -1,7 +1,7 @@
 """Terminal output of the plan: the resolved config, a rich table of derived numbers, the DeepSpeed JSON."""
 
 import json
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 from rich.console import Console
@@ -29,7 +29,6 @@ def plan_table(plan: Plan) -> Table:
     table = Table(title="Plan", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
-    mem = plan.gib_per_gpu
     rows = [
         ("world size", f"{plan.world_size} = {plan.nodes} node(s) x {plan.procs_per_node} rank(s)"),
         ("global batch", f"{plan.global_batch_size} = micro {plan.micro_batch_size} x ranks {plan.world_size} x accum {plan.grad_accum_steps}"),
@@ -40,13 +39,83 @@ def plan_table(plan: Plan) -> Table:
         ("total steps", str(plan.total_steps) if plan.total_steps else "n/a"),
         ("parameters", f"{fmt_count(plan.params)} (from {plan.model_facts_source})"),
         ("ZeRO stage / precision", f"{plan.zero_stage} / {plan.precision}"),
-        ("model states per GPU", f"{fmt_gib(mem['total'])} (params {fmt_gib(mem['params'])}, grads {fmt_gib(mem['grads'])}, optimizer {fmt_gib(mem['optimizer'])})" if mem else "n/a"),
+        ("predicted for", plan.device),
     ]
-    if plan.gib_offloaded_per_node:
-        rows.append(("offloaded to CPU per node", fmt_gib(plan.gib_offloaded_per_node)))
+    rows += memory_rows(plan.memory) + speed_rows(plan.comm) + stop_rows(plan.stop_window)
     rows.append(("compiled ops", "; ".join(f"{name} ({state})" for name, state in plan.compiled_ops.items()) or "none"))
     for row in rows:
         table.add_row(*row)
+    return table
+
+
+def fit_verdict(mem: Dict[str, Any]) -> str:
+    if mem["fits"] is None:
+        return "no verdict: the GPU memory is unknown (set cluster.gpu or cluster.gpu_mem_gib)" if mem["gpu_mem_gib"] is None \
+            else "no verdict: activations are not modelled for this architecture"
+    budget = f"{fmt_gib(mem['gpu_mem_gib'])} usable"
+    if mem["fits"]:
+        return f"fits ({fmt_gib(mem['peak_gib'])} of {budget})"
+    fixes = "; ".join(mem["advice"]) or "nothing single: combine the changes above, or a larger GPU"
+    return f"DOES NOT FIT ({fmt_gib(mem['peak_gib'])} > {budget}); would fit with: {fixes}"
+
+
+def memory_rows(mem: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    if not mem:
+        return [("peak memory per GPU", "n/a (parameter count unknown)")]
+    rows = [("peak memory per GPU", f"{fmt_gib(mem['peak_gib'])} (optimizer step: {fmt_gib(mem['step_peak_gib'])})")]
+    for group, parts in mem["parts_gib"].items():
+        shown = ", ".join(f"{name} {fmt_gib(gib)}" for name, gib in parts.items())
+        rows.append((f"  {group}", f"{fmt_gib(sum(parts.values()) if 'larger' not in group else max(parts.values()))}: {shown}"))
+    if mem["cpu_per_node_gib"]:
+        rows.append(("offloaded to CPU per node", fmt_gib(mem["cpu_per_node_gib"])))
+    rows.append(("fits?", fit_verdict(mem)))
+    return rows
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def speed_rows(comm: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    if not comm:
+        return []
+    ops = ", ".join(f"{op} {fmt_bytes(b)}" for op, b in comm["message_bytes"].items())
+    rows = [("communication per step", f"{fmt_bytes(comm['bytes_per_gpu'])} sent and received per GPU "
+             f"({comm['comm_s']:.2f} s at {comm['link_gbps']:g} Gbit/s, {comm['link']}); DeepSpeed messages: {ops}")]
+    if comm["step_s"] is None:
+        rows.append(("step time", "n/a: the device's peak is unknown (set cluster.gpu or cluster.gpu_tflops)"))
+    else:
+        bound = "communication" if comm["comm_s"] > comm["compute_s"] else "compute"
+        rows.append(("step time (at best)", f"{comm['step_s']:.2f} s, {bound}-bound (compute {comm['compute_s']:.2f} s at peak); "
+                     f"{comm['tokens_per_s']:,.0f} tokens/s; MFU ceiling {comm['mfu_ceiling']:.0%}"))
+    return rows
+
+
+def stop_rows(stop: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    if not stop:
+        return []
+    size = f"{fmt_bytes(stop['checkpoint_gb'] * 1e9)} ({fmt_bytes(stop['per_node_gb'] * 1e9)} per node)"
+    need = f"needs {stop['needs_gb_s']:.2f} GB/s per node" if stop["needs_gb_s"] else "no time left to save"
+    if stop["fits"] is None:
+        verdict = f"{need} to save within cluster.signal_delay_s={stop['window_s']:g} (write speed unknown: set checkpoint.write_gb_s)"
+    else:
+        verdict = (f"{'fits' if stop['fits'] else 'DOES NOT FIT'}: {stop['save_s']:.0f} s at {stop['write_gb_s']:g} GB/s per node "
+                   f"({stop['write_source']}) within cluster.signal_delay_s={stop['window_s']:g}; {need}")
+    return [("checkpoint size", size), ("stop window", verdict)]
+
+
+def scaling_table(plan: Plan) -> Table:
+    table = Table(title="Scaling (same global batch)", title_justify="left")
+    for column in ("nodes", "GPUs", "accum", "peak GiB/GPU", "fits", "comm s", "compute s", "step s", "tokens/s", "MFU ceiling"):
+        table.add_column(column, justify="right")
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for r in plan.scaling:
+        fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]
+        table.add_row(str(r["nodes"]), str(r["gpus"]), str(r["accum"]), f"{r['peak_gib']:.1f}", fits, fmt(r["comm_s"], ".2f"),
+                      fmt(r["compute_s"], ".2f"), fmt(r["step_s"], ".2f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["mfu_ceiling"], ".0%"))
     return table
 
 
@@ -66,6 +135,8 @@ def print_dry_run(console: Console, config: Dict[str, Any], plan: Plan, ds_confi
     console.rule("resolved config")
     console.print(Syntax(yaml.safe_dump(config, sort_keys=False), "yaml", background_color="default"))
     console.print(plan_table(plan))
+    if plan.scaling:
+        console.print(scaling_table(plan))
     console.rule("DeepSpeed config")
     console.print_json(json.dumps(ds_config))
     if extra:

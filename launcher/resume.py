@@ -13,14 +13,16 @@ from typing import Any, Dict, List, Optional
 
 from launcher import caches, checkpoint
 from launcher.errors import ConfigError, problem
+from launcher.schema import ResumeChange, plain
 
 # Changes the launcher absorbs: the global batch (and so the rows of each step) is kept.
 ADAPTS = {
     "world_size": "the checkpoint is converted to DeepSpeed's universal form once and loaded on the new ranks",
     "micro_batch_size": "gradient accumulation changes to keep the global batch",
 }
-# Changes a user may accept with checkpoint.allow_changes=[...]; the rest would replay or skip data.
-ALLOWABLE = ("data", "model_path", "launcher")
+# Changes a user may accept with checkpoint.allow_changes=[...] (the schema refuses others); the
+# rest would replay or skip data.
+ALLOWABLE = ResumeChange.values()
 DATA_KEYS = ("format", "template", "train_on", "truncation", "on_bad_row")  # what shapes the rows
 
 
@@ -45,7 +47,7 @@ def data_fingerprint(data_cfg) -> str:
     root = cache_root(data_cfg.cache_dir)
     files = [[f if f.startswith(HUB) else file_digest(f, root) for f in src.files] + [src.weight, src.samples]
              for src in sources(data_cfg.train_files)]
-    return cache_key([files, {k: data_cfg[k] for k in DATA_KEYS}])
+    return cache_key([files, {k: plain(data_cfg[k]) for k in DATA_KEYS}])
 
 
 def fingerprint(cfg, plan) -> Dict[str, Any]:
@@ -94,11 +96,7 @@ def check_resume(cfg, run_dir: Path, current: Dict[str, Any]) -> Optional[Path]:
     saved = checkpoint.marker_info(source).get("fingerprint")
     if saved is None:
         return source  # written before fingerprints: nothing to compare
-    allowed = list(cfg.checkpoint.allow_changes)
-    bad_allowed = [k for k in allowed if k not in ALLOWABLE]
-    if bad_allowed:
-        raise ConfigError([problem("checkpoint.allow_changes", bad_allowed, (
-            f"only {', '.join(ALLOWABLE)} may be allowed to change on resume; the others would replay or skip data"))])
+    allowed = plain(list(cfg.checkpoint.allow_changes))
     refused = refused_changes(saved, current, allowed)
     if refused:
         lines = "; ".join(f"{k}: {saved[k]!r} in the checkpoint, {current[k]!r} now" for k in refused)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -57,7 +58,11 @@ def secret_values(config: Any, environ: Optional[Dict[str, str]] = None) -> set:
 
 
 def mask_secrets(obj: Any, secrets: Iterable[str] = ()) -> Any:
-    """A copy with secret-named keys set to *** and any known secret value scrubbed from strings."""
+    """A copy with secret-named keys set to *** and any known secret value scrubbed from strings.
+
+    The copy holds plain values only: a config's Choice members (launcher.schema) become their str
+    values, which yaml.safe_dump can write.
+    """
     secrets = sorted(set(secrets), key=len, reverse=True)
 
     def scrub(text: str) -> str:
@@ -66,6 +71,8 @@ def mask_secrets(obj: Any, secrets: Iterable[str] = ()) -> Any:
         return text
 
     def walk(node: Any) -> Any:
+        if isinstance(node, Enum):
+            node = node.value
         if isinstance(node, dict):
             return {k: (MASK if is_secret_name(k) and v is not None else walk(v)) for k, v in node.items()}
         if isinstance(node, (list, tuple)):

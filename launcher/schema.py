@@ -1,20 +1,60 @@
 """The typed config schema: one dataclass per group, registered in Hydra's ConfigStore.
 
-Hydra rejects unknown keys and wrong types against these; cross-field checks live in
-`launcher.validate`. Field comments are the reference for every key.
+Hydra rejects unknown keys and wrong types against these, and a value of a `Choice` key (an Enum
+below) that is not one of its members, listing them; cross-field checks live in `launcher.validate`.
+Field comments and the Choice types are the reference for every key and its valid values.
 """
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from enum import Enum
+from typing import Any, Dict, List, Optional, Tuple, Type
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+MIN_SEQ_LEN = 8  # data.seq_len's lower bound, checked at login (launcher.validate) and by the pipeline
+
+
+class Choice(str, Enum):
+    """A key whose value is one of a fixed list: Hydra rejects any other value, naming the valid ones.
+
+    Members are their own names and are strs: `precision == "bf16"`, f-strings, json.dumps and dict
+    lookups by string see the plain value. Containers for YAML (yaml.safe_dump refuses str
+    subclasses) come from `OmegaConf.to_container(..., enum_to_str=True)` or `plain()`.
+    """
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> Tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+
+def choices(name: str, *values: str) -> type:
+    """A Choice whose members are named by their values (OmegaConf reads and writes members by name)."""
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+AttnImplementation = choices("AttnImplementation", "sdpa", "eager", "flash_attention_2")
+DataFormat = choices("DataFormat", "auto", "messages", "prompt_completion", "alpaca", "text")
+TrainOn = choices("TrainOn", "assistant", "last_assistant", "all")
+Truncation = choices("Truncation", "truncate", "drop")
+OnBadRow = choices("OnBadRow", "error", "skip")
+Optimizer = choices("Optimizer", "adamw", "fused_adam", "cpu_adam")
+Scheduler = choices("Scheduler", "cosine", "linear", "constant")
+OffloadDevice = choices("OffloadDevice", "none", "cpu", "nvme")
+Precision = choices("Precision", "bf16", "fp16", "fp32")
+ResumeChange = choices("ResumeChange", "data", "model_path", "launcher")  # checkpoint.allow_changes (launcher.resume)
+ClusterBackend = choices("ClusterBackend", "local", "slurm")
+TrackingBackend = choices("TrackingBackend", "wandb", "none")
+TrackingMode = choices("TrackingMode", "offline", "online", "disabled")
 
 
 @dataclass
 class ModelConfig:
     path: str = MISSING  # local HF model dir, hub id, or bundled://tiny-llama
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
     trust_remote_code: bool = False
     # config.json fields (hidden_size, num_hidden_layers, vocab_size, ...) the plan uses when the
     # model's own config.json cannot be read offline (a hub id on a laptop); the file wins when readable.
@@ -28,13 +68,13 @@ class DataConfig:
     train_files: Any = MISSING
     eval_files: Any = None  # same forms; None: hold out eval_fraction of train
     eval_fraction: float = 0.0  # held-out fraction of train when eval_files is None
-    format: str = "auto"  # auto | messages | prompt_completion | alpaca | text
+    format: DataFormat = DataFormat.auto  # auto: detected per file from its rows
     template: Optional[str] = None  # None: tokenizer's own; chatml | llama3 | a Jinja string
-    seq_len: int = 512
+    seq_len: int = 512  # >= MIN_SEQ_LEN
     packing: bool = True
-    train_on: str = "assistant"  # assistant | last_assistant | all
-    truncation: str = "truncate"  # truncate | drop (over-long examples)
-    on_bad_row: str = "error"  # error | skip
+    train_on: TrainOn = TrainOn.assistant  # the tokens with a loss
+    truncation: Truncation = Truncation.truncate  # over-long examples
+    on_bad_row: OnBadRow = OnBadRow.error
     preview: int = 0  # >0: print N processed examples and exit
     num_proc: int = 1  # tokenisation processes (datasets.map num_proc)
     cache_dir: Optional[str] = None  # None: $SFT_CACHE_DIR/data or ~/.cache/sft-launcher/data
@@ -43,12 +83,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw (torch) | fused_adam | cpu_adam (DeepSpeed kernels)
+    name: Optimizer = Optimizer.adamw  # adamw: torch; fused_adam, cpu_adam: DeepSpeed kernels
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: Scheduler = Scheduler.cosine
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # final lr as a fraction of lr (cosine/linear)
 
@@ -56,8 +96,8 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     stage: int = 3  # ZeRO stage 0..3
-    offload_optimizer: str = "none"  # none | cpu | nvme (stage >= 1)
-    offload_param: str = "none"  # none | cpu | nvme (stage 3 only)
+    offload_optimizer: OffloadDevice = OffloadDevice.none  # stage >= 1
+    offload_param: OffloadDevice = OffloadDevice.none  # stage 3 only
     nvme_path: Optional[str] = None  # required when offloading to nvme
     param_persistence_threshold: int = 100000  # stage3_param_persistence_threshold; 0 gathers all
     overlap_comm: bool = True
@@ -67,7 +107,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainerConfig:
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: Precision = Precision.bf16
     micro_batch_size: int = 1  # sequences per rank per forward
     grad_accum_steps: Optional[int] = None  # give this or global_batch_size (or neither: 1)
     global_batch_size: Optional[int] = None  # = micro_batch_size x data-parallel ranks x accum
@@ -91,8 +131,8 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only on stop signals and at the end
     keep: int = 2  # newest complete checkpoints kept
     export: bool = True  # write a Hugging Face model to export/ at the end
-    export_dtype: Optional[str] = None  # bf16 | fp16 | fp32; None: bf16 on GPU, fp32 on CPU
-    allow_changes: List[str] = field(default_factory=list)  # resume despite a changed: data | model_path | launcher
+    export_dtype: Optional[Precision] = None  # None: bf16 on GPU, fp32 on CPU
+    allow_changes: List[ResumeChange] = field(default_factory=list)  # resume despite a change of these
     # Write speed of one node's checkpoint shards, GB/s (the plan's stop-window check). None: the
     # speed this run's own earlier saves measured (metrics.jsonl), else unknown.
     write_gb_s: Optional[float] = None
@@ -100,7 +140,7 @@ class CheckpointConfig:
 
 @dataclass
 class ClusterConfig:
-    backend: str = "local"  # local | slurm
+    backend: ClusterBackend = ClusterBackend.local
     nodes: int = 1
     procs_per_node: Optional[int] = None  # ranks per node; None: GPUs per node, or 2 on CPU
     gpus_per_node: int = 0  # Slurm: GPUs requested per node (one task per GPU)
@@ -132,8 +172,8 @@ class ClusterConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "wandb"  # wandb | none
-    mode: str = "offline"  # offline | online | disabled
+    backend: TrackingBackend = TrackingBackend.wandb
+    mode: TrackingMode = TrackingMode.offline
     project: str = "sft"
     entity: Optional[str] = None
     group: Optional[str] = None  # None: the sweep name for sweeps
@@ -183,7 +223,42 @@ class SlurmSweeperConfig:
     params: Optional[Dict[str, str]] = None
 
 
+def choice_type(hint: Any) -> Optional[Type[Choice]]:
+    """The Choice type of a field annotation, also inside Optional[...] or List[...]; None if it has none."""
+    if isinstance(hint, type):
+        return hint if issubclass(hint, Choice) else None
+    for arg in typing.get_args(hint):
+        found = choice_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def choice_fields(cls: Any) -> Dict[str, Type[Choice]]:
+    """{field name: Choice type} of a schema dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {name: choice for name, hint in hints.items() if (choice := choice_type(hint)) is not None}
+
+
+def one_of(choice: Type[Choice]) -> str:
+    """The error text for a value outside `choice`: must be one of bf16, fp16, fp32."""
+    return f"must be one of {', '.join(choice.values())}"
+
+
+def plain(obj: Any) -> Any:
+    """`obj` with every Choice member replaced by its str value, in dicts, lists and tuples too."""
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, dict):
+        return {key: plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(item) for item in obj]
+    return obj
+
+
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore  # here: the ranks and the data code import this module too
+
     store = ConfigStore.instance()
     store.store(name="sft_schema", node=Config)
     store.store(group="hydra/launcher", name="sft_slurm", node=SlurmSweepLauncherConfig)

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
+from launcher.errors import problem
+from launcher.schema import Choice, TrackingBackend, TrackingMode, one_of, plain
+
 log = logging.getLogger(__name__)
 STEP_METRIC = "trainer/global_step"
 RUN_ID_FILE = "wandb_run_id"
@@ -122,12 +125,8 @@ class Tracker:
 def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, resume: bool,
                    metrics: Optional[Path] = None) -> Tracker:
     """Open the run's tracker: a real W&B run on rank 0, a no-op everywhere else."""
-    backend = tracking_cfg.backend
-    mode = tracking_cfg.mode
-    if backend not in ("wandb", "none"):
-        raise TrackingError(f"tracking.backend={backend!r}: expected 'wandb' or 'none'")
-    if mode not in ("offline", "online", "disabled"):
-        raise TrackingError(f"tracking.mode={mode!r}: expected 'offline', 'online' or 'disabled'")
+    backend = _choice("tracking.backend", tracking_cfg.backend, TrackingBackend)
+    mode = _choice("tracking.mode", tracking_cfg.mode, TrackingMode)
     # Only rank 0 opens the run: two processes writing one run id would corrupt it.
     if rank != 0 or backend == "none" or mode == "disabled":
         return Tracker()
@@ -158,7 +157,7 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         name=getattr(tracking_cfg, "name", None),
         job_type=getattr(tracking_cfg, "job_type", None),
         tags=list(getattr(tracking_cfg, "tags", None) or []),
-        config=config,
+        config=plain(config),  # W&B gets str values, not the schema's Choice members
         id=run_id,
         resume="allow",  # a restart continues the same run (online: one curve)
         mode=mode,
@@ -193,6 +192,13 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         mode = "offline"
         run = open_run(mode)
     return Tracker(run, reopen=lambda: open_run(mode), metrics=metrics, offline=mode == "offline")
+
+
+def _choice(key: str, value: Any, choice: type[Choice]) -> str:
+    """`value` as a plain str if it is one of `choice` (a config composed by Hydra always is)."""
+    if plain(value) not in choice.values():
+        raise TrackingError(problem(key, value, one_of(choice)))
+    return plain(value)
 
 
 def run_metadata(run_dir: Path, world_size: int, launcher: Optional[str]) -> dict:

@@ -288,6 +288,7 @@ class SFTTrainer:
         progress = self._progress()
         if self.global_step == 0 and cfg.eval.every_steps:
             self._log_eval(self.evaluate())
+        comms_at_start, steps_at_start = None, self.global_step
         while self.global_step < self.total_steps:
             data_start = time.perf_counter()
             batches = self._step_batches(self.global_step)
@@ -312,6 +313,8 @@ class SFTTrainer:
                 window += torch.tensor([batch["input_ids"].numel(), batch["trained"], batch["input_ids"].size(0)], dtype=torch.float64)
             self.global_step += 1
             step_time = time.perf_counter() - step_start
+            if self.global_step == steps_at_start + 1:  # DeepSpeed traces the module order in the first step
+                comms_at_start = comms_bytes()
             if progress:
                 progress.update(progress.task_ids[0], completed=self.global_step)
 
@@ -354,6 +357,7 @@ class SFTTrainer:
                 self.save_checkpoint()
         if progress:
             progress.stop()
+        self._write_comms(comms_at_start, self.global_step - steps_at_start - 1)
 
         final = self.evaluate()
         self._log_eval(final)
@@ -463,15 +467,32 @@ class SFTTrainer:
             {**self.fingerprint, "world_size": self.env.world_size, "micro_batch_size": self.micro_batch},
         )
         self.last_saved_step = self.global_step
+        seconds = time.perf_counter() - start
         if self.is_main:
             checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
-        log.info("checkpoint %s saved in %.2f s", path, time.perf_counter() - start)
+            # The write speed the plan's stop-window check uses on the next submission of this run.
+            size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+            nodes = max(1, self.env.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size)))
+            self._log("checkpoint", {"step": self.global_step, "seconds": seconds, "gb": size / 1e9,
+                                     "write_gb_s_per_node": size / 1e9 / nodes / max(seconds, 1e-9)})
+        log.info("checkpoint %s saved in %.2f s", path, seconds)
 
     def export(self) -> Optional[Path]:
         dtype = export_dtype(self.cfg.checkpoint.export_dtype)
         return export_model(self.engine, self.tokenizer, self.run_dir / "export", dtype, self.env.rank)
 
     # ---------------------------------------------------------------- logging, cleanup
+    def _write_comms(self, at_start: Optional[Dict[str, int]], steps: int) -> None:
+        """With DeepSpeed's comms logger on, what each rank's collectives moved per optimizer step in
+        steady state (after the first step, not eval, save or export): comms/rank-N.json, the
+        measurement the plan's bytes are checked against."""
+        if at_start is None or not steps:
+            return
+        moved = {op: n - at_start.get(op, 0) for op, n in comms_bytes().items()}
+        (self.run_dir / "comms").mkdir(exist_ok=True)
+        report = {"optimizer_steps": steps, "message_bytes": {op: n for op, n in moved.items() if n}}
+        (self.run_dir / "comms" / f"rank-{self.env.rank}.json").write_text(json.dumps(report, indent=1))
+
     def _log(self, kind: str, row: Dict[str, Any]) -> None:
         if not self.is_main:
             return
@@ -504,6 +525,15 @@ class SFTTrainer:
             self.engine.destroy()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def comms_bytes() -> Optional[Dict[str, int]]:
+    """Message bytes per collective so far, as DeepSpeed's comms logger counts them; None when it is off."""
+    from deepspeed.comm.comm import comms_logger
+
+    if not comms_logger.enabled:
+        return None
+    return {op: sum(size * record[0] for size, record in sizes.items()) for op, sizes in comms_logger.comms_dict.items()}
 
 
 def _float(value) -> Optional[float]:

@@ -1,7 +1,8 @@
 """Cross-field checks that run on the login node before anything starts or is submitted.
 
-Hydra already rejected unknown keys and wrong types (launcher.schema); this module checks
-values and combinations, collecting every problem so one attempt shows them all.
+Hydra already rejected unknown keys, wrong types and values outside a key's choices
+(launcher.schema); this module checks ranges and combinations, collecting every problem so one
+attempt shows them all.
 """
 
 import os
@@ -11,24 +12,11 @@ from typing import List, Optional
 from launcher.bundled import is_bundled
 from launcher.data.check import check_files
 from launcher.data.files import HUB, count_rows, expand_files, file_specs
+from launcher.devices import GPUS
 from launcher.errors import ConfigError, problem
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.plan import batch_math, default_procs_per_node
-
-CHOICES = {
-    "trainer.precision": ("bf16", "fp16", "fp32"),
-    "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
-    "deepspeed.offload_param": ("none", "cpu", "nvme"),
-    "optim.name": ("adamw", "fused_adam", "cpu_adam"),
-    "optim.scheduler": ("cosine", "linear", "constant"),
-    "data.format": ("auto", "messages", "prompt_completion", "alpaca", "text"),
-    "data.train_on": ("assistant", "last_assistant", "all"),
-    "data.truncation": ("truncate", "drop"),
-    "data.on_bad_row": ("error", "skip"),
-    "cluster.backend": ("local", "slurm"),
-    "tracking.backend": ("wandb", "none"),
-    "tracking.mode": ("offline", "online", "disabled"),
-}
+from launcher.schema import MIN_SEQ_LEN
 
 
 @dataclass
@@ -53,11 +41,6 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     """Raise ConfigError listing every problem. Missing paths only warn in a dry run."""
     problems: List[str] = []
     missing: List[str] = []  # paths that must exist: errors for a run, warnings for a dry run
-
-    for key, valid in CHOICES.items():
-        value = get(cfg, key)
-        if value not in valid:
-            problems.append(problem(key, value, f"must be one of {', '.join(valid)}"))
 
     ds = cfg.deepspeed
     if ds.stage not in (0, 1, 2, 3):
@@ -100,6 +83,14 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("cluster.nodes", cluster.nodes, "must be >= 1"))
     if cluster.backend == "local" and cluster.nodes != 1:
         problems.append(problem("cluster.nodes", cluster.nodes, "must be 1 with cluster=local; use cluster=slurm for several nodes"))
+    if cluster.gpu is not None and str(cluster.gpu).lower() not in GPUS:
+        problems.append(problem("cluster.gpu", cluster.gpu, f"must be one of {', '.join(GPUS)} (or set cluster.gpu_mem_gib and cluster.gpu_tflops)"))
+    for key in ("cluster.gpu_mem_gib", "cluster.gpu_tflops", "cluster.net_gbps", "cluster.intra_node_gbps", "checkpoint.write_gb_s"):
+        value = get(cfg, key)
+        if value is not None and not value > 0:
+            problems.append(problem(key, value, "must be > 0"))
+    if cfg.plan.max_nodes < 1:
+        problems.append(problem("plan.max_nodes", cfg.plan.max_nodes, "must be >= 1"))
     procs = default_procs_per_node(cluster)
     if procs < 1:
         problems.append(problem("cluster.procs_per_node", procs, "must be >= 1"))
@@ -107,8 +98,8 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     problems += batch_math(trainer, world)[2]
 
     data = cfg.data
-    if data.seq_len < 8:
-        problems.append(problem("data.seq_len", data.seq_len, "must be >= 8"))
+    if data.seq_len < MIN_SEQ_LEN:
+        problems.append(problem("data.seq_len", data.seq_len, f"must be >= {MIN_SEQ_LEN}"))
     if not 0 <= data.eval_fraction < 1:
         problems.append(problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)"))
     if data.preview < 0:

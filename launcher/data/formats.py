@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Tuple
 
 from launcher.data.errors import BadRow, DataError
 from launcher.data.files import HUB
-
-FORMATS = ("auto", "messages", "prompt_completion", "alpaca", "text")
+from launcher.errors import problem
+from launcher.schema import DataFormat, one_of
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 JSONL_COLUMN = "_jsonl"  # JSON Lines are read as text so a bad line is a bad row with its line number
 
@@ -128,7 +128,7 @@ def _normalise(row: Dict[str, Any], fmt: str) -> Tuple[str, Any]:
         user = f"{instruction}\n\n{unicodedata.normalize('NFC', extra)}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
     else:
-        raise DataError(f"data.format={fmt!r}: must be one of {', '.join(FORMATS)}")
+        raise DataError(problem("data.format", fmt, one_of(DataFormat)))
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRow("no_assistant_turn", "the conversation has no assistant turn")
     return "messages", messages

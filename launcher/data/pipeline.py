@@ -18,17 +18,16 @@ from launcher.data import cache
 from launcher.data.errors import BAD_ROW_REASONS, DataError
 from launcher.data.examples import BLANK, LENGTH_STATUSES, ExampleBuilder, example_features
 from launcher.data.files import Source, sources
-from launcher.data.formats import FORMATS, load_raw
+from launcher.data.formats import load_raw
 from launcher.data.packing import best_fit_decreasing, write_rows
 from launcher.data.templates import resolve_template
+from launcher.schema import MIN_SEQ_LEN, DataConfig, choice_fields, one_of, plain
 
 # Bump when the output of the same inputs changes (tests/unit/test_cache_versions.py fails until you
 # do). The cache key also carries a digest of this package's source and of the libraries that
 # decide the rows, so even an unbumped edit never reads rows that older code wrote.
 VERSION = 3  # 3: text NFC-normalised
 LIBRARIES = ("transformers", "tokenizers", "datasets", "jinja2", "numpy", "pyarrow", "pandas")
-CHOICES = {"format": FORMATS, "train_on": ("assistant", "last_assistant", "all"),
-           "truncation": ("truncate", "drop"), "on_bad_row": ("error", "skip")}
 
 
 @dataclass
@@ -254,22 +253,22 @@ def _pad_id(tokenizer) -> int:
 
 
 def _plain(data_cfg) -> dict:
+    """The data config as a dict of plain values (Choice members as their str values)."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(data_cfg):
-        return OmegaConf.to_container(data_cfg, resolve=True)
-    if isinstance(data_cfg, dict):
-        return dict(data_cfg)
-    return dict(vars(data_cfg))
+        return OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
+    return plain(dict(data_cfg) if isinstance(data_cfg, dict) else dict(vars(data_cfg)))
 
 
 def _check(cfg: dict) -> None:
+    """The schema's checks again, for a plain dict that never went through Hydra (tests, scripts)."""
     from launcher.errors import ConfigError, problem
 
-    problems = [problem(f"data.{k}", cfg.get(k), f"must be one of {', '.join(v)}")
-                for k, v in CHOICES.items() if cfg.get(k) not in v]
-    if not isinstance(cfg.get("seq_len"), int) or cfg["seq_len"] < 2:
-        problems.append(problem("data.seq_len", cfg.get("seq_len"), "must be an integer >= 2"))
+    problems = [problem(f"data.{k}", cfg.get(k), one_of(choice))
+                for k, choice in choice_fields(DataConfig).items() if cfg.get(k) not in choice.values()]
+    if not isinstance(cfg.get("seq_len"), int) or cfg["seq_len"] < MIN_SEQ_LEN:
+        problems.append(problem("data.seq_len", cfg.get("seq_len"), f"must be an integer >= {MIN_SEQ_LEN}"))
     if not 0 <= (cfg.get("eval_fraction") or 0) < 1:
         problems.append(problem("data.eval_fraction", cfg.get("eval_fraction"), "must be in [0, 1)"))
     if problems:

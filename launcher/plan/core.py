@@ -1,15 +1,20 @@
 """Numbers derived from a validated config: world size, batch math, steps, memory, DeepSpeed JSON."""
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
 
 from launcher import ops
+from launcher.devices import GPUS, by_device_name
+from launcher.plan import comm, memory, stop_window
+from launcher.plan.memory import MemoryEstimate, Workload
 from launcher.errors import problem
 
-# Bytes per parameter of model states (ZeRO paper, Adam): parameters, gradients, optimizer states.
-# Mixed precision keeps 16-bit params/grads plus fp32 master weights, momentum and variance (12).
-BYTES_PER_PARAM = {"bf16": (2, 2, 12), "fp16": (2, 2, 12), "fp32": (4, 4, 8)}
+# Share of GPU memory a run may plan to use: the CUDA context, NCCL's buffers and the caching
+# allocator's fragmentation are not modelled and take the rest.
+USABLE_FRACTION = 0.9
 
 
 @dataclass
@@ -29,9 +34,12 @@ class Plan:
     model_facts_source: str
     zero_stage: int
     precision: str
-    gib_per_gpu: Dict[str, float]  # model states only: params, grads, optimizer, total
-    gib_offloaded_per_node: float  # model states held in CPU memory by offload
     compiled_ops: Dict[str, str]  # DeepSpeed ops the run JIT-compiles -> built here already or not
+    device: str = "unknown"  # what memory and speed are predicted for, and where that came from
+    memory: Optional[Dict[str, Any]] = None  # launcher.plan.memory.MemoryEstimate
+    comm: Optional[Dict[str, Any]] = None  # launcher.plan.comm.CommEstimate
+    stop_window: Optional[Dict[str, Any]] = None  # launcher.plan.stop_window.StopWindow
+    scaling: List[Dict[str, Any]] = field(default_factory=list)  # plan.scaling=true: per node count
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -88,25 +96,6 @@ def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
     return gb // per_step, gb, []
 
 
-def memory_gib(params: Optional[int], precision: str, stage: int, world_size: int, ds) -> tuple[dict, float]:
-    """Per-GPU model-state memory for the ZeRO stage; what offload moves to CPU, per node."""
-    if params is None:
-        return {}, 0.0
-    p_bytes, g_bytes, o_bytes = (params * b for b in BYTES_PER_PARAM[precision])
-    shard = lambda b, from_stage: b / world_size if stage >= from_stage else b  # noqa: E731
-    on_gpu = {"params": shard(p_bytes, 3), "grads": shard(g_bytes, 2), "optimizer": shard(o_bytes, 1)}
-    offloaded = 0.0
-    if ds.offload_optimizer != "none":
-        offloaded += on_gpu.pop("optimizer")
-        on_gpu["optimizer"] = 0.0
-    if ds.offload_param != "none":
-        offloaded += on_gpu["params"]
-        on_gpu["params"] = 0.0
-    on_gpu["total"] = sum(on_gpu.values())
-    gib = {k: round(v / 2**30, 6) for k, v in on_gpu.items()}
-    return gib, offloaded / 2**30
-
-
 def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
     procs = default_procs_per_node(cfg.cluster)
     world = cfg.cluster.nodes * procs
@@ -116,8 +105,7 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
         total = cfg.trainer.max_steps
     else:
         total = steps_per_epoch * cfg.trainer.epochs if steps_per_epoch else None
-    gib, offloaded = memory_gib(facts.params, cfg.trainer.precision, cfg.deepspeed.stage, world, cfg.deepspeed)
-    return Plan(
+    plan = Plan(
         world_size=world,
         nodes=cfg.cluster.nodes,
         procs_per_node=procs,
@@ -133,10 +121,87 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
         model_facts_source=facts.source,
         zero_stage=cfg.deepspeed.stage,
         precision=cfg.trainer.precision,
-        gib_per_gpu=gib,
-        gib_offloaded_per_node=round(offloaded * procs, 6),
         compiled_ops=ops.plan(cfg.optim.name, accelerator(cfg.cluster)),
     )
+    if facts.params is not None:
+        predict(cfg, plan, facts)
+    return plan
+
+
+def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
+    """(memory GiB, peak TFLOP/s, description) of the device the ranks will train on, where known."""
+    mem, tflops, source = cluster.gpu_mem_gib, cluster.gpu_tflops, []
+    if cluster.gpu:
+        known = GPUS.get(str(cluster.gpu).lower())  # validate.py names the valid ones
+        if known:
+            mem, tflops = mem or known.mem_gib, tflops or known.tflops
+        source.append(f"cluster.gpu={cluster.gpu}")
+    elif cluster.backend == "local" and accelerator(cluster) == "cuda" and (mem is None or tflops is None):
+        import torch
+
+        name = torch.cuda.get_device_name()
+        known = by_device_name(name)
+        mem = mem or torch.cuda.get_device_properties(0).total_memory / 2**30
+        tflops = tflops or (known.tflops if known else None)
+        source.append(f"this machine's {name}")
+    if cluster.gpu_mem_gib is not None:
+        source.append("cluster.gpu_mem_gib")
+    if cluster.gpu_tflops is not None:
+        source.append("cluster.gpu_tflops")
+    return mem, tflops, ", ".join(source) or "unknown: set cluster.gpu (or cluster.gpu_mem_gib, cluster.gpu_tflops)"
+
+
+def workload(cfg, micro_batch_size: Optional[int] = None) -> Workload:
+    return Workload(micro_batch_size or cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
+                    cfg.trainer.activation_checkpointing, str(cfg.model.attn_implementation), cfg.data.packing)
+
+
+def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops) -> Tuple[Optional[MemoryEstimate], Optional[comm.CommEstimate], Optional[Plan]]:
+    """Memory and communication for the run on `nodes` nodes, with the same global batch."""
+    world = nodes * plan.procs_per_node
+    accum, gb, problems = batch_math(cfg.trainer, world)
+    if problems:
+        return None, None, None
+    at = Plan(**{**plan.to_dict(), "world_size": world, "nodes": nodes, "grad_accum_steps": accum, "global_batch_size": gb,
+                 "memory": None, "comm": None, "stop_window": None, "scaling": []})
+    ds_json = deepspeed_config(cfg, at)
+    work = workload(cfg)
+    mem = memory.estimate(facts.shape, facts.params, work, ds_json, world, nodes)
+    budget = mem_gib * USABLE_FRACTION if mem_gib else None
+    mem = memory.check_fit(mem, budget, facts.shape, work, world, nodes, ds_json, facts.params)
+    traffic = comm.estimate(facts.params, facts.shape, ds_json, str(cfg.trainer.precision), world, nodes, gb * cfg.data.seq_len,
+                            cfg.data.seq_len, cfg.trainer.activation_checkpointing, tflops, cfg.cluster.net_gbps,
+                            cfg.cluster.intra_node_gbps)
+    return mem, traffic, at
+
+
+def predict(cfg, plan: Plan, facts) -> None:
+    """Fill the plan's memory, communication, stop-window and (plan.scaling) per-node-count predictions."""
+    mem_gib, tflops, plan.device = device_budget(cfg.cluster)
+    mem, traffic, _ = predict_at(cfg, plan, facts, plan.nodes, mem_gib, tflops)
+    if mem is not None:
+        plan.memory, plan.comm = mem.to_dict(), traffic.to_dict()
+    speed, source = cfg.checkpoint.write_gb_s, "checkpoint.write_gb_s"
+    if speed is None and cfg.run_dir:
+        speed, source = measured_write_speed(cfg.run_dir), "measured by this run's saves"
+    plan.stop_window = stop_window.estimate(facts.params, plan.nodes, cfg.cluster.signal_delay_s,
+                                            traffic.step_s if traffic else None, speed, source).to_dict()
+    if cfg.plan.scaling:
+        counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= cfg.plan.max_nodes} | {plan.nodes})
+        for nodes in counts:
+            m, t, at = predict_at(cfg, plan, facts, nodes, mem_gib, tflops)
+            if at is not None:
+                plan.scaling.append({"nodes": nodes, "gpus": at.world_size, "accum": at.grad_accum_steps,
+                                     "peak_gib": m.peak_gib, "fits": m.fits, "comm_s": t.comm_s, "compute_s": t.compute_s,
+                                     "step_s": t.step_s, "tokens_per_s": t.tokens_per_s, "mfu_ceiling": t.mfu_ceiling})
+
+
+def measured_write_speed(run_dir: str) -> Optional[float]:
+    """Median write speed per node of this run's earlier checkpoint saves (metrics.jsonl), GB/s."""
+    from launcher.metrics import read_metrics
+
+    speeds = sorted(r["write_gb_s_per_node"] for r in read_metrics(run_dir) if r.get("kind") == "checkpoint")
+    return speeds[len(speeds) // 2] if speeds else None
 
 
 def deepspeed_config(cfg, plan: Plan) -> Dict[str, Any]:
@@ -168,7 +233,9 @@ def deepspeed_config(cfg, plan: Plan) -> Dict[str, Any]:
         "steps_per_print": 10**9,  # we log; DeepSpeed's own prints would interleave across ranks
         "wall_clock_breakdown": False,
     }
-    return deep_merge(config, dict(ds.extra))
+    # Plain containers all the way down: a nested DictConfig would reach the JSON as its repr string.
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if isinstance(ds.extra, DictConfig) else dict(ds.extra)
+    return deep_merge(config, extra)
 
 
 def deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:

@@ -84,14 +84,12 @@ def problems_of(overrides):
         (["deepspeed=zero2", "deepspeed.offload_param=cpu"], "deepspeed.offload_param='cpu': needs deepspeed.stage=3 (is 2); use none"),
         (["deepspeed.stage=0", "deepspeed.offload_optimizer=cpu"], "deepspeed.offload_optimizer='cpu': needs deepspeed.stage >= 1"),
         (["deepspeed.offload_param=nvme"], "deepspeed.nvme_path=None: must name a local NVMe directory"),
-        (["trainer.precision=fp8"], "trainer.precision='fp8': must be one of bf16, fp16, fp32"),
         (["optim.lr=0"], "optim.lr=0.0: must be > 0"),
         (["optim.warmup_steps=301"], "optim.warmup_steps=301: must be <= total steps (300)"),
         (["trainer.max_steps=null", "optim.warmup_steps=100"], "optim.warmup_steps=100: must be <= total steps (63)"),
         (["model.path=/nonexistent/model"], "model.path='/nonexistent/model': no such directory"),
         (["data.train_files=/nonexistent/*.jsonl"], "data.train_files='/nonexistent/*.jsonl': matches no file"),
         (["cluster.nodes=2"], "cluster.nodes=2: must be 1 with cluster=local; use cluster=slurm"),
-        (["data.train_on=prompt"], "data.train_on='prompt': must be one of assistant, last_assistant, all"),
         (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': must be auto, never or a complete checkpoint directory (with its COMPLETE marker)"),
         (["deepspeed=zero3_offload"], "optim.name='adamw': must be cpu_adam with deepspeed.offload_optimizer=cpu"),
     ],
@@ -125,23 +123,6 @@ def test_batch_math(mb, accum, gb, world, expected):
     trainer = OmegaConf.create({"micro_batch_size": mb, "grad_accum_steps": accum, "global_batch_size": gb})
     assert batch_math(trainer, world)[:2] == expected
     assert batch_math(trainer, world)[2] == []
-
-
-def test_plan_memory_follows_zero_accounting():
-    # 8.03B params, bf16, 8 ranks: (2 + 2 + 12) bytes x 8.03e9 / 8 per GPU under ZeRO-3.
-    cfg = compose_config(["recipe=llama3_8b_sft"])
-    facts = check_config(cfg, dry_run=True).model
-    plan = make_plan(cfg, facts, None)
-    assert plan.world_size == 8 and plan.grad_accum_steps == 8
-    assert plan.gib_per_gpu["total"] == pytest.approx(16 * 8.03e9 / 8 / 2**30, rel=1e-6)
-    cfg2 = compose_config(["recipe=llama3_8b_sft", "deepspeed=zero2"])
-    plan2 = make_plan(cfg2, facts, None)
-    assert plan2.gib_per_gpu["params"] == pytest.approx(2 * 8.03e9 / 2**30, rel=1e-6)
-    assert plan2.gib_per_gpu["optimizer"] == pytest.approx(12 * 8.03e9 / 8 / 2**30, rel=1e-6)
-    cfg3 = compose_config(["recipe=llama3_8b_sft", "deepspeed=zero3_offload"])
-    plan3 = make_plan(cfg3, facts, None)
-    assert plan3.gib_per_gpu["optimizer"] == 0 and plan3.gib_per_gpu["params"] == 0
-    assert plan3.gib_offloaded_per_node == pytest.approx(14 * 8.03e9 / 2**30, rel=1e-6)
 
 
 def test_tiny_plan_counts_the_bundled_data():

@@ -1,0 +1,29 @@
+"""Known accelerators: memory and dense 16-bit peak, for the plan's fit and speed predictions and MFU."""
+
+from typing import Dict, NamedTuple, Optional
+
+
+class Device(NamedTuple):
+    mem_gib: float  # total memory as torch reports it
+    tflops: float  # dense bf16/fp16 peak (no sparsity)
+    match: tuple  # substrings of torch.cuda.get_device_name(), all present
+
+
+GPUS: Dict[str, Device] = {
+    "h200": Device(140.4, 989, ("H200",)),
+    "h100": Device(79.6, 989, ("H100",)),
+    "a100_80g": Device(79.2, 312, ("A100", "80GB")),
+    "a100_40g": Device(39.4, 312, ("A100", "40GB")),
+    "l40s": Device(44.4, 362, ("L40S",)),
+    "a10g": Device(22.1, 125, ("A10G",)),
+    "l4": Device(22.0, 121, ("L4",)),
+    "v100": Device(31.7, 125, ("V100",)),
+}
+
+
+def by_device_name(name: str) -> Optional[Device]:
+    """The entry all of whose match strings are in a CUDA device name ("L40S" before "L4")."""
+    for device in sorted(GPUS.values(), key=lambda d: -sum(map(len, d.match))):
+        if all(part in name for part in device.match):
+            return device
+    return None

@@ -1,0 +1,85 @@
+"""Bytes each GPU moves per optimizer step, the compute beside it, and the step time both allow.
+
+ZeRO-3 (Rajbhandari et al. 2019), per micro-batch: forward all-gathers every partitioned
+parameter; backward all-gathers again those that forward released (DeepSpeed keeps a parameter
+whose next use comes within `stage3_max_reuse_distance` elements: the last layers before the
+turn, about half that distance's worth of parameters); activation checkpointing's recomputed
+forward gathers once more; gradients are reduce-scattered. After the optimizer step the small
+persistent parameters are all-gathered. Stage 2 reduce-scatters gradients per micro-batch and
+all-gathers the updated parameters once per step; stages 0-1 all-reduce gradients once per step.
+
+`message_bytes` follows DeepSpeed's comms logger (`"comms_logger": {"enabled": true}`), which
+counts an all-gather by its input (this rank's shard) and a reduce-scatter or all-reduce by its
+full tensor; tests/integration/test_plan_comms.py checks them against it. A ring moves
+(N-1)/N of each full tensor in and out of every GPU.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+from launcher.plan.memory import ZERO_DEFAULTS, element_bytes
+from launcher.plan.shape import ModelShape
+
+REUSE_DEFAULT = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance
+
+
+@dataclass
+class CommEstimate:
+    message_bytes: Dict[str, float]  # per optimizer step, per rank, as DeepSpeed's comms logger counts
+    bytes_per_gpu: float  # sent (and received) per GPU per optimizer step
+    link: str  # the link that carries it: "NVLink/intra-node" or "inter-node network"
+    link_gbps: float
+    comm_s: float
+    compute_s: Optional[float]  # at the device's peak, including recomputation
+    step_s: Optional[float]  # the larger of the two: ZeRO overlaps communication with compute at best
+    mfu_ceiling: Optional[float]  # model FLOPs over peak FLOPs at that step time
+    tokens_per_s: Optional[float]  # whole job
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def full_tensor_bytes(params: int, shape: Optional[ModelShape], zero: Dict, e: int, accum: int,
+                      activation_checkpointing: bool) -> Dict[str, float]:
+    """Full-tensor bytes of each collective per optimizer step (before the logger's shard convention)."""
+    stage = zero.get("stage", 0)
+    p = params * e
+    if stage == 3:
+        threshold = zero.get("stage3_param_persistence_threshold", ZERO_DEFAULTS["stage3_param_persistence_threshold"])
+        persistent = shape.persistent_params(threshold) if shape else 0
+        partitioned = params - persistent
+        kept = min(partitioned, zero.get("stage3_max_reuse_distance", REUSE_DEFAULT) / 2)
+        gathers = partitioned * (2 if activation_checkpointing else 1) + (partitioned - kept)
+        return {"all_gather_into_tensor": (accum * gathers + persistent) * e, "reduce_scatter_tensor": accum * p}
+    if stage == 2:
+        return {"all_gather_into_tensor": p, "reduce_scatter_tensor": accum * p}
+    return {"all_reduce": p}
+
+
+def flops_per_token(params: int, shape: Optional[ModelShape], seq_len: int, recompute: bool) -> float:
+    """Training FLOPs per token: 6 per parameter plus causal attention (8 and more with recomputation)."""
+    attention = 6 * shape.layers * shape.q_dim * seq_len if shape else 0  # QK^T and AV, causal half, x3 for backward
+    return (8 if recompute else 6) / 6 * (6 * params + attention)
+
+
+def estimate(params: int, shape: Optional[ModelShape], ds_json: Dict, precision: str, world: int, nodes: int,
+             tokens_per_step: int, seq_len: int, activation_checkpointing: bool, tflops: Optional[float],
+             net_gbps: float, intra_node_gbps: float) -> CommEstimate:
+    zero = ds_json.get("zero_optimization", {})
+    e = element_bytes(precision)
+    accum = ds_json.get("gradient_accumulation_steps", 1)
+    full = full_tensor_bytes(params, shape, zero, e, accum, activation_checkpointing)
+    ring = (world - 1) / world
+    per_gpu = ring * sum(full.values())
+    messages = {op: (b / world if op == "all_gather_into_tensor" else b) for op, b in full.items()}
+    link, gbps = ("inter-node network", net_gbps) if nodes > 1 else ("intra-node (NVLink)", intra_node_gbps)
+    comm_s = per_gpu / (gbps / 8 * 1e9) if world > 1 else 0.0
+    compute_s = step_s = mfu = tokens_s = None
+    if tflops:
+        hardware = flops_per_token(params, shape, seq_len, activation_checkpointing) * tokens_per_step
+        model = flops_per_token(params, shape, seq_len, False) * tokens_per_step
+        compute_s = hardware / world / (tflops * 1e12)
+        step_s = max(compute_s, comm_s)
+        mfu = model / world / (tflops * 1e12) / step_s
+        tokens_s = tokens_per_step / step_s
+    return CommEstimate(messages, per_gpu, link, gbps, comm_s, compute_s, step_s, mfu, tokens_s)

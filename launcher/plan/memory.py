@@ -1,0 +1,207 @@
+"""Peak memory per GPU, by part: model states, ZeRO working buffers, activations, the loss's logits.
+
+Model states follow DeepSpeed's own estimators (`estimate_zero3_model_states_mem_needs`,
+`estimate_zero2_model_states_mem_needs`): 18 bytes per parameter sharded over the ranks (16-bit
+params and grads, fp32 master weights and Adam moments, and DeepSpeed's fp32 gradient allowance)
+plus the largest layer gathered whole with its gradient. Buffers come from the DeepSpeed JSON.
+
+Activations count what autograd saves in one decoder layer of the transformers implementation
+(Korthikanti et al. 2022 derive the same terms for GPT; here for RMSNorm, rotary attention with
+grouped KV heads and a gated MLP, no dropout), per token, for the attention kernel:
+  each RMSNorm: its fp32 input 4h, the normalised and the weighted output 2eh
+  attention:    rotated q, k, v, the kernel's output and o_proj's input e(3q + 2kv), the
+                softmax statistics 4 bytes per head; eager adds the fp32 probabilities (and their
+                16-bit copy) per head and key; eager, and sdpa with a mask (packed rows), repeat k
+                and v to all heads
+  gated MLP:    gate, up, silu(gate) and the product 4eI
+With activation checkpointing each layer keeps only its input (eh per token). Backward then adds
+the larger of two transients: the loss's full-vocabulary logits (the fp32 log-softmax output and
+its gradient, the 16-bit gradient when the model is 16-bit, and the slice's gradient buffer:
+(8 + e) or (8 + 2e) bytes per token and vocabulary entry), or, with checkpointing, one layer's
+recomputed activations. Measured against torch's profiler on CPU: tests/unit/test_plan_memory.py.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from launcher.plan.shape import ModelShape
+
+GIB = 2**30
+TRANSIENT = "backward transient (the larger)"
+DS_BYTES_PER_PARAM = 18  # DeepSpeed's estimators: per parameter, sharded under ZeRO
+ZERO_DEFAULTS = {"stage3_prefetch_bucket_size": 50_000_000, "reduce_bucket_size": 500_000_000,
+                 "allgather_bucket_size": 500_000_000, "stage3_param_persistence_threshold": 100_000,
+                 "sub_group_size": 1_000_000_000}
+
+
+def element_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+@dataclass
+class Workload:
+    """What one rank computes per micro-batch."""
+
+    micro_batch_size: int
+    seq_len: int
+    precision: str
+    activation_checkpointing: bool
+    attn_implementation: str
+    packing: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+def model_states_bytes(params: int, largest_layer: int, stage: int, world: int, nodes: int,
+                       offload_optimizer: bool, offload_param: bool) -> Dict[str, float]:
+    """Per-GPU model states and per-node CPU memory for offload, as DeepSpeed's estimators count them.
+
+    The parts sum to DeepSpeed's `gpu_mem`; `cpu_per_node` is its `cpu_mem` (with its 1.5x buffer
+    factor) when something is offloaded, else 0.
+    """
+    gpus_per_node = world // nodes
+    largest = 4 * largest_layer  # the largest layer gathered whole: 16-bit params and grads
+    if stage == 3:
+        if offload_param:
+            return {"largest layer (gathered)": largest, "cpu_per_node": params * 18 / nodes * 1.5}
+        if offload_optimizer:
+            return {"largest layer (gathered)": largest, "params (16-bit shard)": 2 * params / world,
+                    "cpu_per_node": params * 16 / nodes * 1.5}
+        return {"largest layer (gathered)": largest, "params (16-bit shard)": 2 * params / world,
+                "grads (16-bit shard)": 2 * params / world,
+                "optimizer (fp32 master, Adam m, v; shard)": 12 * params / world,
+                "fp32 grad allowance (shard)": 2 * params / world, "cpu_per_node": 0.0}
+    if stage == 2:
+        if offload_optimizer:
+            return {"params (16-bit, whole)": 2 * params, "cpu_per_node": params * max(4 * world, 16) * 1.5}
+        return {"params (16-bit, whole)": 2 * params, "grads (16 + 32-bit shard)": 6 * params / world,
+                "optimizer (fp32 master, Adam m, v; shard)": 12 * params / world, "cpu_per_node": 0.0}
+    # Stages 0 and 1: gradients whole; stage 1 shards the optimizer states only.
+    shard = world if stage == 1 else 1
+    if offload_optimizer:
+        return {"params (16-bit, whole)": 2 * params, "grads (16-bit, whole)": 2 * params,
+                "cpu_per_node": 14 * params * gpus_per_node / shard * 1.5}
+    return {"params (16-bit, whole)": 2 * params, "grads (16-bit, whole)": 2 * params,
+            "optimizer (fp32 master, Adam m, v)": 14 * params / shard, "cpu_per_node": 0.0}
+
+
+def zero_buffers_bytes(zero: Dict, e: int, shape: Optional[ModelShape], params: int) -> Dict[str, float]:
+    """DeepSpeed's working buffers, from the JSON's zero_optimization section (its defaults where unset)."""
+    get = lambda key: zero.get(key, ZERO_DEFAULTS[key])  # noqa: E731
+    if zero.get("stage", 0) == 3:
+        # The reduce bucket is allocated whole; prefetching gathers at most the model ahead.
+        parts = {"prefetch bucket": e * min(get("stage3_prefetch_bucket_size"), params), "reduce bucket": e * get("reduce_bucket_size")}
+        if shape is not None:  # small tensors (norms, biases) stay whole on every rank, with their grads
+            parts["persistent params"] = 2 * e * shape.persistent_params(get("stage3_param_persistence_threshold"))
+        return parts
+    if zero.get("stage", 0) in (1, 2):
+        return {"reduce bucket": e * get("reduce_bucket_size"), "all-gather bucket": e * get("allgather_bucket_size")}
+    return {}
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, work: Workload) -> float:
+    """Bytes autograd saves per token in one decoder layer without checkpointing (module docstring)."""
+    e, h, q, kv, inter = element_bytes(work.precision), shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    norm = 4 * h + 2 * e * h
+    kernel = work.attn_implementation
+    masked = work.packing and kernel == "sdpa"  # packed rows give sdpa a 4D mask: k and v are repeated
+    k_v = 2 * (q if masked or kernel == "eager" else kv)
+    attention = e * (3 * q + k_v) + 4 * shape.heads
+    if kernel == "eager":  # softmax in fp32, cast back for the matmul (no copy when training in fp32)
+        attention += (4 + (e if e < 4 else 0)) * shape.heads * work.seq_len
+    mlp = 4 * e * inter
+    return 2 * norm + attention + mlp
+
+
+def activation_bytes(shape: ModelShape, work: Workload) -> Dict[str, float]:
+    """Activations of one micro-batch saved for backward, by part."""
+    e, t = element_bytes(work.precision), work.tokens
+    parts: Dict[str, float] = {}
+    if work.activation_checkpointing:
+        parts[f"{shape.layers} layer inputs (checkpointed)"] = shape.layers * e * shape.hidden * t
+    else:
+        parts[f"{shape.layers} layers"] = shape.layers * layer_activation_bytes_per_token(shape, work) * t
+    parts["final norm"] = (4 * shape.hidden + 2 * e * shape.hidden) * t
+    if work.packing and work.attn_implementation == "sdpa":
+        parts["attention mask (packed rows)"] = work.micro_batch_size * work.seq_len**2
+    return parts
+
+
+def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
+    """What backward adds on top of the saved activations; the peak holds the larger (module docstring)."""
+    e = element_bytes(work.precision)
+    parts = {"loss logits (full vocabulary)": (8 + e + (e if e < 4 else 0)) * shape.vocab * work.tokens}
+    if work.activation_checkpointing:
+        parts["one layer recomputed"] = layer_activation_bytes_per_token(shape, work) * work.tokens
+    return parts
+
+
+@dataclass
+class MemoryEstimate:
+    parts_gib: Dict[str, Dict[str, float]]  # group -> part -> GiB per GPU
+    peak_gib: float  # per GPU, at the start of backward or in the optimizer step, whichever is larger
+    step_peak_gib: float  # in the optimizer step (activations freed; fp32 grads of one sub-group)
+    cpu_per_node_gib: float  # offloaded model states, per node
+    gpu_mem_gib: Optional[float] = None  # the budget it is checked against, when known
+    fits: Optional[bool] = None
+    advice: List[str] = field(default_factory=list)  # what would make it fit
+
+    def to_dict(self) -> Dict:
+        return dict(self.__dict__)
+
+
+def estimate(shape: Optional[ModelShape], params: Optional[int], work: Workload, ds_json: Dict,
+             world: int, nodes: int) -> Optional[MemoryEstimate]:
+    """Peak memory per GPU; None when the parameter count is unknown."""
+    if params is None:
+        return None
+    zero = ds_json.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    offload_par = zero.get("offload_param", {}).get("device", "none") != "none"
+    largest = shape.largest_layer_params if shape else 0
+    states = model_states_bytes(params, largest, stage, world, nodes, offload_opt, offload_par)
+    cpu = states.pop("cpu_per_node")
+    e = element_bytes(work.precision)
+    groups: Dict[str, Dict[str, float]] = {"model states": states, "ZeRO buffers": zero_buffers_bytes(zero, e, shape, params)}
+    if shape is not None:
+        groups["activations"] = activation_bytes(shape, work)
+        groups[TRANSIENT] = backward_transients(shape, work)
+    total = lambda names: sum(sum(groups[n].values()) for n in names if n in groups)  # noqa: E731
+    backward = total([g for g in groups if g != TRANSIENT]) + max(groups.get(TRANSIENT, {0: 0}).values())
+    # The optimizer step converts one sub-group of the gradient shard to fp32 (stage 3).
+    sub_group = min(zero.get("sub_group_size", ZERO_DEFAULTS["sub_group_size"]), params / world)
+    step = total(["model states", "ZeRO buffers"]) + (4 * sub_group if stage == 3 and not offload_opt else 0)
+    gib = {g: {k: v / GIB for k, v in parts.items()} for g, parts in groups.items()}
+    return MemoryEstimate(gib, max(backward, step) / GIB, step / GIB, cpu / GIB)
+
+
+def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[ModelShape], work: Workload,
+              world: int, nodes: int, ds_json: Dict, params: int) -> MemoryEstimate:
+    """Compare with the budget; when over it, say which single change would bring it under."""
+    mem.gpu_mem_gib = budget_gib
+    if budget_gib is None or shape is None:  # no budget, or activations unknown: no verdict
+        return mem
+    mem.fits = mem.peak_gib <= budget_gib
+    if mem.fits:
+        return mem
+    tries = []
+    if work.micro_batch_size > 1:
+        tries.append(("trainer.micro_batch_size=1", dict(work.__dict__, micro_batch_size=1), world, nodes, ds_json))
+    if not work.activation_checkpointing:
+        tries.append(("trainer.activation_checkpointing=true", dict(work.__dict__, activation_checkpointing=True), world, nodes, ds_json))
+    zero = ds_json.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("offload_optimizer", {}).get("device", "none") == "none":
+        offloaded = dict(ds_json, zero_optimization=dict(zero, offload_optimizer={"device": "cpu"}))
+        tries.append(("deepspeed=zero3_offload optim.name=cpu_adam", work.__dict__, world, nodes, offloaded))
+    for more in (2, 4, 8, 16):
+        tries.append((f"cluster.nodes={nodes * more}", work.__dict__, world * more, nodes * more, ds_json))
+    for label, work_fields, w, n, ds in tries:
+        other = estimate(shape, params, Workload(**work_fields), ds, w, n)
+        if other.peak_gib <= budget_gib:
+            mem.advice.append(f"{label} (predicted {other.peak_gib:.1f} GiB)")
+            if label.startswith("cluster.nodes"):
+                break  # the fewest nodes that fit
+    return mem

@@ -1,0 +1,41 @@
+"""Checkpoint size per node and whether a save fits between Slurm's warning signal and the kill.
+
+A ZeRO checkpoint holds the fp32 optimizer shards: master weights and Adam's two moments, 12 bytes
+per parameter (the 16-bit weights are not in it: they are rebuilt from the masters; measured:
+12.1 bytes per parameter for the tiny model, the rest RNG and module metadata). Ranks write their
+shards in parallel, so each node writes its share. After the signal a rank finishes its step,
+saves, flushes W&B and exits; `EXIT_MARGIN_S` covers the exit.
+"""
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+CHECKPOINT_BYTES_PER_PARAM = 12
+EXIT_MARGIN_S = 15.0
+
+
+@dataclass
+class StopWindow:
+    checkpoint_gb: float  # whole checkpoint, GB
+    per_node_gb: float
+    window_s: float  # cluster.signal_delay_s
+    write_gb_s: Optional[float]  # per node: configured, or measured by this run's earlier saves
+    write_source: str  # "checkpoint.write_gb_s" | "measured by this run's saves" | "unknown"
+    save_s: Optional[float]
+    needs_gb_s: Optional[float]  # the write speed per node the window requires; None: no time left at all
+    fits: Optional[bool]  # None when the write speed is unknown
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def estimate(params: int, nodes: int, signal_delay_s: float, step_s: Optional[float],
+             write_gb_s: Optional[float], write_source: str) -> StopWindow:
+    total_gb = params * CHECKPOINT_BYTES_PER_PARAM / 1e9
+    per_node = total_gb / nodes
+    left = signal_delay_s - (step_s or 0.0) - EXIT_MARGIN_S
+    needs = per_node / left if left > 0 else None
+    save_s = per_node / write_gb_s if write_gb_s else None
+    fits = None if save_s is None else save_s <= left
+    return StopWindow(total_gb, per_node, signal_delay_s, write_gb_s, write_source if write_gb_s else "unknown",
+                      save_s, needs, fits)

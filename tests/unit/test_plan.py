@@ -1,0 +1,98 @@
+"""The plan before launch: parameter counts by arithmetic, the fit verdict and its refusal, the stop
+window, and what a dry run of a real recipe prints."""
+
+import json
+
+import pytest
+
+from launcher.model_info import count_params_on_meta, read_config_json
+from launcher.plan import make_plan
+from launcher.plan.shape import ModelShape
+from launcher.plan.stop_window import estimate as stop_window
+from launcher.validate import check_config
+from tests.conftest import compose_config, run_sft
+
+
+@pytest.mark.parametrize("recipe", ["llama3_8b_sft", "llama3_70b_sft", "qwen2_5_7b_sft"])
+def test_recipe_parameter_counts_equal_the_meta_device_count(recipe):
+    hints = dict(compose_config([f"recipe={recipe}"]).model.config_hints)
+    assert ModelShape.from_config(hints).params == count_params_on_meta(hints, trust_remote_code=False)
+
+
+def test_bundled_and_other_llama_family_counts_equal_the_meta_device_count():
+    from launcher import bundled
+
+    tiny = read_config_json(bundled.resolve("bundled://tiny-llama"))  # tied embeddings
+    qwen3 = {"model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 96, "vocab_size": 1000, "tie_word_embeddings": True}
+    mistral = {"model_type": "mistral", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 3,
+               "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 500}
+    for config in (tiny, qwen3, mistral):
+        assert ModelShape.from_config(config).params == count_params_on_meta(config, trust_remote_code=False), config["model_type"]
+
+
+def test_another_architecture_is_counted_on_the_meta_device_and_gets_no_memory_verdict(tmp_path):
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 300, "n_positions": 128}
+    (tmp_path / "config.json").write_text(json.dumps(gpt2))
+    cfg = compose_config([f"model.path={tmp_path}", "cluster.gpu_mem_gib=80"])
+    facts = check_config(cfg, dry_run=True).model
+    plan = make_plan(cfg, facts, None)
+    assert facts.shape is None and plan.params == count_params_on_meta(gpt2, trust_remote_code=False)
+    assert plan.memory["fits"] is None and "activations" not in plan.memory["parts_gib"]
+
+
+def test_a_run_that_does_not_fit_is_refused_before_anything_is_written(tmp_path):
+    result = run_sft(["cluster.gpu_mem_gib=0.1", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 2
+    message = result.stderr
+    assert "cluster.gpu_mem_gib=0.1: the run does not fit: the plan predicts" in message
+    assert "0.09 GiB is usable" in message and "plan.force=true" in message
+    assert "model states" in message and "activations" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_refusal_names_the_change_that_would_make_it_fit():
+    # Llama 3.1 8B on one 80 GB GPU with 16k tokens and no checkpointing: activations overflow.
+    cfg = compose_config(["recipe=llama3_8b_sft", "cluster.gpu=h100", "data.seq_len=16384", "trainer.micro_batch_size=1",
+                          "trainer.activation_checkpointing=false"])
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None)
+    mem = plan.memory
+    assert mem["fits"] is False and mem["peak_gib"] > mem["gpu_mem_gib"]
+    assert mem["advice"][0].startswith("trainer.activation_checkpointing=true (predicted ")
+    assert not any(a.startswith("cluster.nodes=") for a in mem["advice"])  # more nodes do not shrink activations
+
+
+def test_forcing_a_run_that_does_not_fit_passes_the_check(tmp_path):
+    result = run_sft(["cluster.gpu_mem_gib=0.1", "plan.force=true", "dry_run=true"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "DOES NOT FIT" in result.stdout and "a real run would stop here" not in result.stdout
+
+
+def test_stop_window_needs_and_verdicts():
+    # 70.55B parameters x 12 bytes over 8 nodes: 105.8 GB per node.
+    window = stop_window(70_553_706_496, nodes=8, signal_delay_s=300, step_s=20.0, write_gb_s=None, write_source="x")
+    assert window.per_node_gb == pytest.approx(105.83, abs=0.01) and window.fits is None
+    assert window.needs_gb_s == pytest.approx(105.83 / (300 - 20 - 15), abs=0.001)
+    slow = stop_window(70_553_706_496, 8, 300, 20.0, 0.2, "checkpoint.write_gb_s")
+    fast = stop_window(70_553_706_496, 8, 300, 20.0, 2.0, "checkpoint.write_gb_s")
+    assert (slow.fits, fast.fits) == (False, True) and fast.save_s == pytest.approx(52.9, abs=0.1)
+    assert stop_window(8e9, 1, 10, 20.0, 2.0, "x").needs_gb_s is None  # the step alone outlasts the window
+
+
+def test_the_70b_recipe_leaves_a_margin_at_a_parallel_file_systems_speed():
+    cfg = compose_config(["recipe=llama3_70b_sft", "cluster.gpu=h100", "checkpoint.write_gb_s=1.0"])
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None)
+    assert plan.stop_window["fits"] is True and plan.stop_window["save_s"] < 0.6 * plan.stop_window["window_s"]
+
+
+def test_dry_run_of_the_8b_recipe_prints_every_prediction(tmp_path):
+    result = run_sft(["recipe=llama3_8b_sft", "cluster.gpu=h100", "dry_run=true", "plan.scaling=true", "plan.max_nodes=4"],
+                     cwd=tmp_path, env={"COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for text in ("peak memory per GPU", "model states", "ZeRO buffers", "activations", "loss logits (full vocabulary)",
+                 "fits (", "communication per step", "step time (at best)", "MFU ceiling", "checkpoint size",
+                 "stop window", "needs ", "Scaling (same global batch)"):
+        assert text in out, text
+    rows = [line for line in out.splitlines() if line.startswith("│") and line.split("│")[1].strip() in ("1", "2", "4")]
+    assert [r.split("│")[1].strip() for r in rows] == ["1", "2", "4"]
