@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launcher.plan import make_plan
+from launcher.validate import check_config
 from tests.conftest import SFT, run_sft
 from tests.utils.wandb_file import find_runs, read_run
 
@@ -40,7 +42,8 @@ def train(tmp: Path, overrides, name: str) -> Path:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    return train(tmp, SHORT, "uninterrupted")
+    # DeepSpeed's comms logger only counts (and synchronises): the losses stay those of SHORT.
+    return train(tmp, [*SHORT, "+deepspeed.extra.comms_logger={enabled: true, prof_all: true}"], "uninterrupted")
 
 
 def test_losses_match_the_pinned_reference(reference_run):
@@ -390,3 +393,28 @@ def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint_to
     assert f"removing an interrupted save: {saving.parent}" in log
     assert f"resumed from {run_dir / 'checkpoints' / 'step-000001'} at step 1" in log
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000003"]
+
+
+def test_the_plan_predicts_the_bytes_deepspeeds_comms_logger_measures_within_5_percent(reference_run):
+    """ZeRO-3 on 2 ranks, 2 micro-batches per step: per optimizer step the forward all-gathers every
+    parameter once per micro-batch (the tiny model is within DeepSpeed's reuse distance, so backward
+    gathers nothing) and gradients are reduce-scattered once per micro-batch."""
+    predicted = json.loads((reference_run / "plan.json").read_text())["comm"]["message_bytes"]
+    for rank in (0, 1):
+        measured = json.loads((reference_run / "comms" / f"rank-{rank}.json").read_text())
+        assert measured["optimizer_steps"] == 11  # 12 steps, the first (DeepSpeed's trace) left out
+        per_step = {op: n / measured["optimizer_steps"] for op, n in measured["message_bytes"].items()}
+        for op in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+            assert per_step[op] == pytest.approx(predicted[op], rel=0.05), (rank, op)
+        assert sum(per_step.values()) == pytest.approx(sum(predicted.values()), rel=0.05)
+
+
+def test_checkpoint_saves_record_their_write_speed_and_the_next_plan_uses_it(reference_run, compose_cfg):
+    saves = [r for r in (json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in saves] == [4, 8, 12]
+    on_disk = sum(f.stat().st_size for f in (reference_run / "checkpoints" / "step-000012").rglob("*") if f.is_file())
+    assert saves[-1]["gb"] == pytest.approx(on_disk / 1e9, rel=1e-6) and all(r["write_gb_s_per_node"] > 0 for r in saves)
+    cfg = compose_cfg([*SHORT, f"run_dir={reference_run}", "cluster=slurm", "cluster.gpus_per_node=2", "cluster.signal_delay_s=60"])
+    window = make_plan(cfg, check_config(cfg, dry_run=True).model, None).stop_window
+    assert window["write_source"] == "measured by this run's saves"
+    assert window["write_gb_s"] == sorted(r["write_gb_s_per_node"] for r in saves)[1] and window["fits"] is True
