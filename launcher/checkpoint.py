@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-import torch
-
+# torch and numpy are imported where used: `sft` reads checkpoints on the login node without them.
 from launcher.atomic import fsync_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -75,6 +73,9 @@ def discard_partial(run_dir: Path) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
+    import numpy as np
+    import torch
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -82,6 +83,9 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -92,6 +96,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save(engine, run_dir: Path, step: int, rank: int, world_size: int, client_state: Dict[str, Any],
          fingerprint: Dict[str, Any]) -> Path:
     """All ranks call this. Returns the checkpoint dir, which exists only once every rank's files are on disk."""
+    import torch
+
     barrier = torch.distributed.barrier
     final = step_dir(run_dir, step)
     staging = final.parent / PARTIAL / final.name
@@ -149,6 +155,8 @@ def load(engine, path: Path, rank: int, universal: bool) -> Dict[str, Any]:
     universal: the checkpoint was written by another number of ranks and is read from its
     converted form, which has no per-rank RNG state (fresh ranks keep the seeded RNG).
     """
+    import torch
+
     if universal:
         _, client_state = engine.load_checkpoint(str(path), tag=UNIVERSAL)
         if engine.zero_optimization_stage() == 3:
@@ -168,6 +176,8 @@ def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:
     weight decay of the no-decay group) and one shared Adam `step` tensor, which torch's AdamW then
     advances once per group: put back each group's settings and give each state its own step.
     Measured: without this a 2 -> 1 rank resume drifts by 4.5e-4 in loss; with it, 0."""
+    import torch
+
     saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
     saved_groups = saved["optimizer_state_dict"]["param_groups"]
     groups = engine.optimizer.optimizer.param_groups

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import ops
-from launcher.devices import GPUS, by_device_name
+from launcher.devices import GPUS, by_device_name, local_gpu_count
 from launcher.plan import comm, memory, stop_window
 from launcher.plan.memory import MemoryEstimate, Workload
 from launcher.errors import problem
@@ -50,18 +50,14 @@ def default_procs_per_node(cluster) -> int:
         return cluster.procs_per_node
     if cluster.backend == "slurm":
         return cluster.gpus_per_node or 1
-    import torch
-
-    return torch.cuda.device_count() or 2  # CPU: 2 ranks exercise real sharding
+    return local_gpu_count() or 2  # CPU: 2 ranks exercise real sharding
 
 
 def accelerator(cluster) -> str:
     """What the ranks will train on: 'cuda' or 'cpu'."""
     if cluster.backend == "slurm":
         return "cuda" if cluster.gpus_per_node else "cpu"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if local_gpu_count() else "cpu"
 
 
 def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
