@@ -19,6 +19,19 @@ class Partition:
     max_nodes: Optional[int]  # per job; None: unlimited
     gpus_per_node: int
     cpus_per_node: int
+    gpu_type: Optional[str] = None  # a launcher.devices.GPUS name, when the GRES type says it
+
+
+def gpu_type(gres: str) -> Optional[str]:
+    """The known GPU a partition's GRES names ("gpu:h100:8" -> "h100"), if any; "a100" alone is
+    ambiguous (40 or 80 GB) and names none."""
+    from launcher.devices import GPUS
+
+    for kind in re.findall(r"gpu:([A-Za-z][\w-]*):\d+", gres):
+        kind = kind.lower().replace("-", "_").replace("gb", "g")
+        if kind in GPUS:
+            return kind
+    return None
 
 
 def parse_slurm_minutes(text: str) -> Optional[int]:
@@ -55,8 +68,19 @@ def read_partitions() -> tuple:
             max_time_min=parse_slurm_minutes(fields.get("MaxTime", "UNLIMITED")),
             total_nodes=int(fields.get("TotalNodes", 0)), gpus_per_node=gpus, cpus_per_node=cpus,
             max_nodes=None if fields.get("MaxNodes", "UNLIMITED") == "UNLIMITED" else int(fields["MaxNodes"]),
+            gpu_type=gpu_type(node_info),
         ))
     return tuple(partitions)
+
+
+def partition_gpu(cluster) -> Optional[str]:
+    """The known GPU of the partition a job would land on, or None (no Slurm here, untyped GRES)."""
+    try:
+        partitions = read_partitions()
+    except ConfigError:
+        return None
+    wanted = [p for p in partitions if (p.name == cluster.partition if cluster.partition else p.default)]
+    return wanted[0].gpu_type if wanted else None
 
 
 def check_partition(cluster, partitions: List[Partition]) -> Partition:

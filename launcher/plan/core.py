@@ -127,11 +127,16 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
 def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
     """(memory GiB, peak TFLOP/s, description) of the device the ranks will train on, where known."""
     mem, tflops, source = cluster.gpu_mem_gib, cluster.gpu_tflops, []
-    if cluster.gpu:
-        known = GPUS.get(str(cluster.gpu).lower())  # validate.py names the valid ones
+    gpu, origin = cluster.gpu, "cluster.gpu"
+    if gpu is None and cluster.backend == "slurm" and (mem is None or tflops is None):
+        from launcher.backends.slurm_partitions import partition_gpu
+
+        gpu, origin = partition_gpu(cluster), "the partition's GRES"
+    if gpu:
+        known = GPUS.get(str(gpu).lower())  # validate.py names the valid ones
         if known:
             mem, tflops = mem or known.mem_gib, tflops or known.tflops
-        source.append(f"cluster.gpu={cluster.gpu}")
+        source.append(f"{gpu} ({origin})")
     elif cluster.backend == "local" and accelerator(cluster) == "cuda" and (mem is None or tflops is None):
         import torch
 

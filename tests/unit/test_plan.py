@@ -96,3 +96,13 @@ def test_dry_run_of_the_8b_recipe_prints_every_prediction(tmp_path):
         assert text in out, text
     rows = [line for line in out.splitlines() if line.startswith("│") and line.split("│")[1].strip() in ("1", "2", "4")]
     assert [r.split("│")[1].strip() for r in rows] == ["1", "2", "4"]
+
+
+@pytest.mark.parametrize("gres, expected", [
+    ("gpu:h100:8(S:0-1)|96", "h100"), ("gpu:H200:8|128", "h200"), ("gpu:a100-80gb:4|64", "a100_80g"),
+    ("gpu:a100:8|64", None), ("gpu:8|64", None), ("(null)|2", None),
+])
+def test_a_partitions_gres_type_names_the_gpu_the_plan_predicts_for(gres, expected):
+    from launcher.backends.slurm_partitions import gpu_type
+
+    assert gpu_type(gres) == expected
