@@ -2,6 +2,9 @@
 window, and what a dry run of a real recipe prints."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +13,7 @@ from launcher.plan import make_plan
 from launcher.plan.shape import ModelShape
 from launcher.plan.stop_window import estimate as stop_window
 from launcher.validate import check_config
-from tests.conftest import compose_config, run_sft
+from tests.conftest import REPO, compose_config, run_sft
 
 
 @pytest.mark.parametrize("recipe", ["llama3_8b_sft", "llama3_70b_sft", "qwen2_5_7b_sft"])
@@ -106,3 +109,17 @@ def test_a_partitions_gres_type_names_the_gpu_the_plan_predicts_for(gres, expect
     from launcher.backends.slurm_partitions import gpu_type
 
     assert gpu_type(gres) == expected
+
+
+@pytest.mark.parametrize("recipe", ["llama3_8b_sft", "tiny_sft"])
+def test_a_dry_run_imports_neither_torch_nor_transformers(recipe, tmp_path):
+    """What made the plan slow (4.6 s): counting parameters through torch and transformers."""
+    from launcher import bundled
+
+    bundled.resolve("bundled://tiny-llama")  # built once per cache (with torch); read from then on
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher.cli", f"recipe={recipe}", "dry_run=true"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "launcher.plan.memory" in imported
+    assert not imported & {"torch", "transformers", "deepspeed", "datasets"}
