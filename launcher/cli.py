@@ -92,7 +92,8 @@ def memory_refusal(cfg: DictConfig, plan: Plan) -> Optional[str]:
     mem = plan.memory
     if not mem or mem["fits"] is not False or cfg.plan.force:
         return None
-    key, value = ("cluster.gpu_mem_gib", cfg.cluster.gpu_mem_gib) if cfg.cluster.gpu_mem_gib is not None else ("cluster.gpu", cfg.cluster.gpu)
+    # The key that set the budget: gpu_mem_gib, gpu, or (from the partition or this machine) the device found.
+    key, value = ("cluster.gpu_mem_gib", cfg.cluster.gpu_mem_gib) if cfg.cluster.gpu_mem_gib is not None else ("cluster.gpu", cfg.cluster.gpu or plan.device)
     parts = ", ".join(f"{group} {max(v.values()) if 'larger' in group else sum(v.values()):.2f}"
                       for group, v in mem["parts_gib"].items())
     fixes = "; ".join(mem["advice"]) or "no single change: combine them, or use a larger GPU"

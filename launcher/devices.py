@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 from typing import Dict, NamedTuple, Optional
 
 
@@ -24,9 +25,9 @@ GPUS: Dict[str, Device] = {
 
 
 def by_device_name(name: str) -> Optional[Device]:
-    """The entry all of whose match strings are in a CUDA device name ("L40S" before "L4")."""
+    """The entry all of whose match strings are whole words of a CUDA device name (an L40 is no L4)."""
     for device in sorted(GPUS.values(), key=lambda d: -sum(map(len, d.match))):
-        if all(part in name for part in device.match):
+        if all(re.search(rf"(?<![A-Za-z0-9]){part}(?![A-Za-z0-9])", name) for part in device.match):
             return device
     return None
 

@@ -3,7 +3,7 @@
 import functools
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from launcher import bundled
@@ -18,7 +18,6 @@ class ModelFacts:
     source: str  # "config.json" | "recipe hints" | "unknown"
     error: Optional[str] = None  # why config.json could not be read
     shape: Optional[ModelShape] = None  # None: not a Llama-family model, or unknown
-    config: Dict[str, Any] = field(default_factory=dict)
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -76,4 +75,4 @@ def _read_model_facts(model_path: str, trust_remote_code: bool, hints_json: str)
             params = count_params_on_meta(config, trust_remote_code)
         except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: no count
             params = None
-    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape, config)
+    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape)

@@ -55,14 +55,15 @@ def fit_verdict(mem: Dict[str, Any]) -> str:
     budget = f"{fmt_gib(mem['gpu_mem_gib'])} usable"
     if mem["fits"]:
         return f"fits ({fmt_gib(mem['peak_gib'])} of {budget})"
-    fixes = "; ".join(mem["advice"]) or "nothing single: combine the changes above, or a larger GPU"
+    fixes = "; ".join(mem["advice"]) or "no single change (micro batch, checkpointing, offload, nodes): combine them, or use a larger GPU"
     return f"DOES NOT FIT ({fmt_gib(mem['peak_gib'])} > {budget}); would fit with: {fixes}"
 
 
 def memory_rows(mem: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
     if not mem:
         return [("peak memory per GPU", "n/a (parameter count unknown)")]
-    rows = [("peak memory per GPU", f"{fmt_gib(mem['peak_gib'])} (optimizer step: {fmt_gib(mem['step_peak_gib'])})")]
+    rows = [("peak memory per GPU", f"{fmt_gib(mem['peak_gib'])} (optimizer step: {fmt_gib(mem['step_peak_gib'])})"
+             + ("" if "activations" in mem["parts_gib"] else "; without activations and the largest layer: not modelled for this architecture"))]
     for group, parts in mem["parts_gib"].items():
         shown = ", ".join(f"{name} {fmt_gib(gib)}" for name, gib in parts.items())
         rows.append((f"  {group}", f"{fmt_gib(sum(parts.values()) if 'larger' not in group else max(parts.values()))}: {shown}"))
@@ -107,15 +108,20 @@ def stop_rows(stop: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
     return [("checkpoint size", size), ("stop window", verdict)]
 
 
-def scaling_table(plan: Plan) -> Table:
-    table = Table(title="Scaling (same global batch)", title_justify="left")
-    for column in ("nodes", "GPUs", "accum", "peak GiB/GPU", "fits", "comm s", "compute s", "step s", "tokens/s", "MFU ceiling"):
-        table.add_column(column, justify="right")
+def scaling_table(plan: Plan, global_batch_fixed: bool) -> Table:
+    title = "Scaling (same global batch)" if global_batch_fixed else "Scaling (global batch grows with the GPUs: trainer.global_batch_size is unset)"
+    table = Table(title=title, title_justify="left")
+    for column in ("nodes", "GPUs", "global batch", "accum", "peak GiB/GPU", "fits", "comm s", "compute s", "step s", "tokens/s", "MFU ceiling"):
+        table.add_column(column, justify="right", no_wrap=True)
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     for r in plan.scaling:
+        if not r["divides"]:
+            table.add_row(str(r["nodes"]), str(r["gpus"]), "does not divide", *[""] * 8)
+            continue
         fits = {True: "yes", False: "NO", None: "?"}[r["fits"]]
-        table.add_row(str(r["nodes"]), str(r["gpus"]), str(r["accum"]), f"{r['peak_gib']:.1f}", fits, fmt(r["comm_s"], ".2f"),
-                      fmt(r["compute_s"], ".2f"), fmt(r["step_s"], ".2f"), fmt(r["tokens_per_s"], ",.0f"), fmt(r["mfu_ceiling"], ".0%"))
+        table.add_row(str(r["nodes"]), str(r["gpus"]), str(r["global_batch"]), str(r["accum"]), f"{r['peak_gib']:.1f}", fits,
+                      fmt(r["comm_s"], ".2f"), fmt(r["compute_s"], ".2f"), fmt(r["step_s"], ".2f"), fmt(r["tokens_per_s"], ",.0f"),
+                      fmt(r["mfu_ceiling"], ".0%"))
     return table
 
 
@@ -135,8 +141,8 @@ def print_dry_run(console: Console, config: Dict[str, Any], plan: Plan, ds_confi
     console.rule("resolved config")
     console.print(Syntax(yaml.safe_dump(config, sort_keys=False), "yaml", background_color="default"))
     console.print(plan_table(plan))
-    if plan.scaling:
-        console.print(scaling_table(plan))
+    if plan.scaling:  # numbers are not wrapped: at least 130 columns even when piped
+        console.print(scaling_table(plan, config["trainer"]["global_batch_size"] is not None), width=max(console.width, 130))
     console.rule("DeepSpeed config")
     console.print_json(json.dumps(ds_config))
     if extra:

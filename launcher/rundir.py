@@ -31,8 +31,10 @@ PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "datasets", "hydra
 def is_secret_name(name: str) -> bool:
     """A whole word of the name is a secret word: HF_TOKEN, api_key, AWS_SECRET_ACCESS_KEY, but
     not max_new_tokens or keep."""
-    words = re.split(r"[^A-Z0-9]+", str(name).upper())
-    return any(word in SECRET_WORDS or word in ("APIKEY", "PASSWD") for word in words)
+    words = [w for w in re.split(r"[^A-Z0-9]+", str(name).upper()) if w]
+    # KEY only as the last word: api_key, SSH_KEY, but not a model's num_key_value_heads.
+    return any(word in SECRET_WORDS and (word != "KEY" or i == len(words) - 1) or word in ("APIKEY", "PASSWD")
+               for i, word in enumerate(words))
 
 
 def secret_values(config: Any, environ: Optional[Dict[str, str]] = None) -> set:

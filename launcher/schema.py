@@ -164,7 +164,7 @@ class ClusterConfig:
     # What the plan predicts with (memory fit, step time); gpu names a known device (h100, h200,
     # a100_80g, a100_40g, l40s, ...); gpu_mem_gib / gpu_tflops override or replace it.
     gpu: Optional[str] = None
-    gpu_mem_gib: Optional[float] = None  # usable memory per GPU
+    gpu_mem_gib: Optional[float] = None  # memory per GPU (the plan uses 90% of it)
     gpu_tflops: Optional[float] = None  # dense bf16/fp16 peak per GPU
     net_gbps: float = 400.0  # inter-node bandwidth per GPU, Gbit/s (one 400G NIC per GPU on HGX nodes)
     intra_node_gbps: float = 3600.0  # GPU-to-GPU inside a node, Gbit/s per direction (NVLink 4: 450 GB/s)

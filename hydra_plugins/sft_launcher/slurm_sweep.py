@@ -14,6 +14,7 @@ from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.plugins.launcher import Launcher
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
+from rich.markup import escape
 
 from launcher.overrides import is_group_or_hydra_key
 
@@ -60,6 +61,10 @@ class SlurmSweepLauncher(Launcher):
         if first.cfg.dry_run:
             remove_unused_sweep_dir(sweep_dir)
             print_dry_run(first, console)
+            for idx, overrides, _, prep in points[1:]:  # the first point's warnings came with its plan
+                for warning in prep.checked.warnings:
+                    console.print(f"[yellow]point {idx} ({' '.join(overrides)}): warning (a real run would stop here):[/] "
+                                  f"{escape(warning)}", highlight=False, soft_wrap=True)
             console.print(f"dry run: {len(points)} points would be one job array", highlight=False)
             return []
 

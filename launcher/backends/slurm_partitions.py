@@ -57,6 +57,8 @@ def read_partitions() -> tuple:
         raise ConfigError([problem("cluster", "slurm", "scontrol is not on PATH: submit from a Slurm login node (or cluster=local)")])
     except subprocess.CalledProcessError as exc:
         raise ConfigError([problem("cluster", "slurm", f"cannot reach the Slurm controller: {exc.stderr.strip()}")])
+    except subprocess.TimeoutExpired:
+        raise ConfigError([problem("cluster", "slurm", "the Slurm controller did not answer `scontrol show partition` in 30 s")])
     partitions = []
     for line in out.splitlines():
         fields = dict(item.split("=", 1) for item in line.split() if "=" in item)

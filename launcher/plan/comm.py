@@ -3,15 +3,17 @@
 ZeRO-3 (Rajbhandari et al. 2019), per micro-batch: forward all-gathers every partitioned
 parameter; backward all-gathers again those that forward released (DeepSpeed keeps a parameter
 whose next use comes within `stage3_max_reuse_distance` elements: the last layers before the
-turn, about half that distance's worth of parameters); activation checkpointing's recomputed
-forward gathers once more; gradients are reduce-scattered. After the optimizer step the small
-persistent parameters are all-gathered. Stage 2 reduce-scatters gradients per micro-batch and
-all-gathers the updated parameters once per step; stages 0-1 all-reduce gradients once per step.
+turn, about half that distance's worth of parameters; with activation checkpointing the
+recomputed forward does this gather instead of backward); gradients are reduce-scattered.
+After the optimizer step the small persistent parameters are all-gathered. Stage 2
+reduce-scatters gradients per micro-batch, stage 1 once per step, and both all-gather the
+updated parameters once per step; stage 0 all-reduces gradients once per step.
 
 `message_bytes` follows DeepSpeed's comms logger (`"comms_logger": {"enabled": true}`), which
 counts an all-gather by its input (this rank's shard) and a reduce-scatter or all-reduce by its
-full tensor; tests/integration/test_plan_comms.py checks them against it. A ring moves
-(N-1)/N of each full tensor in and out of every GPU.
+full tensor; `test_the_plan_predicts_the_bytes_deepspeeds_comms_logger_measures_within_5_percent`
+(tests/integration/test_trainer.py) checks ZeRO-3 against it. A ring moves (N-1)/N of each full
+tensor in and out of every GPU for an all-gather or reduce-scatter, twice that for an all-reduce.
 """
 
 from dataclasses import asdict, dataclass
@@ -39,8 +41,7 @@ class CommEstimate:
         return asdict(self)
 
 
-def full_tensor_bytes(params: int, shape: Optional[ModelShape], zero: Dict, e: int, accum: int,
-                      activation_checkpointing: bool) -> Dict[str, float]:
+def full_tensor_bytes(params: int, shape: Optional[ModelShape], zero: Dict, e: int, accum: int) -> Dict[str, float]:
     """Full-tensor bytes of each collective per optimizer step (before the logger's shard convention)."""
     stage = zero.get("stage", 0)
     p = params * e
@@ -49,10 +50,10 @@ def full_tensor_bytes(params: int, shape: Optional[ModelShape], zero: Dict, e: i
         persistent = shape.persistent_params(threshold) if shape else 0
         partitioned = params - persistent
         kept = min(partitioned, zero.get("stage3_max_reuse_distance", REUSE_DEFAULT) / 2)
-        gathers = partitioned * (2 if activation_checkpointing else 1) + (partitioned - kept)
+        gathers = partitioned + (partitioned - kept)
         return {"all_gather_into_tensor": (accum * gathers + persistent) * e, "reduce_scatter_tensor": accum * p}
-    if stage == 2:
-        return {"all_gather_into_tensor": p, "reduce_scatter_tensor": accum * p}
+    if stage in (1, 2):
+        return {"all_gather_into_tensor": p, "reduce_scatter_tensor": (accum if stage == 2 else 1) * p}
     return {"all_reduce": p}
 
 
@@ -68,11 +69,11 @@ def estimate(params: int, shape: Optional[ModelShape], ds_json: Dict, precision:
     zero = ds_json.get("zero_optimization", {})
     e = element_bytes(precision)
     accum = ds_json.get("gradient_accumulation_steps", 1)
-    full = full_tensor_bytes(params, shape, zero, e, accum, activation_checkpointing)
+    full = full_tensor_bytes(params, shape, zero, e, accum)
     ring = (world - 1) / world
-    per_gpu = ring * sum(full.values())
+    per_gpu = ring * sum(b * (2 if op == "all_reduce" else 1) for op, b in full.items())
     messages = {op: (b / world if op == "all_gather_into_tensor" else b) for op, b in full.items()}
-    link, gbps = ("inter-node network", net_gbps) if nodes > 1 else ("intra-node (NVLink)", intra_node_gbps)
+    link, gbps = ("inter-node network", net_gbps) if nodes > 1 else ("intra-node", intra_node_gbps)
     comm_s = per_gpu / (gbps / 8 * 1e9) if world > 1 else 0.0
     compute_s = step_s = mfu = tokens_s = None
     if tflops:

@@ -119,8 +119,9 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
         precision=cfg.trainer.precision,
         compiled_ops=ops.plan(cfg.optim.name, accelerator(cfg.cluster)),
     )
+    mem_gib, tflops, plan.device = device_budget(cfg.cluster)
     if facts.params is not None:
-        predict(cfg, plan, facts)
+        predict(cfg, plan, facts, mem_gib, tflops)
     return plan
 
 
@@ -169,32 +170,36 @@ def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops) -> Tuple[Opt
     work = workload(cfg)
     mem = memory.estimate(facts.shape, facts.params, work, ds_json, world, nodes)
     budget = mem_gib * USABLE_FRACTION if mem_gib else None
-    mem = memory.check_fit(mem, budget, facts.shape, work, world, nodes, ds_json, facts.params)
+    mem = memory.check_fit(mem, budget, facts.shape, work, world, nodes, ds_json, facts.params,
+                           more_nodes=cfg.cluster.backend == "slurm" and cfg.trainer.global_batch_size is not None)
     traffic = comm.estimate(facts.params, facts.shape, ds_json, str(cfg.trainer.precision), world, nodes, gb * cfg.data.seq_len,
                             cfg.data.seq_len, cfg.trainer.activation_checkpointing, tflops, cfg.cluster.net_gbps,
                             cfg.cluster.intra_node_gbps)
     return mem, traffic, at
 
 
-def predict(cfg, plan: Plan, facts) -> None:
-    """Fill the plan's memory, communication, stop-window and (plan.scaling) per-node-count predictions."""
-    mem_gib, tflops, plan.device = device_budget(cfg.cluster)
+def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[float]) -> None:
+    """Fill the plan's memory, communication, stop-window (Slurm) and (plan.scaling) per-node-count predictions."""
     mem, traffic, _ = predict_at(cfg, plan, facts, plan.nodes, mem_gib, tflops)
     if mem is not None:
         plan.memory, plan.comm = mem.to_dict(), traffic.to_dict()
     speed, source = cfg.checkpoint.write_gb_s, "checkpoint.write_gb_s"
     if speed is None and cfg.run_dir:
         speed, source = measured_write_speed(cfg.run_dir), "measured by this run's saves"
-    plan.stop_window = stop_window.estimate(facts.params, plan.nodes, cfg.cluster.signal_delay_s,
-                                            traffic.step_s if traffic else None, speed, source).to_dict()
+    if cfg.cluster.backend == "slurm":  # only Slurm warns before it kills
+        plan.stop_window = stop_window.estimate(facts.params, plan.nodes, cfg.deepspeed.stage, plan.precision,
+                                                cfg.cluster.signal_delay_s, traffic.step_s if traffic else None,
+                                                speed, source).to_dict()
     if cfg.plan.scaling:
         counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= cfg.plan.max_nodes} | {plan.nodes})
         for nodes in counts:
             m, t, at = predict_at(cfg, plan, facts, nodes, mem_gib, tflops)
+            row = {"nodes": nodes, "gpus": nodes * plan.procs_per_node, "divides": at is not None}
             if at is not None:
-                plan.scaling.append({"nodes": nodes, "gpus": at.world_size, "accum": at.grad_accum_steps,
-                                     "peak_gib": m.peak_gib, "fits": m.fits, "comm_s": t.comm_s, "compute_s": t.compute_s,
-                                     "step_s": t.step_s, "tokens_per_s": t.tokens_per_s, "mfu_ceiling": t.mfu_ceiling})
+                row.update(accum=at.grad_accum_steps, global_batch=at.global_batch_size, peak_gib=m.peak_gib, fits=m.fits,
+                           comm_s=t.comm_s, compute_s=t.compute_s, step_s=t.step_s, tokens_per_s=t.tokens_per_s,
+                           mfu_ceiling=t.mfu_ceiling)
+            plan.scaling.append(row)
 
 
 def measured_write_speed(run_dir: str) -> Optional[float]:

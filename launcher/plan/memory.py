@@ -30,8 +30,7 @@ GIB = 2**30
 TRANSIENT = "backward transient (the larger)"
 DS_BYTES_PER_PARAM = 18  # DeepSpeed's estimators: per parameter, sharded under ZeRO
 ZERO_DEFAULTS = {"stage3_prefetch_bucket_size": 50_000_000, "reduce_bucket_size": 500_000_000,
-                 "allgather_bucket_size": 500_000_000, "stage3_param_persistence_threshold": 100_000,
-                 "sub_group_size": 1_000_000_000}
+                 "stage3_param_persistence_threshold": 100_000, "sub_group_size": 1_000_000_000}
 
 
 def element_bytes(precision: str) -> int:
@@ -55,36 +54,36 @@ class Workload:
 
 
 def model_states_bytes(params: int, largest_layer: int, stage: int, world: int, nodes: int,
-                       offload_optimizer: bool, offload_param: bool) -> Dict[str, float]:
+                       offload_optimizer: bool, offload_param: bool, e: int = 2) -> Dict[str, float]:
     """Per-GPU model states and per-node CPU memory for offload, as DeepSpeed's estimators count them.
 
-    The parts sum to DeepSpeed's `gpu_mem`; `cpu_per_node` is its `cpu_mem` (with its 1.5x buffer
-    factor) when something is offloaded, else 0.
+    For 16-bit training (e=2) the parts sum to DeepSpeed's `gpu_mem` and `cpu_per_node` is its
+    `cpu_mem` (with its 1.5x buffer factor) when something is offloaded. In fp32 the same 18 bytes
+    split as params 4, grads 4 and Adam's moments 8 (the params are the master weights).
     """
-    gpus_per_node = world // nodes
-    largest = 4 * largest_layer  # the largest layer gathered whole: 16-bit params and grads
+    bits = "16-bit" if e == 2 else "fp32"
+    optimizer = ("optimizer (fp32 master, Adam m, v)", 12) if e == 2 else ("optimizer (Adam m, v)", 8)
+    largest = 2 * e * largest_layer  # the largest layer gathered whole, with its gradient
     if stage == 3:
-        if offload_param:
+        shard = {f"params ({bits} shard)": e * params / world, f"grads ({bits} shard)": e * params / world,
+                 f"{optimizer[0]} shard": optimizer[1] * params / world, "fp32 grad allowance (shard)": 2 * params / world}
+        if offload_param and offload_optimizer:  # everything but the gathered layer lives in CPU memory
             return {"largest layer (gathered)": largest, "cpu_per_node": params * 18 / nodes * 1.5}
+        if offload_param:  # the params' shards only
+            shard.pop(f"params ({bits} shard)")
+            return {"largest layer (gathered)": largest, **shard, "cpu_per_node": e * params / nodes * 1.5}
         if offload_optimizer:
-            return {"largest layer (gathered)": largest, "params (16-bit shard)": 2 * params / world,
+            return {"largest layer (gathered)": largest, f"params ({bits} shard)": e * params / world,
                     "cpu_per_node": params * 16 / nodes * 1.5}
-        return {"largest layer (gathered)": largest, "params (16-bit shard)": 2 * params / world,
-                "grads (16-bit shard)": 2 * params / world,
-                "optimizer (fp32 master, Adam m, v; shard)": 12 * params / world,
-                "fp32 grad allowance (shard)": 2 * params / world, "cpu_per_node": 0.0}
-    if stage == 2:
-        if offload_optimizer:
-            return {"params (16-bit, whole)": 2 * params, "cpu_per_node": params * max(4 * world, 16) * 1.5}
-        return {"params (16-bit, whole)": 2 * params, "grads (16 + 32-bit shard)": 6 * params / world,
-                "optimizer (fp32 master, Adam m, v; shard)": 12 * params / world, "cpu_per_node": 0.0}
-    # Stages 0 and 1: gradients whole; stage 1 shards the optimizer states only.
-    shard = world if stage == 1 else 1
+        return {"largest layer (gathered)": largest, **shard, "cpu_per_node": 0.0}
+    whole = {f"params ({bits}, whole)": e * params}
+    grads_shard = world if stage == 2 else 1  # stage 2 shards gradients; 0 and 1 keep them whole
+    opt_shard = world if stage >= 1 else 1
     if offload_optimizer:
-        return {"params (16-bit, whole)": 2 * params, "grads (16-bit, whole)": 2 * params,
-                "cpu_per_node": 14 * params * gpus_per_node / shard * 1.5}
-    return {"params (16-bit, whole)": 2 * params, "grads (16-bit, whole)": 2 * params,
-            "optimizer (fp32 master, Adam m, v)": 14 * params / shard, "cpu_per_node": 0.0}
+        cpu = params * max(4 * world, 16) * 1.5 if stage == 2 else (optimizer[1] + 4) * params * (world // nodes) / opt_shard * 1.5
+        return {**whole, **({} if stage == 2 else {f"grads ({bits}, whole)": e * params}), "cpu_per_node": cpu}
+    grads = {f"grads ({bits}{' shard' if stage == 2 else ', whole'}) and fp32 copy": (e + (4 if e == 2 else 0)) * params / grads_shard}
+    return {**whole, **grads, f"{optimizer[0]}{' shard' if opt_shard > 1 else ''}": optimizer[1] * params / opt_shard, "cpu_per_node": 0.0}
 
 
 def zero_buffers_bytes(zero: Dict, e: int, shape: Optional[ModelShape], params: int) -> Dict[str, float]:
@@ -97,7 +96,8 @@ def zero_buffers_bytes(zero: Dict, e: int, shape: Optional[ModelShape], params: 
             parts["persistent params"] = 2 * e * shape.persistent_params(get("stage3_param_persistence_threshold"))
         return parts
     if zero.get("stage", 0) in (1, 2):
-        return {"reduce bucket": e * get("reduce_bucket_size"), "all-gather bucket": e * get("allgather_bucket_size")}
+        # Two reduce buckets when communication overlaps compute; params are gathered in place.
+        return {"reduce buckets": e * get("reduce_bucket_size") * (2 if zero.get("overlap_comm") else 1)}
     return {}
 
 
@@ -162,9 +162,9 @@ def estimate(shape: Optional[ModelShape], params: Optional[int], work: Workload,
     offload_opt = zero.get("offload_optimizer", {}).get("device", "none") != "none"
     offload_par = zero.get("offload_param", {}).get("device", "none") != "none"
     largest = shape.largest_layer_params if shape else 0
-    states = model_states_bytes(params, largest, stage, world, nodes, offload_opt, offload_par)
-    cpu = states.pop("cpu_per_node")
     e = element_bytes(work.precision)
+    states = model_states_bytes(params, largest, stage, world, nodes, offload_opt, offload_par, e)
+    cpu = states.pop("cpu_per_node")
     groups: Dict[str, Dict[str, float]] = {"model states": states, "ZeRO buffers": zero_buffers_bytes(zero, e, shape, params)}
     if shape is not None:
         groups["activations"] = activation_bytes(shape, work)
@@ -179,8 +179,9 @@ def estimate(shape: Optional[ModelShape], params: Optional[int], work: Workload,
 
 
 def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[ModelShape], work: Workload,
-              world: int, nodes: int, ds_json: Dict, params: int) -> MemoryEstimate:
-    """Compare with the budget; when over it, say which single change would bring it under."""
+              world: int, nodes: int, ds_json: Dict, params: int, more_nodes: bool) -> MemoryEstimate:
+    """Compare with the budget; when over it, say which single change would bring it under.
+    `more_nodes`: whether adding nodes is an option (Slurm; the global batch must still divide)."""
     mem.gpu_mem_gib = budget_gib
     if budget_gib is None or shape is None:  # no budget, or activations unknown: no verdict
         return mem
@@ -193,11 +194,19 @@ def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[
     if not work.activation_checkpointing:
         tries.append(("trainer.activation_checkpointing=true", dict(work.__dict__, activation_checkpointing=True), world, nodes, ds_json))
     zero = ds_json.get("zero_optimization", {})
-    if zero.get("stage") == 3 and zero.get("offload_optimizer", {}).get("device", "none") == "none":
-        offloaded = dict(ds_json, zero_optimization=dict(zero, offload_optimizer={"device": "cpu"}))
-        tries.append(("deepspeed=zero3_offload optim.name=cpu_adam", work.__dict__, world, nodes, offloaded))
-    for more in (2, 4, 8, 16):
-        tries.append((f"cluster.nodes={nodes * more}", work.__dict__, world * more, nodes * more, ds_json))
+    if zero.get("stage", 0) < 3:
+        tries.append(("deepspeed=zero3", work.__dict__, world, nodes, dict(ds_json, zero_optimization=dict(zero, stage=3))))
+    elif zero.get("offload_optimizer", {}).get("device", "none") == "none":
+        cpu = {"device": "cpu"}
+        tries.append(("deepspeed.offload_optimizer=cpu optim.name=cpu_adam", work.__dict__, world, nodes,
+                      dict(ds_json, zero_optimization=dict(zero, offload_optimizer=cpu))))
+        tries.append(("deepspeed=zero3_offload optim.name=cpu_adam", work.__dict__, world, nodes,
+                      dict(ds_json, zero_optimization=dict(zero, offload_optimizer=cpu, offload_param=cpu))))
+    if more_nodes:
+        per_step = work.micro_batch_size * world
+        for more in (2, 4, 8, 16):
+            if ds_json.get("train_batch_size", per_step) % (per_step * more) == 0:
+                tries.append((f"cluster.nodes={nodes * more}", work.__dict__, world * more, nodes * more, ds_json))
     for label, work_fields, w, n, ds in tries:
         other = estimate(shape, params, Workload(**work_fields), ds, w, n)
         if other.peak_gib <= budget_gib:

@@ -25,8 +25,9 @@ class ModelShape:
     vocab: int
     tied: bool
     qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
     qk_norm: bool
-    max_positions: Optional[int]
 
     @classmethod
     def from_config(cls, config: Dict[str, Any]) -> Optional["ModelShape"]:
@@ -35,19 +36,23 @@ class ModelShape:
             return None
         try:
             hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            attention_bias = bool(config.get("attention_bias", False))
             return cls(
                 model_type=config["model_type"],
                 hidden=hidden,
                 layers=int(config["num_hidden_layers"]),
                 heads=heads,
                 kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
+                head_dim=int(config.get("head_dim") or (128 if config["model_type"] == "qwen3" else hidden // heads)),
                 intermediate=int(config["intermediate_size"]),
                 vocab=int(config["vocab_size"]),
                 tied=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=bool(config.get("attention_bias", config["model_type"] == "qwen2")),
+                # As transformers builds them: qwen2 always has q/k/v biases (no o_proj bias, no MLP
+                # bias), mistral has none, llama and qwen3 follow attention_bias for all four.
+                qkv_bias=config["model_type"] == "qwen2" or (attention_bias and config["model_type"] != "mistral"),
+                o_bias=attention_bias and config["model_type"] in ("llama", "qwen3"),
+                mlp_bias=bool(config.get("mlp_bias", False)) and config["model_type"] == "llama",
                 qk_norm=config["model_type"] == "qwen3",
-                max_positions=config.get("max_position_embeddings"),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -68,6 +73,10 @@ class ModelShape:
                    "input_layernorm": h, "post_attention_layernorm": h}
         if self.qkv_bias:
             tensors.update(q_bias=q, k_bias=kv, v_bias=kv)
+        if self.o_bias:
+            tensors.update(o_bias=h)
+        if self.mlp_bias:
+            tensors.update(gate_bias=i, up_bias=i, down_bias=h)
         if self.qk_norm:
             tensors.update(q_norm=self.head_dim, k_norm=self.head_dim)
         return tensors
@@ -82,7 +91,7 @@ class ModelShape:
         """The most parameters one module owns (DeepSpeed's `largest_layer_params`): the embedding, usually."""
         t = self.layer_tensors()
         q_proj = t["q_proj"] + t.get("q_bias", 0)  # a Linear owns its weight and bias
-        return max(self.vocab * self.hidden, t["gate_proj"], q_proj)
+        return max(self.vocab * self.hidden, t["gate_proj"] + t.get("gate_bias", 0), q_proj)
 
     def persistent_params(self, threshold: int) -> int:
         """Parameters ZeRO-3 keeps whole on every rank: tensors of at most `threshold` elements."""

@@ -1,10 +1,12 @@
 """Checkpoint size per node and whether a save fits between Slurm's warning signal and the kill.
 
 A ZeRO checkpoint holds the fp32 optimizer shards: master weights and Adam's two moments, 12 bytes
-per parameter (the 16-bit weights are not in it: they are rebuilt from the masters; measured:
-12.1 bytes per parameter for the tiny model, the rest RNG and module metadata). Ranks write their
-shards in parallel, so each node writes its share. After the signal a rank finishes its step,
-saves, flushes W&B and exits; `EXIT_MARGIN_S` covers the exit.
+per parameter (under ZeRO-3 the 16-bit weights are not in it: they are rebuilt from the masters;
+measured: 12.1 bytes per parameter for the tiny model, the rest RNG and module metadata). Ranks
+write their shards in parallel, so each node writes its share; below stage 3 rank 0 also writes
+the whole 16-bit module (and below stage 1 the whole optimizer), so node 0 writes the most and
+sets the time. After the signal a rank finishes its step, saves, flushes W&B and exits;
+`EXIT_MARGIN_S` covers the exit.
 """
 
 from dataclasses import asdict, dataclass
@@ -17,7 +19,7 @@ EXIT_MARGIN_S = 15.0
 @dataclass
 class StopWindow:
     checkpoint_gb: float  # whole checkpoint, GB
-    per_node_gb: float
+    per_node_gb: float  # node 0's share, the largest
     window_s: float  # cluster.signal_delay_s
     write_gb_s: Optional[float]  # per node: configured, or measured by this run's earlier saves
     write_source: str  # "checkpoint.write_gb_s" | "measured by this run's saves" | "unknown"
@@ -29,10 +31,12 @@ class StopWindow:
         return asdict(self)
 
 
-def estimate(params: int, nodes: int, signal_delay_s: float, step_s: Optional[float],
+def estimate(params: int, nodes: int, stage: int, precision: str, signal_delay_s: float, step_s: Optional[float],
              write_gb_s: Optional[float], write_source: str) -> StopWindow:
-    total_gb = params * CHECKPOINT_BYTES_PER_PARAM / 1e9
-    per_node = total_gb / nodes
+    optimizer_gb = params * CHECKPOINT_BYTES_PER_PARAM / 1e9
+    module_gb = 0.0 if stage == 3 else params * (4 if precision == "fp32" else 2) / 1e9
+    total_gb = optimizer_gb + module_gb
+    per_node = (optimizer_gb if stage == 0 else optimizer_gb / nodes) + module_gb
     left = signal_delay_s - (step_s or 0.0) - EXIT_MARGIN_S
     needs = per_node / left if left > 0 else None
     save_s = per_node / write_gb_s if write_gb_s else None

@@ -66,20 +66,49 @@ def test_the_refusal_names_the_change_that_would_make_it_fit():
 
 
 def test_forcing_a_run_that_does_not_fit_passes_the_check(tmp_path):
-    result = run_sft(["cluster.gpu_mem_gib=0.1", "plan.force=true", "dry_run=true"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "DOES NOT FIT" in result.stdout and "a real run would stop here" not in result.stdout
+    warned = run_sft(["cluster.gpu_mem_gib=0.1", "dry_run=true"], cwd=tmp_path)
+    forced = run_sft(["cluster.gpu_mem_gib=0.1", "plan.force=true", "dry_run=true"], cwd=tmp_path)
+    assert warned.returncode == forced.returncode == 0, forced.stderr
+    assert "a real run would stop here" in warned.stderr and "the run does not fit" in warned.stderr
+    assert "DOES NOT FIT" in forced.stdout and "the run does not fit" not in forced.stderr
+
+
+def test_advice_follows_the_setup():
+    def advice(overrides):
+        cfg = compose_config(["recipe=llama3_70b_sft", "cluster.gpu=a100_40g", *overrides])
+        return make_plan(cfg, check_config(cfg, dry_run=True).model, None).memory["advice"]
+
+    # ZeRO-2 on 8 nodes keeps the whole 70B model on every GPU: ZeRO-3 is the fix.
+    assert [a.split(" (")[0] for a in advice(["deepspeed=zero2"])] == ["deepspeed=zero3"]
+    # One node of 40 GB GPUs: either offload fits, and so do 8 nodes (18 bytes x 70.5B / 64 GPUs), the fewest.
+    assert [a.split(" (")[0] for a in advice(["cluster.nodes=1"])] == [
+        "deepspeed.offload_optimizer=cpu optim.name=cpu_adam", "deepspeed=zero3_offload optim.name=cpu_adam", "cluster.nodes=8"]
+    # A global batch that 16 GPUs cannot divide is never advised.
+    assert not any(a.startswith("cluster.nodes") for a in advice(["cluster.nodes=1", "trainer.global_batch_size=24"]))
+
+
+def test_param_offload_alone_keeps_gradients_and_optimizer_states_on_the_gpu():
+    def states(offload_param):
+        cfg = compose_config(["recipe=llama3_8b_sft", "deepspeed.offload_param=" + offload_param])
+        return make_plan(cfg, check_config(cfg, dry_run=True).model, None).memory["parts_gib"]["model states"]
+
+    on_gpu, offloaded = states("none"), states("cpu")
+    assert set(on_gpu) - set(offloaded) == {"params (16-bit shard)"}
+    assert sum(on_gpu.values()) - sum(offloaded.values()) == pytest.approx(on_gpu["params (16-bit shard)"])
 
 
 def test_stop_window_needs_and_verdicts():
     # 70.55B parameters x 12 bytes over 8 nodes: 105.8 GB per node.
-    window = stop_window(70_553_706_496, nodes=8, signal_delay_s=300, step_s=20.0, write_gb_s=None, write_source="x")
+    window = stop_window(70_553_706_496, nodes=8, stage=3, precision="bf16", signal_delay_s=300, step_s=20.0,
+                         write_gb_s=None, write_source="x")
     assert window.per_node_gb == pytest.approx(105.83, abs=0.01) and window.fits is None
     assert window.needs_gb_s == pytest.approx(105.83 / (300 - 20 - 15), abs=0.001)
-    slow = stop_window(70_553_706_496, 8, 300, 20.0, 0.2, "checkpoint.write_gb_s")
-    fast = stop_window(70_553_706_496, 8, 300, 20.0, 2.0, "checkpoint.write_gb_s")
+    slow = stop_window(70_553_706_496, 8, 3, "bf16", 300, 20.0, 0.2, "checkpoint.write_gb_s")
+    fast = stop_window(70_553_706_496, 8, 3, "bf16", 300, 20.0, 2.0, "checkpoint.write_gb_s")
     assert (slow.fits, fast.fits) == (False, True) and fast.save_s == pytest.approx(52.9, abs=0.1)
-    assert stop_window(8e9, 1, 10, 20.0, 2.0, "x").needs_gb_s is None  # the step alone outlasts the window
+    assert stop_window(8e9, 1, 3, "bf16", 10, 20.0, 2.0, "x").needs_gb_s is None  # the step alone outlasts the window
+    # Below stage 3 node 0 also writes the whole 16-bit model: 2 bytes per parameter more.
+    assert stop_window(8e9, 2, 2, "bf16", 300, 0.0, None, "x").per_node_gb == pytest.approx(8 * 12 / 2 + 16)
 
 
 def test_the_70b_recipe_leaves_a_margin_at_a_parallel_file_systems_speed():
@@ -115,7 +144,10 @@ def test_a_partitions_gres_type_names_the_gpu_the_plan_predicts_for(gres, expect
 def test_a_dry_run_imports_neither_torch_nor_transformers(recipe, tmp_path):
     """What made the plan slow (4.6 s): counting parameters through torch and transformers."""
     from launcher import bundled
+    from launcher.devices import local_gpu_count
 
+    if recipe == "tiny_sft" and local_gpu_count():
+        pytest.skip("a local run on a GPU machine asks torch for its devices")
     bundled.resolve("bundled://tiny-llama")  # built once per cache (with torch); read from then on
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "launcher.cli", f"recipe={recipe}", "dry_run=true"],
                             cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -123,3 +155,14 @@ def test_a_dry_run_imports_neither_torch_nor_transformers(recipe, tmp_path):
     imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "launcher.plan.memory" in imported
     assert not imported & {"torch", "transformers", "deepspeed", "datasets"}
+
+
+def test_attention_and_mlp_biases_and_head_dims_are_counted_as_transformers_builds_them():
+    # qwen2 always has q/k/v biases, mistral none, llama follows both flags; qwen3's head_dim defaults to 128.
+    for model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        for attention_bias in (True, False):
+            for mlp_bias in (True, False):
+                config = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+                          "attention_bias": attention_bias, "mlp_bias": mlp_bias}
+                assert ModelShape.from_config(config).params == count_params_on_meta(config, trust_remote_code=False), config

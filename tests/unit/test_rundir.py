@@ -56,7 +56,7 @@ def test_secrets_inside_shell_lines_and_overrides_are_masked():
 
 def test_secret_names_are_whole_words():
     assert all(is_secret_name(n) for n in ("HF_TOKEN", "api_key", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "db.password", "apikey"))
-    assert not any(is_secret_name(n) for n in ("max_new_tokens", "keep", "tokens_per_s", "monkey", "keyboard_layout"))
+    assert not any(is_secret_name(n) for n in ("max_new_tokens", "keep", "tokens_per_s", "monkey", "keyboard_layout", "num_key_value_heads"))
 
 
 def test_run_dirs_in_the_same_second_do_not_collide(tmp_path):
