@@ -94,8 +94,7 @@ def memory_refusal(cfg: DictConfig, plan: Plan) -> Optional[str]:
         return None
     # The key that set the budget: gpu_mem_gib, gpu, or (from the partition or this machine) the device found.
     key, value = ("cluster.gpu_mem_gib", cfg.cluster.gpu_mem_gib) if cfg.cluster.gpu_mem_gib is not None else ("cluster.gpu", cfg.cluster.gpu or plan.device)
-    parts = ", ".join(f"{group} {max(v.values()) if 'larger' in group else sum(v.values()):.2f}"
-                      for group, v in mem["parts_gib"].items())
+    parts = ", ".join(f"{group} {gib:.2f}" for group, gib in mem["group_gib"].items())
     fixes = "; ".join(mem["advice"]) or "no single change: combine them, or use a larger GPU"
     return problem(key, value, f"the run does not fit: the plan predicts {mem['peak_gib']:.2f} GiB per GPU at peak ({parts} GiB) "
                    f"and {mem['gpu_mem_gib']:.2f} GiB is usable; it would fit with: {fixes}; or set plan.force=true to launch anyway")

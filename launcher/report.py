@@ -66,7 +66,7 @@ def memory_rows(mem: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
              + ("" if "activations" in mem["parts_gib"] else "; without activations and the largest layer: not modelled for this architecture"))]
     for group, parts in mem["parts_gib"].items():
         shown = ", ".join(f"{name} {fmt_gib(gib)}" for name, gib in parts.items())
-        rows.append((f"  {group}", f"{fmt_gib(sum(parts.values()) if 'larger' not in group else max(parts.values()))}: {shown}"))
+        rows.append((f"  {group}", f"{fmt_gib(mem['group_gib'][group])}: {shown}"))
     if mem["cpu_per_node_gib"]:
         rows.append(("offloaded to CPU per node", fmt_gib(mem["cpu_per_node_gib"])))
     rows.append(("fits?", fit_verdict(mem)))

@@ -153,8 +153,8 @@ def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
     return mem, tflops, ", ".join(source) or "unknown: set cluster.gpu (or cluster.gpu_mem_gib, cluster.gpu_tflops)"
 
 
-def workload(cfg, micro_batch_size: Optional[int] = None) -> Workload:
-    return Workload(micro_batch_size or cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
+def workload(cfg) -> Workload:
+    return Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
                     cfg.trainer.activation_checkpointing, str(cfg.model.attn_implementation), cfg.data.packing)
 
 

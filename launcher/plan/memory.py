@@ -21,14 +21,13 @@ its gradient, the 16-bit gradient when the model is 16-bit, and the slice's grad
 recomputed activations. Measured against torch's profiler on CPU: tests/unit/test_plan_memory.py.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 from launcher.plan.shape import ModelShape
 
 GIB = 2**30
 TRANSIENT = "backward transient (the larger)"
-DS_BYTES_PER_PARAM = 18  # DeepSpeed's estimators: per parameter, sharded under ZeRO
 ZERO_DEFAULTS = {"stage3_prefetch_bucket_size": 50_000_000, "reduce_bucket_size": 500_000_000,
                  "stage3_param_persistence_threshold": 100_000, "sub_group_size": 1_000_000_000}
 
@@ -141,6 +140,7 @@ def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
 @dataclass
 class MemoryEstimate:
     parts_gib: Dict[str, Dict[str, float]]  # group -> part -> GiB per GPU
+    group_gib: Dict[str, float]  # group -> what it adds to the peak (the transient group: its larger part)
     peak_gib: float  # per GPU, at the start of backward or in the optimizer step, whichever is larger
     step_peak_gib: float  # in the optimizer step (activations freed; fp32 grads of one sub-group)
     cpu_per_node_gib: float  # offloaded model states, per node
@@ -169,13 +169,14 @@ def estimate(shape: Optional[ModelShape], params: Optional[int], work: Workload,
     if shape is not None:
         groups["activations"] = activation_bytes(shape, work)
         groups[TRANSIENT] = backward_transients(shape, work)
-    total = lambda names: sum(sum(groups[n].values()) for n in names if n in groups)  # noqa: E731
-    backward = total([g for g in groups if g != TRANSIENT]) + max(groups.get(TRANSIENT, {0: 0}).values())
+    adds = {g: (max if g == TRANSIENT else sum)(parts.values()) for g, parts in groups.items()}
+    total = lambda names: sum(adds[n] for n in names if n in adds)  # noqa: E731
+    backward = total(adds)
     # The optimizer step converts one sub-group of the gradient shard to fp32 (stage 3).
     sub_group = min(zero.get("sub_group_size", ZERO_DEFAULTS["sub_group_size"]), params / world)
     step = total(["model states", "ZeRO buffers"]) + (4 * sub_group if stage == 3 and not offload_opt else 0)
     gib = {g: {k: v / GIB for k, v in parts.items()} for g, parts in groups.items()}
-    return MemoryEstimate(gib, max(backward, step) / GIB, step / GIB, cpu / GIB)
+    return MemoryEstimate(gib, {g: v / GIB for g, v in adds.items()}, max(backward, step) / GIB, step / GIB, cpu / GIB)
 
 
 def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[ModelShape], work: Workload,
@@ -190,25 +191,25 @@ def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[
         return mem
     tries = []
     if work.micro_batch_size > 1:
-        tries.append(("trainer.micro_batch_size=1", dict(work.__dict__, micro_batch_size=1), world, nodes, ds_json))
+        tries.append(("trainer.micro_batch_size=1", replace(work, micro_batch_size=1), world, nodes, ds_json))
     if not work.activation_checkpointing:
-        tries.append(("trainer.activation_checkpointing=true", dict(work.__dict__, activation_checkpointing=True), world, nodes, ds_json))
+        tries.append(("trainer.activation_checkpointing=true", replace(work, activation_checkpointing=True), world, nodes, ds_json))
     zero = ds_json.get("zero_optimization", {})
     if zero.get("stage", 0) < 3:
-        tries.append(("deepspeed=zero3", work.__dict__, world, nodes, dict(ds_json, zero_optimization=dict(zero, stage=3))))
+        tries.append(("deepspeed=zero3", work, world, nodes, dict(ds_json, zero_optimization=dict(zero, stage=3))))
     elif zero.get("offload_optimizer", {}).get("device", "none") == "none":
         cpu = {"device": "cpu"}
-        tries.append(("deepspeed.offload_optimizer=cpu optim.name=cpu_adam", work.__dict__, world, nodes,
+        tries.append(("deepspeed.offload_optimizer=cpu optim.name=cpu_adam", work, world, nodes,
                       dict(ds_json, zero_optimization=dict(zero, offload_optimizer=cpu))))
-        tries.append(("deepspeed=zero3_offload optim.name=cpu_adam", work.__dict__, world, nodes,
+        tries.append(("deepspeed=zero3_offload optim.name=cpu_adam", work, world, nodes,
                       dict(ds_json, zero_optimization=dict(zero, offload_optimizer=cpu, offload_param=cpu))))
     if more_nodes:
         per_step = work.micro_batch_size * world
         for more in (2, 4, 8, 16):
             if ds_json.get("train_batch_size", per_step) % (per_step * more) == 0:
-                tries.append((f"cluster.nodes={nodes * more}", work.__dict__, world * more, nodes * more, ds_json))
-    for label, work_fields, w, n, ds in tries:
-        other = estimate(shape, params, Workload(**work_fields), ds, w, n)
+                tries.append((f"cluster.nodes={nodes * more}", work, world * more, nodes * more, ds_json))
+    for label, tried, w, n, ds in tries:
+        other = estimate(shape, params, tried, ds, w, n)
         if other.peak_gib <= budget_gib:
             mem.advice.append(f"{label} (predicted {other.peak_gib:.1f} GiB)")
             if label.startswith("cluster.nodes"):
