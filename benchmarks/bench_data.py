@@ -48,7 +48,7 @@ def prepare(tok, train, root, seq_len, packing, num_proc=1):
     cfg = dict(train_files=str(train), format="auto", seq_len=seq_len, packing=packing, train_on="assistant",
                truncation="truncate", on_bad_row="error", num_proc=num_proc)
     start = time.perf_counter()
-    data = prepare_data(cfg, tok, 0, cache_root=str(root), log=lambda m: None)
+    data = prepare_data(cfg, tok, cache_root=str(root), log=lambda m: None)
     return data, time.perf_counter() - start
 
 

@@ -39,6 +39,7 @@ def plan_table(plan: Plan) -> Table:
         ("total steps", str(plan.total_steps) if plan.total_steps else "n/a"),
         ("parameters", f"{fmt_count(plan.params)} (from {plan.model_facts_source})"),
         ("ZeRO stage / precision", f"{plan.zero_stage} / {plan.precision}"),
+        ("attention / loss", plan.attention),
         ("predicted for", plan.device),
     ]
     rows += memory_rows(plan.memory) + speed_rows(plan.comm) + stop_rows(plan.stop_window)

@@ -23,7 +23,8 @@ ADAPTS = {
 # Changes a user may accept with checkpoint.allow_changes=[...] (the schema refuses others); the
 # rest would replay or skip data.
 ALLOWABLE = ResumeChange.values()
-DATA_KEYS = ("format", "template", "train_on", "truncation", "on_bad_row")  # what shapes the rows
+# What shapes the rows; split_seed picks the held-out, mixed and packed rows (launcher.data.pipeline).
+DATA_KEYS = ("format", "template", "train_on", "truncation", "on_bad_row", "split_seed", "eval_fraction")
 
 
 @functools.lru_cache(maxsize=1)  # once per command, however many sweep points

@@ -36,7 +36,9 @@ def choices(name: str, *values: str) -> type:
     return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
 
 
-AttnImplementation = choices("AttnImplementation", "sdpa", "eager", "flash_attention_2")
+# auto: flash_attention_2 on CUDA with flash-attn installed, else flex_attention; sdpa on CPU (launcher.attention)
+AttnImplementation = choices("AttnImplementation", "auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
+LossKind = choices("LossKind", "chunked", "full", "liger")  # launcher.loss
 DataFormat = choices("DataFormat", "auto", "messages", "prompt_completion", "alpaca", "text")
 TrainOn = choices("TrainOn", "assistant", "last_assistant", "all")
 Truncation = choices("Truncation", "truncate", "drop")
@@ -54,7 +56,7 @@ TrackingMode = choices("TrackingMode", "offline", "online", "disabled")
 @dataclass
 class ModelConfig:
     path: str = MISSING  # local HF model dir, hub id, or bundled://tiny-llama
-    attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    attn_implementation: AttnImplementation = AttnImplementation.auto
     trust_remote_code: bool = False
     # config.json fields (hidden_size, num_hidden_layers, vocab_size, ...) the plan uses when the
     # model's own config.json cannot be read offline (a hub id on a laptop); the file wins when readable.
@@ -68,6 +70,9 @@ class DataConfig:
     train_files: Any = MISSING
     eval_files: Any = None  # same forms; None: hold out eval_fraction of train
     eval_fraction: float = 0.0  # held-out fraction of train when eval_files is None
+    # Seeds the eval_fraction holdout, the mixing (weight, samples) and the packing; the top-level seed
+    # orders the samples only, so a seed sweep shares one eval set and one data cache. 42: seed's default.
+    split_seed: int = 42
     format: DataFormat = DataFormat.auto  # auto: detected per file from its rows
     template: Optional[str] = None  # None: tokenizer's own; chatml | llama3 | a Jinja string
     seq_len: int = 512  # >= MIN_SEQ_LEN
@@ -116,6 +121,9 @@ class TrainerConfig:
     grad_clip: float = 1.0  # 0 disables
     activation_checkpointing: bool = False
     log_every: int = 10
+    loss: LossKind = LossKind.chunked  # chunked: no full-vocabulary logits; liger: fused kernel (GPU); full
+    loss_chunk_tokens: int = 1024  # trained tokens per chunk of the chunked loss
+    dist_timeout_min: float = 30.0  # a collective waiting longer than this fails the job (process-group timeout)
 
 
 @dataclass

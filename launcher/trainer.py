@@ -10,6 +10,7 @@ a Hugging Face export at the end.
     global batch = micro_batch_size x world_size x grad_accum_steps
 """
 
+import datetime
 import json
 import logging
 import math
@@ -23,15 +24,17 @@ from typing import Any, Dict, List, Optional
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
 from launcher import bundled, checkpoint, ops, universal
+from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
-from launcher.metrics import MetricsFile, device_peak_flops, mfu, peak_memory_gib
+from launcher.log_window import LogWindow
+from launcher.loss import install_loss_head, token_loss_sum
+from launcher.metrics import MetricsFile, device_peak_flops
 from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
 from launcher.tracking import run_metadata, run_tags, start_tracking, wandb_row
@@ -69,20 +72,6 @@ def lr_lambda(scheduler: str, warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def shifted_targets(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Labels of the next token; a packed example's first token is never a target of the one before."""
-    targets = batch["labels"][:, 1:].clone()
-    targets[batch["position_ids"][:, 1:] == 0] = -100
-    return targets
-
-
-def token_loss_sum(model, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over trained tokens (fp32), use_cache=False so packed rows stay isolated."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1), ignore_index=-100, reduction="sum")
-
-
 class SFTTrainer:
     def __init__(self, cfg, run_dir: Path, ds_config: Dict[str, Any], env: RankEnv):
         self.cfg = cfg
@@ -91,7 +80,8 @@ class SFTTrainer:
         self.env = env
         self.is_main = env.rank == 0
         self.stop = STOP.install()
-        self.device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        # Modulo: a cluster that binds one GPU per task shows each task a single device 0.
+        self.device = torch.device("cuda", env.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
         self.global_step = 0
         self.last_saved_step = None  # in memory: every rank must agree on whether to save (a collective)
         self.engine = None
@@ -118,7 +108,8 @@ class SFTTrainer:
         # Compile what DeepSpeed will load (init_distributed loads the CPU comm op) once per node,
         # out of reach of stop signals.
         ops.build(ops.needed(self.cfg.optim.name, get_accelerator().device_name()), log.info)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   timeout=datetime.timedelta(minutes=self.cfg.trainer.dist_timeout_min))
         torch.manual_seed(self.cfg.seed)
 
     def _setup_tokenizer(self) -> None:
@@ -132,7 +123,7 @@ class SFTTrainer:
 
     def _setup_data(self) -> None:
         cfg, env = self.cfg, self.env
-        self.data = prepare_data(cfg.data, self.tokenizer, cfg.seed, local_rank=env.local_rank, log=log.info)
+        self.data = prepare_data(cfg.data, self.tokenizer, local_rank=env.local_rank, log=log.info)
         self.micro_batch = cfg.trainer.micro_batch_size
         self.accum = self.ds_config["gradient_accumulation_steps"]
         self.rows_per_step = self.micro_batch * self.accum
@@ -158,15 +149,22 @@ class SFTTrainer:
         # Held for the model's lifetime: from_pretrained partitions each layer as it loads (ZeRO-3).
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
         model_cfg = self.cfg.model
+        self.attn = resolve_attn_implementation(str(model_cfg.attn_implementation), self.device.type)
+        # Varlen kernels get each micro-batch as one row with explicit sequence boundaries; flex
+        # compiles per shape, so its rows are padded to one length.
+        self.one_row = self.attn in ONE_ROW_KERNELS
+        self.row_tokens = self.micro_batch * self.cfg.data.seq_len if self.attn == "flex_attention" else None
+        log.info("attention: %s (%s)", self.attn, "one row per micro-batch" if self.one_row else "one row per sequence")
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path,
             dtype=DTYPES[self.cfg.trainer.precision],
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=self.attn,
             trust_remote_code=model_cfg.trust_remote_code,
         )
         if self.cfg.trainer.activation_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.model.config.use_cache = False
+        self.loss_head = install_loss_head(self.model, str(self.cfg.trainer.loss), self.cfg.trainer.loss_chunk_tokens)
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
 
     def _setup_optimizer_and_engine(self) -> None:
@@ -266,20 +264,19 @@ class SFTTrainer:
         chunks = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
         return [self._batch([self.data.train[i] for i in chunk]) for chunk in chunks]
 
-    def _batch(self, rows: List[dict]) -> Dict[str, torch.Tensor]:
-        """Collated rows on the device, with next-token targets computed once."""
-        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
-        batch["targets"] = shifted_targets(batch)
-        batch["trained"] = int((batch["targets"] != -100).sum())
+    def _batch(self, rows: List[dict]) -> Dict[str, Any]:
+        """Collated rows on the device; targets and the trained-token count computed on the CPU."""
+        batch = collate(rows, self.pad_id, one_row=self.one_row, pad_to=self.row_tokens)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["rows"] = len(rows)
         return batch
 
     # ---------------------------------------------------------------- train
     def train(self) -> int:
+        """Steps until the end of the run or an agreed stop; eval, checkpoint and export at their cadence."""
         cfg = self.cfg
-        world = self.env.world_size
         peak = device_peak_flops()
         self.engine.train()
-        window_start, window = time.perf_counter(), torch.zeros(3, dtype=torch.float64)  # tokens, trained, rows
         # A stop that came during start-up (imports, compiling, tokenising, loading) ends the run
         # here, before the first eval and step, the way a stop at a step boundary does.
         agree = self._sum_over_ranks(torch.tensor([bool(self.stop), self.stop.requeue], dtype=torch.float64))
@@ -288,69 +285,30 @@ class SFTTrainer:
         progress = self._progress()
         if self.global_step == 0 and cfg.eval.every_steps:
             self._log_eval(self.evaluate())
+        window = LogWindow(self.device, self.env.world_size)
         comms_at_start, steps_at_start = None, self.global_step
         while self.global_step < self.total_steps:
             data_start = time.perf_counter()
             batches = self._step_batches(self.global_step)
             data_wait = time.perf_counter() - data_start
-            trained = sum(b["trained"] for b in batches)
             # One collective per step: the global trained-token count, whether any rank was signalled
             # and whether any was asked to requeue (USR2): every rank acts on the same answer.
-            agree = self._sum_over_ranks(torch.tensor([trained, bool(self.stop), self.stop.requeue], dtype=torch.float64))
+            agree = self._sum_over_ranks(torch.tensor(
+                [sum(b["trained"] for b in batches), bool(self.stop), self.stop.requeue], dtype=torch.float64))
             if agree[1] > 0:
                 return self._stop_for_signal(requeue=agree[2] > 0)
-            global_trained = agree[0].item()
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-            step_start = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for batch in batches:
-                summed = token_loss_sum(self.engine, batch)
-                # DeepSpeed averages over ranks and accumulation steps; undo both so the gradient
-                # is the mean over every trained token of the global batch.
-                self.engine.backward(summed * (world * self.accum / max(global_trained, 1)))
-                self.engine.step()
-                loss_sum += summed.detach().double().cpu()
-                window += torch.tensor([batch["input_ids"].numel(), batch["trained"], batch["input_ids"].size(0)], dtype=torch.float64)
+            window.begin_step()
+            self._train_step(batches, agree[0].item(), window)
+            window.end_step(agree[0].item(), data_wait)
             self.global_step += 1
-            step_time = time.perf_counter() - step_start
             if self.global_step == steps_at_start + 1:  # DeepSpeed traces the module order in the first step
                 comms_at_start = comms_bytes()
             if progress:
                 progress.update(progress.task_ids[0], completed=self.global_step)
-
             if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps:
-                # One collective per log step: each rank's sums and its health (step time, peak
-                # memory, data wait), so stragglers show by rank.
-                health = torch.tensor([step_time, peak_memory_gib(), data_wait], dtype=torch.float64)
-                ranks = self._gather_from_ranks(torch.cat([loss_sum.view(1), window, health]))
-                stats = ranks[:, :4].sum(0)
-                step_times = ranks[:, 4]
-                elapsed = time.perf_counter() - window_start
-                loss = stats[0].item() / max(global_trained, 1)
-                row = {
-                    "step": self.global_step,
-                    "epoch": self.global_step / self.steps_per_epoch,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": _float(self.engine.get_global_grad_norm()),
-                    "tokens_per_s": stats[1].item() / elapsed,
-                    "tokens_per_s_per_rank": stats[1].item() / elapsed / world,
-                    "effective_tokens_per_s": stats[2].item() / elapsed,
-                    "step_time_s": step_time,
-                    "samples_seen": self.global_step * self.ds_config["train_batch_size"],
-                    "peak_mem_gib": peak_memory_gib(),
-                    "mfu": mfu(self.n_params, stats[1].item() / elapsed / world, peak),
-                    "step_time_min_s": step_times.min().item(),
-                    "step_time_max_s": step_times.max().item(),
-                    "slowest_rank": int(step_times.argmax()),
-                    "peak_mem_gib_max": ranks[:, 5].max().item(),
-                    "data_wait_s_max": ranks[:, 6].max().item(),
-                }
-                self._log("train", row)
-                if progress:
-                    progress.update(progress.task_ids[0], description=f"loss {loss:.4f}  {row['tokens_per_s']:.0f} tok/s")
-                window_start, window = time.perf_counter(), torch.zeros(3, dtype=torch.float64)
-
+                self._log_train(window, lr, peak, progress)
+                window.reset()
             if cfg.eval.every_steps and self.global_step % cfg.eval.every_steps == 0 and self.global_step < self.total_steps:
                 self._log_eval(self.evaluate())
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
@@ -358,7 +316,35 @@ class SFTTrainer:
         if progress:
             progress.stop()
         self._write_comms(comms_at_start, self.global_step - steps_at_start - 1)
+        return self._finish()
 
+    def _train_step(self, batches: List[Dict[str, Any]], global_trained: float, window: LogWindow) -> None:
+        """One optimizer step over this rank's micro-batches; the losses stay on the device."""
+        world = self.env.world_size
+        for batch in batches:
+            summed = token_loss_sum(self.engine, self.loss_head, batch)
+            # DeepSpeed averages over ranks and accumulation steps; undo both so the gradient
+            # is the mean over every trained token of the global batch.
+            self.engine.backward(summed * (world * self.accum / max(global_trained, 1)))
+            self.engine.step()
+            window.add_micro_batch(summed, batch)
+
+    def _log_train(self, window: LogWindow, lr: float, peak: Optional[float], progress) -> None:
+        row = {
+            "step": self.global_step,
+            "epoch": self.global_step / self.steps_per_epoch,
+            **window.row(self.n_params, peak),
+            "lr": lr,
+            "grad_norm": _float(self.engine.get_global_grad_norm()),
+            "samples_seen": self.global_step * self.ds_config["train_batch_size"],
+        }
+        self._log("train", row)
+        if progress:
+            progress.update(progress.task_ids[0], description=f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s")
+
+    def _finish(self) -> int:
+        """The end of a completed run: final eval, last checkpoint, export, tracker summary."""
+        cfg = self.cfg
         final = self.evaluate()
         self._log_eval(final)
         if self.last_saved_step != self.global_step:
@@ -405,7 +391,7 @@ class SFTTrainer:
         batches = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
         if self.cfg.eval.max_batches:
             batches = batches[:self.cfg.eval.max_batches]
-        totals = torch.zeros(2, dtype=torch.float64)
+        loss_sum, trained = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for chunk in batches:
             items = []
             for i in chunk:
@@ -414,8 +400,11 @@ class SFTTrainer:
                     row["labels"] = [-100] * len(row["labels"])
                 items.append(row)
             batch = self._batch(items)
-            totals += torch.tensor([token_loss_sum(self.engine, batch).item(), batch["trained"]], dtype=torch.float64)
-        totals = self._sum_over_ranks(totals)
+            loss_sum += token_loss_sum(self.engine, self.loss_head, batch)
+            trained += batch["trained"]
+        totals = torch.stack([loss_sum, torch.tensor(float(trained), dtype=torch.float64, device=self.device)])
+        dist.all_reduce(totals)
+        totals = totals.cpu()
         loss = totals[0].item() / max(totals[1].item(), 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         if self.cfg.eval.generate_samples and self.data.eval_prompts:
@@ -444,13 +433,6 @@ class SFTTrainer:
             answers = tok.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
             correct += sum(i < len(prompts) and a.strip() == p["answer"].strip() for (i, p), a in zip(chunk, answers))
         return self._sum_over_ranks(torch.tensor([correct], dtype=torch.float64)).item() / len(prompts)
-
-    def _gather_from_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's copy of a small CPU vector, as a (world, n) tensor (one all-gather)."""
-        on_device = values.to(self.device)
-        out = torch.empty(self.env.world_size * values.numel(), dtype=values.dtype, device=self.device)
-        dist.all_gather_into_tensor(out, on_device)
-        return out.view(self.env.world_size, -1).cpu()
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """All-reduce a small CPU tensor on the training device (NCCL takes no CPU tensors)."""
@@ -525,6 +507,14 @@ class SFTTrainer:
             self.engine.destroy()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant, per decoder layer; transformers renamed the call (gradient_ goes in v6)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def comms_bytes() -> Optional[Dict[str, int]]:

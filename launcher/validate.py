@@ -15,7 +15,8 @@ from launcher.data.files import HUB, count_rows, expand_files, file_specs
 from launcher.devices import GPUS
 from launcher.errors import ConfigError, problem
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
-from launcher.plan import batch_math, default_procs_per_node
+from launcher.attention import attention_problems, loss_problems
+from launcher.plan import accelerator, batch_math, default_procs_per_node
 from launcher.schema import MIN_SEQ_LEN
 
 
@@ -77,6 +78,13 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("trainer.grad_clip", trainer.grad_clip, "must be >= 0 (0 disables clipping)"))
     if trainer.log_every < 1:
         problems.append(problem("trainer.log_every", trainer.log_every, "must be >= 1"))
+    if trainer.loss_chunk_tokens < 1:
+        problems.append(problem("trainer.loss_chunk_tokens", trainer.loss_chunk_tokens, "must be >= 1"))
+    if not trainer.dist_timeout_min > 0:
+        problems.append(problem("trainer.dist_timeout_min", trainer.dist_timeout_min, "must be > 0 minutes"))
+    device_type = accelerator(cfg.cluster)
+    problems += attention_problems(str(cfg.model.attn_implementation), device_type, str(trainer.precision))
+    problems += loss_problems(str(trainer.loss), device_type)
 
     cluster = cfg.cluster
     if cluster.nodes < 1:
@@ -102,6 +110,8 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("data.seq_len", data.seq_len, f"must be >= {MIN_SEQ_LEN}"))
     if not 0 <= data.eval_fraction < 1:
         problems.append(problem("data.eval_fraction", data.eval_fraction, "must be in [0, 1)"))
+    if data.split_seed < 0:
+        problems.append(problem("data.split_seed", data.split_seed, "must be an integer >= 0"))
     if data.preview < 0:
         problems.append(problem("data.preview", data.preview, "must be >= 0"))
 

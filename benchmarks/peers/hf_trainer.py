@@ -1,7 +1,7 @@
 """Peer: Hugging Face transformers.Trainer with the same DeepSpeed ZeRO-3 JSON, model and rows.
 
 Run by bench_trainer under torchrun (2 CPU ranks). Prints one JSON line from rank 0:
-{"effective_tokens_per_s": ..., "train_runtime": ..., "trained_tokens": ...}.
+{"trained_tokens_per_s": ..., "train_runtime": ..., "trained_tokens": ...}.
 """
 
 import json
@@ -29,7 +29,7 @@ def main(run_dir: str, max_steps: int) -> None:
     path = bundled.resolve(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     rank = int(os.environ.get("RANK", 0))
-    data = prepare_data(cfg.data, tokenizer, cfg.seed, local_rank=int(os.environ.get("LOCAL_RANK", 0)), log=lambda *a: None)
+    data = prepare_data(cfg.data, tokenizer, local_rank=int(os.environ.get("LOCAL_RANK", 0)), log=lambda *a: None)
     train = data.train.remove_columns([c for c in data.train.column_names if c not in ("input_ids", "labels")])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     counted = {"tokens": 0}  # trained (label != -100) tokens this rank really consumed
@@ -59,7 +59,7 @@ def main(run_dir: str, max_steps: int) -> None:
     total = torch.tensor([counted["tokens"]], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     if rank == 0:
-        print(json.dumps({"effective_tokens_per_s": total.item() / elapsed, "train_runtime": output.metrics["train_runtime"],
+        print(json.dumps({"trained_tokens_per_s": total.item() / elapsed, "train_runtime": output.metrics["train_runtime"],
                           "trained_tokens": total.item()}), flush=True)
 
 

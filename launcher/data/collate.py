@@ -1,20 +1,44 @@
-"""Rows -> a batch of tensors: padded batches get an attention_mask, packed (equal-length) ones do not."""
+"""Rows -> one micro-batch of CPU tensors, with its next-token targets, in the layout the attention kernel needs.
 
-from typing import TYPE_CHECKING, Dict, List
+Two layouts:
+- rows (sdpa, eager): one row per sequence. Packed rows (all seq_len long) need no padding and get no
+  attention_mask: position_ids restarting per example make transformers build a block-diagonal
+  causal mask. Rows of different lengths are padded and get an attention_mask.
+- one row (flash_attention_2, flex_attention): every sequence of the micro-batch back to back in a
+  single row, no padding between them, with the sequence boundaries given explicitly
+  (cu_seq_lens_q/k, max_length_q/k, transformers' varlen arguments). flash_attention_2 infers
+  packed sequences from position_ids only when the batch size is 1, and then so does nothing else.
+  A row can be padded at its end to a fixed length (pad_to) so compiled kernels see one shape.
+
+Targets are computed here, on the CPU: the positions that have a loss and their labels, so the
+trainer counts trained tokens without reading anything back from the GPU.
+"""
+
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from launcher.data.masking import IGNORE
 
 if TYPE_CHECKING:
+    pass
+
+
+def collate(rows: List[dict], pad_id: int, one_row: bool = False, pad_to: Optional[int] = None) -> Dict:
+    """input_ids, labels, position_ids (attention_mask when rows were padded; varlen arguments with one_row),
+    loss_index/loss_labels (flat positions of logits[:, :-1] that have a loss, and their labels) and
+    trained (their count, an int)."""
+
+    batch = _one_row(rows, pad_id, pad_to) if one_row else _rows(rows, pad_id)
+    targets = batch["labels"][:, 1:].clone()
+    targets[batch["position_ids"][:, 1:] == 0] = IGNORE  # a packed example's first token is no target of the one before
+    flat = targets.reshape(-1)
+    batch["loss_index"] = (flat != IGNORE).nonzero().view(-1)
+    batch["loss_labels"] = flat[batch["loss_index"]]
+    batch["trained"] = int(batch["loss_index"].numel())
+    return batch
+
+
+def _rows(rows: List[dict], pad_id: int) -> Dict:
     import torch
-
-
-def collate(rows: List[dict], pad_id: int) -> Dict[str, "torch.Tensor"]:
-    """input_ids, labels (IGNORE on padding), position_ids, and attention_mask only when rows were padded.
-
-    Packed rows are all seq_len long, so they need no padding and get no attention_mask: with
-    position_ids restarting per example and no mask, transformers keeps examples apart.
-    """
-    import torch  # here, not at the top: the login node imports this package to check data files
 
     lengths = [len(r["input_ids"]) for r in rows]
     width = max(lengths)
@@ -30,3 +54,29 @@ def collate(rows: List[dict], pad_id: int) -> Dict[str, "torch.Tensor"]:
     if min(lengths) != width:
         batch["attention_mask"] = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
     return batch
+
+
+def _one_row(rows: List[dict], pad_id: int, pad_to: Optional[int]) -> Dict:
+    import torch
+
+    ids = [t for r in rows for t in r["input_ids"]]
+    labels = [t for r in rows for t in r["labels"]]
+    positions = [t for r in rows for t in r["position_ids"]]
+    if pad_to is not None and len(ids) < pad_to:
+        # The padding is a sequence of its own: positions restart at 0, nothing is trained.
+        n = pad_to - len(ids)
+        ids, labels, positions = ids + [pad_id] * n, labels + [IGNORE] * n, positions + list(range(n))
+    position_ids = torch.tensor([positions], dtype=torch.long)
+    starts = (position_ids[0] == 0).nonzero().view(-1).tolist()
+    if not starts or starts[0] != 0:
+        raise ValueError("a row's position_ids must start at 0")
+    bounds = [*starts, len(positions)]
+    cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": position_ids,
+        "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest, "max_length_k": longest,
+    }

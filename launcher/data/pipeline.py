@@ -38,9 +38,13 @@ class PreparedData:
     stats: Dict[str, Any]  # flat and JSON-able: counts by reason, tokens, packing efficiency, cache
 
 
-def prepare_data(data_cfg, tokenizer, seed: int, *, local_rank: int = 0, cache_root: Optional[str] = None,
-                 log: Callable[[str], Any] = print) -> PreparedData:
+def prepare_data(data_cfg, tokenizer, *, local_rank: int = 0,
+                 cache_root: Optional[str] = None, log: Callable[[str], Any] = print) -> PreparedData:
     """Tokenise, mask, pack and cache the data; every local rank returns the same PreparedData.
+
+    Which rows exist (eval_fraction holdout, mixing) and how they are packed follow data.split_seed
+    alone, so runs that differ only in the training seed (which orders the samples, in the trainer's
+    sampler) share the rows, the eval set and the cache.
 
     With data.template set, the tokenizer's chat_template is replaced by it, so generation and the
     exported tokenizer use the template the model was trained with.
@@ -63,14 +67,14 @@ def prepare_data(data_cfg, tokenizer, seed: int, *, local_rank: int = 0, cache_r
     root = cache.cache_root(cache_root or cfg.get("cache_dir"))
     key = cache.cache_key({
         "version": VERSION, "code": caches.code_digest(str(Path(__file__).parent), LIBRARIES),
-        "seed": seed, "template": template, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
+        "split_seed": cfg["split_seed"], "template": template, "tokenizer": cache.tokenizer_fingerprint(tokenizer),
         "train": [cache.source_key(s, root) for s in train_src], "eval": [cache.source_key(s, root) for s in eval_src],
         "pad_id": _pad_id(tokenizer),
         **{k: cfg.get(k) for k in ("format", "seq_len", "packing", "train_on", "truncation", "on_bad_row", "eval_fraction")},
     })
     final = root / key
     if local_rank == 0:
-        hit = build_once(final, lambda tmp: _build(tmp, cfg, tokenizer, template, seed, train_src, eval_src, log))
+        hit = build_once(final, lambda tmp: _build(tmp, cfg, tokenizer, template, train_src, eval_src, log))
     else:
         cache.wait_for(final, float(cfg.get("prepare_timeout_min") or 120), log)
         hit = True
@@ -110,7 +114,7 @@ def summary(stats: Dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- build
-def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src, log) -> None:
+def _build(tmp: Path, cfg: dict, tokenizer, template, train_src, eval_src, log) -> None:
     from datasets import concatenate_datasets
 
     builder = ExampleBuilder(tokenizer, template, cfg["format"], cfg["train_on"], cfg["seq_len"], cfg["truncation"])
@@ -133,7 +137,7 @@ def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src,
 
     train_idx, eval_idx = [], []
     for si, src in enumerate(train_src):
-        rng = np.random.default_rng([seed, si])
+        rng = np.random.default_rng([cfg["split_seed"], si])  # not the training seed: a seed sweep shares rows
         mine = kept["train", si]
         if not eval_src and cfg.get("eval_fraction"):
             held = rng.permutation(len(mine))[: round(cfg["eval_fraction"] * len(mine))]
@@ -156,7 +160,7 @@ def _build(tmp: Path, cfg: dict, tokenizer, template, seed, train_src, eval_src,
     for split, idx in (("train", train_idx), ("eval", eval_idx)):
         if split == "eval" and not has_eval:
             continue
-        groups = (best_fit_decreasing(lengths[idx], seq_len, seed) if cfg["packing"]
+        groups = (best_fit_decreasing(lengths[idx], seq_len, cfg["split_seed"]) if cfg["packing"]
                   else [[j] for j in range(len(idx))])
         groups = [[int(idx[j]) for j in g] for g in groups]
         write_rows(pool, lengths, groups, str(tmp / f"{split}.arrow"), seq_len if cfg["packing"] else None, pad)
@@ -253,12 +257,16 @@ def _pad_id(tokenizer) -> int:
 
 
 def _plain(data_cfg) -> dict:
-    """The data config as a dict of plain values (Choice members as their str values)."""
+    """The data config as a dict of plain values (Choice members as their str values); a plain dict
+    without split_seed gets the schema's default."""
     from omegaconf import OmegaConf
 
     if OmegaConf.is_config(data_cfg):
-        return OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
-    return plain(dict(data_cfg) if isinstance(data_cfg, dict) else dict(vars(data_cfg)))
+        cfg = OmegaConf.to_container(data_cfg, resolve=True, enum_to_str=True)
+    else:
+        cfg = plain(dict(data_cfg) if isinstance(data_cfg, dict) else dict(vars(data_cfg)))
+    cfg.setdefault("split_seed", DataConfig.split_seed)
+    return cfg
 
 
 def _check(cfg: dict) -> None:
@@ -271,5 +279,8 @@ def _check(cfg: dict) -> None:
         problems.append(problem("data.seq_len", cfg.get("seq_len"), f"must be an integer >= {MIN_SEQ_LEN}"))
     if not 0 <= (cfg.get("eval_fraction") or 0) < 1:
         problems.append(problem("data.eval_fraction", cfg.get("eval_fraction"), "must be in [0, 1)"))
+    split_seed = cfg.get("split_seed")
+    if not isinstance(split_seed, int) or isinstance(split_seed, bool) or split_seed < 0:
+        problems.append(problem("data.split_seed", split_seed, "must be an integer >= 0"))
     if problems:
         raise ConfigError(problems)

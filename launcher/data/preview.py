@@ -36,7 +36,7 @@ def print_preview(cfg, checked, console=None) -> None:
 def _prepare(cfg, tokenizer):
     from launcher.data.pipeline import prepare_data
 
-    return prepare_data(cfg.data, tokenizer, cfg.seed, log=lambda m: print(m, file=sys.stderr))
+    return prepare_data(cfg.data, tokenizer, log=lambda m: print(m, file=sys.stderr))
 
 
 def segments(row: dict, pad_id: int) -> List[Tuple[list, list]]:

@@ -48,7 +48,8 @@ def draw(series: List[Series], title: str):
     drawn = {ax: False for ax in (ax_loss, ax_lr, ax_eval, ax_tps)}
     for i, (label, rows) in enumerate(series):
         color = f"C{i % 10}"
-        train = [r for r in rows if r.get("kind") == "train"]
+        # Runs of earlier launchers named trained tokens/s effective_tokens_per_s.
+        train = [{"trained_tokens_per_s": r.get("effective_tokens_per_s"), **r} for r in rows if r.get("kind") == "train"]
         evals = [r for r in rows if r.get("kind") == "eval"]
         drawn[ax_loss] |= plot(ax_loss, train, "loss", named(label, "train"), color=color)
         drawn[ax_loss] |= plot(ax_loss, evals, "loss", named(label, "eval"), color=color, marker="o", linestyle="none")
@@ -58,7 +59,7 @@ def draw(series: List[Series], title: str):
             ax_acc = ax_acc or ax_eval.twinx()  # accuracy is 0..1, perplexity is not: a second scale
             drawn[ax_eval] |= plot(ax_acc, evals, "accuracy", named(label, "accuracy"), color=color, marker="s", linestyle="--")
         drawn[ax_tps] |= plot(ax_tps, train, "tokens_per_s", named(label, "tokens/s"), color=color)
-        drawn[ax_tps] |= plot(ax_tps, train, "effective_tokens_per_s", named(label, "trained tokens/s"), color=color, linestyle=":")
+        drawn[ax_tps] |= plot(ax_tps, train, "trained_tokens_per_s", named(label, "trained tokens/s"), color=color, linestyle=":")
     titles = {ax_loss: "loss", ax_lr: "learning rate", ax_eval: "eval", ax_tps: "throughput"}
     ylabels = {ax_loss: "loss", ax_lr: "lr", ax_eval: "perplexity", ax_tps: "tokens/s"}
     for ax, has_data in drawn.items():

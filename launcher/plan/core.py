@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import ops
+from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.devices import GPUS, by_device_name, local_gpu_count
 from launcher.plan import comm, memory, stop_window
 from launcher.plan.memory import MemoryEstimate, Workload
@@ -36,6 +37,7 @@ class Plan:
     precision: str
     compiled_ops: Dict[str, str]  # DeepSpeed ops the run JIT-compiles -> built here already or not
     device: str = "unknown"  # what memory and speed are predicted for, and where that came from
+    attention: str = ""  # the kernel the ranks will use and the batch layout it gets; the loss
     memory: Optional[Dict[str, Any]] = None  # launcher.plan.memory.MemoryEstimate
     comm: Optional[Dict[str, Any]] = None  # launcher.plan.comm.CommEstimate
     stop_window: Optional[Dict[str, Any]] = None  # launcher.plan.stop_window.StopWindow
@@ -114,6 +116,7 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         params=facts.params,
+        attention=attention_summary(cfg),
         model_facts_source=facts.source,
         zero_stage=cfg.deepspeed.stage,
         precision=cfg.trainer.precision,
@@ -153,9 +156,19 @@ def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
     return mem, tflops, ", ".join(source) or "unknown: set cluster.gpu (or cluster.gpu_mem_gib, cluster.gpu_tflops)"
 
 
+def attention_summary(cfg) -> str:
+    name = str(cfg.model.attn_implementation)
+    kernel = resolve_attn_implementation(name, accelerator(cfg.cluster))
+    layout = "one row per micro-batch with its sequence boundaries" if kernel in ONE_ROW_KERNELS else "one row per sequence"
+    loss = str(cfg.trainer.loss) + (f" ({cfg.trainer.loss_chunk_tokens} tokens per chunk)" if str(cfg.trainer.loss) == "chunked" else "")
+    return f"{kernel}{' (auto)' if name == 'auto' else ''}, {layout}; loss: {loss}"
+
+
 def workload(cfg) -> Workload:
+    kernel = resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster))
     return Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
-                    cfg.trainer.activation_checkpointing, str(cfg.model.attn_implementation), cfg.data.packing)
+                    cfg.trainer.activation_checkpointing, kernel, cfg.data.packing,
+                    str(cfg.trainer.loss), cfg.trainer.loss_chunk_tokens)
 
 
 def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops) -> Tuple[Optional[MemoryEstimate], Optional[comm.CommEstimate], Optional[Plan]]:

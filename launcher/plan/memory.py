@@ -12,13 +12,18 @@ grouped KV heads and a gated MLP, no dropout), per token, for the attention kern
   attention:    rotated q, k, v, the kernel's output and o_proj's input e(3q + 2kv), the
                 softmax statistics 4 bytes per head; eager adds the fp32 probabilities (and their
                 16-bit copy) per head and key; eager, and sdpa with a mask (packed rows), repeat k
-                and v to all heads
+                and v to all heads; flash_attention_2 and flex_attention take one row per
+                micro-batch with its sequence boundaries and build no mask
   gated MLP:    gate, up, silu(gate) and the product 4eI
 With activation checkpointing each layer keeps only its input (eh per token). Backward then adds
-the larger of two transients: the loss's full-vocabulary logits (the fp32 log-softmax output and
-its gradient, the 16-bit gradient when the model is 16-bit, and the slice's gradient buffer:
-(8 + e) or (8 + 2e) bytes per token and vocabulary entry), or, with checkpointing, one layer's
-recomputed activations. Measured against torch's profiler on CPU: tests/unit/test_plan_memory.py.
+the larger of two transients: the loss's logits, or, with checkpointing, one layer's recomputed
+activations. The loss's logits (launcher.loss) are, per token and vocabulary entry, the fp32
+log-softmax output and its gradient, the 16-bit gradient when the model is 16-bit, and the
+slice's gradient buffer: (8 + e) or (8 + 2e) bytes, for every token with trainer.loss=full (held
+from the forward on), for one chunk of trained tokens with chunked (plus the output weight's gradient, summed over
+the chunks in a buffer of its own); Liger's fused kernel holds
+the weight's gradient and logits of about tokens x hidden / vocabulary positions at a time.
+Measured against torch's profiler on CPU: tests/unit/test_plan_memory.py.
 """
 
 from dataclasses import dataclass, field, replace
@@ -44,8 +49,10 @@ class Workload:
     seq_len: int
     precision: str
     activation_checkpointing: bool
-    attn_implementation: str
+    attn_implementation: str  # resolved: never auto
     packing: bool
+    loss: str = "full"
+    loss_chunk_tokens: int = 1024
 
     @property
     def tokens(self) -> int:
@@ -106,7 +113,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, work: Workload) -> float
     norm = 4 * h + 2 * e * h
     kernel = work.attn_implementation
     masked = work.packing and kernel == "sdpa"  # packed rows give sdpa a 4D mask: k and v are repeated
-    k_v = 2 * (q if masked or kernel == "eager" else kv)
+    k_v = 2 * (q if masked or kernel == "eager" else kv)  # flash and flex attend grouped heads as they are
     attention = e * (3 * q + k_v) + 4 * shape.heads
     if kernel == "eager":  # softmax in fp32, cast back for the matmul (no copy when training in fp32)
         attention += (4 + (e if e < 4 else 0)) * shape.heads * work.seq_len
@@ -131,7 +138,15 @@ def activation_bytes(shape: ModelShape, work: Workload) -> Dict[str, float]:
 def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
     """What backward adds on top of the saved activations; the peak holds the larger (module docstring)."""
     e = element_bytes(work.precision)
-    parts = {"loss logits (full vocabulary)": (8 + e + (e if e < 4 else 0)) * shape.vocab * work.tokens}
+    per_position = (8 + e + (e if e < 4 else 0)) * shape.vocab
+    if work.loss == "full":
+        parts = {"loss logits (full vocabulary)": per_position * work.tokens}
+    elif work.loss == "chunked":
+        # Autograd sums the output weight's gradient over the chunks in a buffer of its own.
+        parts = {f"loss logits (chunks of {work.loss_chunk_tokens} tokens) and the weight's gradient sum":
+                 per_position * min(work.loss_chunk_tokens, work.tokens) + e * shape.vocab * shape.hidden}
+    else:  # liger: the weight's gradient, the input's gradient and its chunk's fp32 logits
+        parts = {"fused loss (weight gradient and a chunk)": e * shape.vocab * shape.hidden + (e + 4) * work.tokens * shape.hidden}
     if work.activation_checkpointing:
         parts["one layer recomputed"] = layer_activation_bytes_per_token(shape, work) * work.tokens
     return parts

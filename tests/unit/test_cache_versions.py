@@ -90,9 +90,10 @@ def pipeline_digest(tmp_path: Path) -> str:
     source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
     out = []
     for i, extra in enumerate(CONFIGS):
+        # split_seed=0: the seed these rows were pinned with (it was the training seed's argument then)
         cfg = dict(train_files=str(source), eval_files=None, format="auto", template=None, on_bad_row="error",
-                   num_proc=1, prepare_timeout_min=1.0, **extra)
-        data = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / f"cache{i}"), log=lambda m: None)
+                   num_proc=1, prepare_timeout_min=1.0, split_seed=0, **extra)
+        data = prepare_data(cfg, tok, cache_root=str(tmp_path / f"cache{i}"), log=lambda m: None)
         splits = {name: [ds[j] for j in range(len(ds))] for name, ds in (("train", data.train), ("eval", data.eval)) if ds is not None}
         out.append({"rows": splits, "prompts": data.eval_prompts,
                     "stats": {k: v for k, v in data.stats.items() if k not in UNSTABLE_STATS}})

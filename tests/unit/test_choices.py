@@ -37,7 +37,7 @@ def test_the_schema_lists_every_choice_key():
     assert set(CHOICE_KEYS) == {
         "model.attn_implementation", "data.format", "data.train_on", "data.truncation", "data.on_bad_row",
         "optim.name", "optim.scheduler", "deepspeed.offload_optimizer", "deepspeed.offload_param",
-        "trainer.precision", "checkpoint.export_dtype", "checkpoint.allow_changes", "cluster.backend",
+        "trainer.precision", "trainer.loss", "checkpoint.export_dtype", "checkpoint.allow_changes", "cluster.backend",
         "tracking.backend", "tracking.mode",
     }
 
@@ -61,7 +61,7 @@ def test_members_are_their_own_names_and_read_as_plain_strings(choice):
         ("tracking.mode=onlin", "[offline, online, disabled]"),
         ("deepspeed.offload_optimizer=gpu", "[none, cpu, nvme]"),
         ("optim.scheduler=step", "[cosine, linear, constant]"),
-        ("model.attn_implementation=flash_attention_3", "[sdpa, eager, flash_attention_2]"),
+        ("model.attn_implementation=flash_attention_3", "[auto, sdpa, eager, flex_attention, flash_attention_2]"),
         ("checkpoint.export_dtype=fp8", "[bf16, fp16, fp32]"),
         ("checkpoint.allow_changes=[data,world_size]", "[data, model_path, launcher]"),
         ("cluster.backend=k8s", "[local, slurm]"),
@@ -166,7 +166,7 @@ def test_the_pipeline_checks_a_plain_dict_against_the_same_choices(tmp_path):
     cfg = dict(train_files=str(tmp_path / "x.jsonl"), eval_files=None, eval_fraction=0.0, format="jsonl", template=None,
                seq_len=MIN_SEQ_LEN - 1, packing=True, train_on="assistant", truncation="cut", on_bad_row="error")
     with pytest.raises(ConfigError) as info:
-        prepare_data(cfg, tokenizer=None, seed=0, cache_root=str(tmp_path), log=lambda m: None)
+        prepare_data(cfg, tokenizer=None, cache_root=str(tmp_path), log=lambda m: None)
     assert info.value.problems == [
         "data.format='jsonl': must be one of auto, messages, prompt_completion, alpaca, text",
         "data.truncation='cut': must be one of truncate, drop",

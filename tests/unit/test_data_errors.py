@@ -47,7 +47,7 @@ def prepared_rows(tok, path, tmp_path, **kw):
     cfg = {**dict(train_files=str(path), eval_files=None, eval_fraction=0.0, format="auto", template=None, seq_len=64,
                   packing=False, train_on="assistant", truncation="truncate", on_bad_row="error", num_proc=1,
                   prepare_timeout_min=1.0), **kw}
-    data = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "cache" / path.name), log=lambda m: None)
+    data = prepare_data(cfg, tok, cache_root=str(tmp_path / "cache" / path.name), log=lambda m: None)
     return [data.train[i] for i in range(len(data.train))]
 
 
@@ -145,16 +145,16 @@ def test_rows_dropped_for_length_are_named_with_the_setting_that_keeps_them(tok,
     cfg = dict(train_files=str(path), eval_files=None, eval_fraction=0.0, format="auto", template=None, seq_len=32,
                packing=True, train_on="assistant", truncation="truncate", on_bad_row="error", num_proc=1,
                prepare_timeout_min=1.0)
-    data = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "c"), log=logged.append)
+    data = prepare_data(cfg, tok, cache_root=str(tmp_path / "c"), log=logged.append)
     note = (f"data: {path}: 1 row(s) dropped for length (line 3: no trained token in the first data.seq_len=32 "
             "tokens); raise data.seq_len (now 32) so the answer fits after the prompt")
     assert note in logged and data.stats["dropped_for_length"] == 1
     path.write_text(jsonl([long_prompt]))
     with pytest.raises(DataError) as e:
-        prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "c"), log=lambda m: None)
+        prepare_data(cfg, tok, cache_root=str(tmp_path / "c"), log=lambda m: None)
     assert "no training example is left" in str(e.value) and "line 1: no trained token in the first" in str(e.value)
     with pytest.raises(DataError) as e:
-        prepare_data({**cfg, "truncation": "drop"}, tok, 0, cache_root=str(tmp_path / "c"), log=lambda m: None)
+        prepare_data({**cfg, "truncation": "drop"}, tok, cache_root=str(tmp_path / "c"), log=lambda m: None)
     assert "or data.truncation=truncate to keep their first tokens" in str(e.value)
 
 
@@ -173,7 +173,7 @@ def test_the_login_check_and_the_pipeline_read_the_same_rows(tok, tmp_path):
         cfg = dict(train_files=str(path), eval_files=None, eval_fraction=0.0, format="auto", template=None, seq_len=64,
                    packing=False, train_on="assistant", truncation="truncate", on_bad_row="skip", num_proc=1,
                    prepare_timeout_min=1.0)
-        stats = prepare_data(cfg, tok, 0, cache_root=str(tmp_path / "c" / name), log=lambda m: None).stats
+        stats = prepare_data(cfg, tok, cache_root=str(tmp_path / "c" / name), log=lambda m: None).stats
         assert problems == [] and usable == stats["rows_kept"], (name, usable, stats)
     (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(jsonl(ROWS).encode())[:40])
     [problem], _ = check_files("data.train_files", [str(tmp_path / "broken.jsonl.gz")], "auto", "error")

@@ -75,7 +75,7 @@ def test_rows_are_written_in_chunks(examples, tmp_path, monkeypatch):
 def test_collate_packed_has_no_attention_mask():
     row = {"input_ids": [1, 2, 3, 4], "labels": [IGNORE, 2, IGNORE, 4], "position_ids": [0, 1, 0, 1]}
     batch = collate([row, row], pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "loss_index", "loss_labels", "trained"}
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1]] * 2
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == __import__("torch").long
 
@@ -99,3 +99,42 @@ def test_the_trainer_gets_the_collate_function_not_its_module():
     check = "import launcher.trainer as t, launcher.data as d; assert callable(t.collate) and callable(d.collate)"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_collate_targets_are_the_next_tokens_and_never_cross_examples():
+    row = {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}
+    batch = collate([row], pad_id=0)
+    # Position t of logits[:, :-1] predicts token t+1; token 4 starts an example, so nothing predicts it.
+    assert batch["loss_index"].tolist() == [0, 1, 3] and batch["loss_labels"].tolist() == [2, 3, 5]
+    assert batch["trained"] == 3
+
+
+def test_collate_one_row_gives_the_sequence_boundaries_flash_attention_derives():
+    """One row per micro-batch, no padding between sequences, and cu_seq_lens equal to what
+    transformers computes from position_ids for a packed batch of size 1."""
+    import torch
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    packed = {"input_ids": [1, 2, 3, 4, 0], "labels": [IGNORE, 2, IGNORE, 4, IGNORE], "position_ids": [0, 1, 0, 1, 0]}
+    unpacked = {"input_ids": [7, 8, 9], "labels": [IGNORE, 8, 9], "position_ids": [0, 1, 2]}
+    batch = collate([packed, unpacked], pad_id=0, one_row=True)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 0, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 0, 0, 1, 2]]
+    assert "attention_mask" not in batch
+    assert batch["cu_seq_lens_q"].tolist() == [0, 2, 4, 5, 8] and batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
+    assert batch["max_length_q"] == batch["max_length_k"] == 3
+    (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert cu_q.tolist() == batch["cu_seq_lens_q"].tolist() and int(max_q) == batch["max_length_q"]
+    # The same targets as the row layout of the same sequences.
+    rows = collate([packed, unpacked], pad_id=0)
+    assert batch["trained"] == rows["trained"] == 4
+    assert batch["loss_labels"].tolist() == rows["loss_labels"].tolist() == [2, 4, 8, 9]
+    assert batch["input_ids"].dtype == torch.long and batch["cu_seq_lens_q"].dtype == torch.int32
+
+
+def test_collate_one_row_pads_its_end_as_a_sequence_of_its_own():
+    row = {"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3], "position_ids": [0, 1, 2]}
+    batch = collate([row], pad_id=9, one_row=True, pad_to=6)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 9, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 6] and batch["trained"] == 2

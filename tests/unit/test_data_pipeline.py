@@ -39,8 +39,8 @@ def write_jsonl(path, rows):
     return path
 
 
-def prep(tok, tmp_path, c, seed=0, **kw) -> PreparedData:
-    return prepare_data(c, tok, seed, cache_root=str(tmp_path / "cache"), log=lambda m: None, **kw)
+def prep(tok, tmp_path, c, **kw) -> PreparedData:
+    return prepare_data(c, tok, cache_root=str(tmp_path / "cache"), log=lambda m: None, **kw)
 
 
 def rows(ds):
@@ -129,10 +129,11 @@ def test_padding_mode_rows_are_single_examples(tok, tmp_path):
         assert r["input_ids"][-1] == tok.eos_token_id or r["input_ids"][-2] == tok.eos_token_id
 
 
-def test_eval_fraction_is_held_out_with_the_seed(tok, tmp_path):
+def test_eval_fraction_is_held_out_with_the_split_seed(tok, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", GOOD)
-    c = cfg(path, eval_fraction=0.25, packing=False)
-    a, b, other = prep(tok, tmp_path, c, seed=1), prep(tok, tmp_path, c, seed=1), prep(tok, tmp_path, c, seed=2)
+    c = cfg(path, eval_fraction=0.25, packing=False, split_seed=1)
+    # The training seed does not choose the held-out rows; data.split_seed does.
+    a, b, other = prep(tok, tmp_path, c), prep(tok, tmp_path, c), prep(tok, tmp_path, {**c, "split_seed": 2})
     assert (len(a.train), len(a.eval)) == (9, 3)
     assert rows(a.eval) == rows(b.eval) and rows(a.eval) != rows(other.eval)
     train_ids = {tuple(r["input_ids"]) for r in rows(a.train)}
@@ -183,7 +184,8 @@ def test_cache_hit_skips_tokenising_and_misses_on_changes(tok, tmp_path, monkeyp
     assert prep(copy.deepcopy(tok), tmp_path, cfg(path, template="llama3", seq_len=256)).stats["cache_hit"] is False
     write_jsonl(path, GOOD[:-1])
     assert prep(tok, tmp_path, cfg(path)).stats["cache_hit"] is False
-    assert prep(tok, tmp_path, cfg(path), seed=3).stats["cache_hit"] is False
+    assert prep(tok, tmp_path, cfg(path)).stats["cache_hit"] is True  # the training seed is not in the key
+    assert prep(tok, tmp_path, cfg(path, split_seed=3)).stats["cache_hit"] is False
 
 
 def test_template_choice_is_installed_on_the_tokenizer(tok, tmp_path):
@@ -226,7 +228,7 @@ def test_composed_config_and_bundled_data(tok, tmp_path):
     from tests.conftest import compose_config
 
     c = compose_config(["data.seq_len=256", f"data.cache_dir={tmp_path / 'c'}"])
-    data = prepare_data(c.data, tok, c.seed, log=lambda m: None)
+    data = prepare_data(c.data, tok, log=lambda m: None)
     assert data.stats["train_examples"] == 2000 and data.stats["eval_prompts"] == 200
     assert data.stats["train_packing_efficiency"] >= 0.95
     labels = np.concatenate([np.asarray(r["labels"]) for r in rows(data.train)])

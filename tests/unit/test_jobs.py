@@ -18,7 +18,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def train_row(step, loss, lr=1e-3):
     return {"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": 1.0,
-            "tokens_per_s": 1000.0 + step, "effective_tokens_per_s": 200.0 + step}
+            "tokens_per_s": 1000.0 + step, "trained_tokens_per_s": 200.0 + step}
 
 
 def eval_row(step, loss, accuracy=None):

@@ -122,7 +122,7 @@ def test_dry_run_of_the_8b_recipe_prints_every_prediction(tmp_path):
                      cwd=tmp_path, env={"COLUMNS": "250"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for text in ("peak memory per GPU", "model states", "ZeRO buffers", "activations", "loss logits (full vocabulary)",
+    for text in ("peak memory per GPU", "model states", "ZeRO buffers", "activations", "loss logits (chunks of 1024 tokens)",
                  "fits (", "communication per step", "step time (at best)", "MFU ceiling", "checkpoint size",
                  "stop window", "needs ", "Scaling (same global batch)"):
         assert text in out, text

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from launcher.plan import make_plan
 from launcher.plan.memory import Workload, activation_bytes, backward_transients
 from launcher.plan.shape import ModelShape
-from launcher.trainer import token_loss_sum
+from launcher.data import collate
+from launcher.loss import install_loss_head, token_loss_sum
 from launcher.validate import check_config
 from tests.conftest import compose_config
 
@@ -49,20 +50,22 @@ def test_zero2_model_states_equal_deepspeeds_estimator(nodes):
     assert sum(plan.memory["parts_gib"]["model states"].values()) * GIB == pytest.approx(gpu, rel=1e-9)
 
 
-def profiled_peak(config: dict, batch: int, seq_len: int, checkpointing: bool, attn: str) -> tuple[float, float]:
+def profiled_peak(config: dict, batch: int, seq_len: int, checkpointing: bool, attn: str, loss: str) -> tuple[float, float]:
     """(bytes held when backward starts, peak bytes during forward and backward) above what the model
     and its gradients hold, from torch's profiler, for the trainer's own loss on CPU in fp32."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation=attn)).float().train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head = install_loss_head(model, loss, CHUNK)
     ids = torch.randint(0, config["vocab_size"], (batch, seq_len))
-    batch_ = {"input_ids": ids, "targets": torch.randint(0, config["vocab_size"], (batch, seq_len - 1))}
+    rows = [{"input_ids": r, "labels": r, "position_ids": list(range(seq_len))} for r in ids.tolist()]
+    batch_ = collate(rows, pad_id=0)
 
     def step():
-        loss = token_loss_sum(model, batch_)
+        summed = token_loss_sum(model, head, batch_)
         with record_function("backward"):
-            loss.backward()
+            summed.backward()
 
     step()  # gradients exist from here on, as they do in training
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -80,16 +83,33 @@ def profiled_peak(config: dict, batch: int, seq_len: int, checkpointing: bool, a
 
 CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
               vocab_size=2000, max_position_embeddings=1024, tie_word_embeddings=False)
+CHUNK = 256
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_activations_and_logits_match_a_measured_peak_within_15_percent(checkpointing, attn):
+@pytest.mark.parametrize("checkpointing, attn, loss", [
+    (False, "sdpa", "full"), (True, "sdpa", "full"), (False, "eager", "full"), (True, "eager", "full"),
+    (False, "sdpa", "chunked"), (True, "sdpa", "chunked"),
+])
+def test_activations_and_logits_match_a_measured_peak_within_15_percent(checkpointing, attn, loss):
     batch, seq_len = 4, 256
-    at_backward, peak = profiled_peak(CONFIG, batch, seq_len, checkpointing, attn)
+    at_backward, peak = profiled_peak(CONFIG, batch, seq_len, checkpointing, attn, loss)
     shape = ModelShape.from_config({**CONFIG, "model_type": "llama"})
-    work = Workload(batch, seq_len, "fp32", checkpointing, attn, packing=False)
+    work = Workload(batch, seq_len, "fp32", checkpointing, attn, packing=False, loss=loss, loss_chunk_tokens=CHUNK)
     saved = sum(activation_bytes(shape, work).values())
-    # When backward starts the loss still holds its fp32 log-softmax output.
-    assert (saved + 4 * shape.vocab * work.tokens) / at_backward == pytest.approx(1, abs=0.15)
+    # When backward starts the full loss still holds its fp32 log-softmax output; the chunked one
+    # holds only its input (recomputed in backward).
+    held_by_loss = 4 * shape.vocab * work.tokens if loss == "full" else 4 * shape.hidden * work.tokens
+    assert (saved + held_by_loss) / at_backward == pytest.approx(1, abs=0.15)
     assert (saved + max(backward_transients(shape, work).values())) / peak == pytest.approx(1, abs=0.15)
+
+
+def test_the_chunked_loss_holds_a_fraction_of_the_full_losss_logits():
+    """Peak of a step where the vocabulary's logits dominate: chunked holds a fraction of the full loss's."""
+    config = {**CONFIG, "num_hidden_layers": 1, "vocab_size": 32000}
+    _, full = profiled_peak(config, 2, 512, False, "sdpa", "full")
+    _, chunked = profiled_peak(config, 2, 512, False, "sdpa", "chunked")
+    shape = ModelShape.from_config({**config, "model_type": "llama"})
+    predicted = [sum(activation_bytes(shape, w).values()) + max(backward_transients(shape, w).values())
+                 for w in (Workload(2, 512, "fp32", False, "sdpa", False, loss, CHUNK) for loss in ("full", "chunked"))]
+    assert chunked < full / 2
+    assert predicted[0] / full == pytest.approx(1, abs=0.15) and predicted[1] / chunked == pytest.approx(1, abs=0.15)

@@ -1,0 +1,48 @@
+"""Which attention kernel a run uses, the batch layout it needs, and the combinations that would be wrong.
+
+auto picks, where the ranks train: flash_attention_2 on CUDA when the flash-attn package is
+installed, else flex_attention (torch's own block-sparse attention, no compiled package); sdpa on CPU.
+"""
+
+from importlib.util import find_spec
+from typing import List
+
+from launcher.errors import problem
+
+# Kernels fed one row per micro-batch with explicit sequence boundaries (launcher.data.collate).
+ONE_ROW_KERNELS = ("flash_attention_2", "flex_attention")
+
+
+def resolve_attn_implementation(name: str, device_type: str) -> str:
+    if name != "auto":
+        return name
+    if device_type == "cuda":
+        return "flash_attention_2" if find_spec("flash_attn") else "flex_attention"
+    return "sdpa"
+
+
+def attention_problems(name: str, device_type: str, precision: str) -> List[str]:
+    """Kernel choices that cannot train here, each with its reason and what would work."""
+    kernel = resolve_attn_implementation(name, device_type)
+    key = "model.attn_implementation"
+    shown = kernel if kernel == name else f"{name} (= {kernel})"
+    if kernel == "flash_attention_2" and device_type != "cuda":
+        return [problem(key, shown, "flash-attn runs on CUDA GPUs only and these ranks train on the CPU; use sdpa or eager")]
+    if kernel == "flash_attention_2" and precision == "fp32":
+        return [problem(key, shown, "flash-attn computes in bf16 or fp16 only (trainer.precision=fp32); "
+                        "use trainer.precision=bf16 or model.attn_implementation=sdpa")]
+    if kernel == "flex_attention" and device_type != "cuda":
+        return [problem(key, shown, "torch has no CPU backward for flex_attention and these ranks train on the CPU; "
+                        "use sdpa or eager")]
+    return []
+
+
+def loss_problems(loss: str, device_type: str) -> List[str]:
+    if loss != "liger":
+        return []
+    if device_type != "cuda":
+        return [problem("trainer.loss", loss, "Liger's kernels are Triton, GPU only, and these ranks train on the CPU; "
+                        "use chunked")]
+    if find_spec("liger_kernel") is None:
+        return [problem("trainer.loss", loss, "liger-kernel is not installed (pip install liger-kernel); use chunked")]
+    return []
