@@ -13,17 +13,29 @@ from launcher.errors import problem
 ONE_ROW_KERNELS = ("flash_attention_2", "flex_attention")
 
 
-def resolve_attn_implementation(name: str, device_type: str) -> str:
+def resolve_attn_implementation(name: str, device_type: str, precision: str = "bf16") -> str:
     if name != "auto":
         return name
     if device_type == "cuda":
-        return "flash_attention_2" if find_spec("flash_attn") else "flex_attention"
+        # flash-attn computes in 16 bits only, on Ampere or newer (checked where the ranks run).
+        flash = find_spec("flash_attn") and precision != "fp32" and cuda_capability() >= (8, 0)
+        return "flash_attention_2" if flash else "flex_attention"
     return "sdpa"
+
+
+def cuda_capability() -> tuple:
+    """The local GPU's compute capability; on a login node without one, assume the compute nodes' is recent."""
+    import sys
+
+    torch = sys.modules.get("torch")  # the login side never imports torch for this
+    if torch is not None and torch.cuda.is_available():
+        return torch.cuda.get_device_capability()
+    return (9, 0)
 
 
 def attention_problems(name: str, device_type: str, precision: str) -> List[str]:
     """Kernel choices that cannot train here, each with its reason and what would work."""
-    kernel = resolve_attn_implementation(name, device_type)
+    kernel = resolve_attn_implementation(name, device_type, precision)
     key = "model.attn_implementation"
     shown = kernel if kernel == name else f"{name} (= {kernel})"
     if kernel == "flash_attention_2" and device_type != "cuda":

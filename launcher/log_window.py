@@ -58,7 +58,9 @@ class LogWindow:
             self.step_time += time.perf_counter() - self._began
 
     def _step_time_total(self) -> float:
-        return self.step_time + sum(a.elapsed_time(b) / 1000 for a, b in self.step_events)  # waits for the last
+        if self.step_events:
+            self.step_events[-1][1].synchronize()  # elapsed_time needs both events done; steps end in order
+        return self.step_time + sum(a.elapsed_time(b) / 1000 for a, b in self.step_events)
 
     def row(self, n_params: int, peak_flops: Optional[float]) -> Dict:
         """The window's metrics from every rank: one all-gather, so stragglers show by rank."""

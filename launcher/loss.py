@@ -6,7 +6,9 @@ copy for the loss, and more copies in backward (4 GiB per fp32 copy for Llama 3 
 has set the targets, it returns the summed loss instead, computed one way of three:
 
 - chunked: the output projection and the loss one chunk of trained tokens at a time, each chunk
-  recomputed in backward (torch.utils.checkpoint), so one chunk's logits exist at a time;
+  recomputed in backward (torch.utils.checkpoint), so one chunk's logits exist at a time (a
+  micro-batch of one chunk or less is not recomputed: its logits are freed by the head's
+  backward, the first step of backward, all the same);
 - liger: Liger's fused linear cross-entropy (Triton, GPU only; `pip install liger-kernel`);
 - full: no head; the model's own logits for every position, upcast to fp32 (the reference the
   others are tested against, and the one loss right for models that transform their logits
@@ -28,7 +30,8 @@ from launcher.data.masking import IGNORE
 
 # Models whose forward transforms the logits after lm_head (softcapping, scaling): a loss computed
 # inside the head would skip that transform, so only the full loss is right for them.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                    "output_multiplier", "lm_head_multiplier")
 
 
 class LossHead(nn.Module):
@@ -40,21 +43,29 @@ class LossHead(nn.Module):
         self.mode = mode
         self.chunk_tokens = chunk_tokens
         self.targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (flat positions, their labels)
+        self.last_loss: Optional[torch.Tensor] = None  # what forward returned: the model must pass it on as is
+        self.verified = False  # whether the model was seen to pass it on unchanged
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.targets is None:
             return F.linear(hidden, self.weight, self.bias)
-        index, labels = self.targets
+        self.last_loss = self._loss(hidden, *self.targets)
+        return self.last_loss
+
+    def _loss(self, hidden: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # The last position predicts nothing; index counts positions of hidden[:, :-1].
         trained = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, index)  # only those reach the projection
-        if self.mode == "liger":
+        if self.mode == "liger" and trained.size(0):  # Liger divides by the token count
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             return LigerFusedLinearCrossEntropyLoss(reduction="sum")(self.weight, trained, labels, self.bias)
+        if trained.size(0) <= self.chunk_tokens:
+            # One chunk: its logits live only until the head's backward, the first of backward's
+            # steps, so recomputing them would save nothing. Empty or not, the weight gets a
+            # gradient (ZeRO-3 reduces it collectively) and the loss a graph.
+            return _chunk_loss(trained, self.weight, self.bias, labels)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # At least one chunk, empty or not: every rank's backward must reach the weight (ZeRO-3
-        # reduces its gradient collectively), and the loss must have a graph.
-        for start in range(0, max(trained.size(0), 1), self.chunk_tokens):
+        for start in range(0, trained.size(0), self.chunk_tokens):
             part = slice(start, start + self.chunk_tokens)
             total = total + checkpoint(_chunk_loss, trained[part], self.weight, self.bias, labels[part], use_reentrant=False)
         return total
@@ -73,7 +84,11 @@ def install_loss_head(model: nn.Module, mode: str, chunk_tokens: int) -> Optiona
         if getattr(text, key, None) not in (None, 1.0):
             raise ValueError(f"trainer.loss={mode}: {type(model).__name__} transforms its logits after lm_head "
                              f"({key}={getattr(text, key)}), which a loss inside the head would skip; use trainer.loss=full")
-    head = LossHead(model.get_output_embeddings(), mode, chunk_tokens)
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, nn.Linear):
+        raise ValueError(f"trainer.loss={mode}: {type(model).__name__}'s output embeddings are "
+                         f"{type(lm_head).__name__}, not a linear layer the loss can stand in for; use trainer.loss=full")
+    head = LossHead(lm_head, mode, chunk_tokens)
     model.set_output_embeddings(head)
     return head
 
@@ -93,9 +108,12 @@ def token_loss_sum(model: nn.Module, head: Optional[LossHead], batch) -> torch.T
         summed = model(**inputs, use_cache=False).logits
     finally:
         head.targets = None
-    if summed.dim() != 0:
-        raise RuntimeError(f"{type(model).__name__} did not route its output through lm_head unchanged: "
-                           "use trainer.loss=full")
+    loss, head.last_loss = head.last_loss, None
+    if not head.verified:  # once (it reads a value back): scaled, capped or transformed after lm_head, it is no loss
+        if summed.dim() != 0 or not torch.equal(summed.detach(), loss.detach()):
+            name = type(getattr(model, "module", model)).__name__
+            raise RuntimeError(f"{name} changes what lm_head returns before its output; use trainer.loss=full")
+        head.verified = True
     return summed
 
 

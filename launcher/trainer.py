@@ -105,6 +105,8 @@ class SFTTrainer:
     def _setup_distributed(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            # DeepSpeed picks its device from LOCAL_RANK (engine, zero.Init): the same GPU as ours.
+            os.environ["LOCAL_RANK"] = str(self.device.index)
         # Compile what DeepSpeed will load (init_distributed loads the CPU comm op) once per node,
         # out of reach of stop signals.
         ops.build(ops.needed(self.cfg.optim.name, get_accelerator().device_name()), log.info)
@@ -149,7 +151,7 @@ class SFTTrainer:
         # Held for the model's lifetime: from_pretrained partitions each layer as it loads (ZeRO-3).
         self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
         model_cfg = self.cfg.model
-        self.attn = resolve_attn_implementation(str(model_cfg.attn_implementation), self.device.type)
+        self.attn = resolve_attn_implementation(str(model_cfg.attn_implementation), self.device.type, str(self.cfg.trainer.precision))
         # Varlen kernels get each micro-batch as one row with explicit sequence boundaries; flex
         # compiles per shape, so its rows are padded to one length.
         self.one_row = self.attn in ONE_ROW_KERNELS

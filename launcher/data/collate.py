@@ -63,9 +63,11 @@ def _one_row(rows: List[dict], pad_id: int, pad_to: Optional[int]) -> Dict:
     labels = [t for r in rows for t in r["labels"]]
     positions = [t for r in rows for t in r["position_ids"]]
     if pad_to is not None and len(ids) < pad_to:
-        # The padding is a sequence of its own: positions restart at 0, nothing is trained.
+        # The padding is sequences of their own, nothing trained, none longer than the row's longest
+        # (positions stay within what the model was given).
         n = pad_to - len(ids)
-        ids, labels, positions = ids + [pad_id] * n, labels + [IGNORE] * n, positions + list(range(n))
+        piece = max(len(r["input_ids"]) for r in rows)
+        ids, labels, positions = ids + [pad_id] * n, labels + [IGNORE] * n, positions + [i % piece for i in range(n)]
     position_ids = torch.tensor([positions], dtype=torch.long)
     starts = (position_ids[0] == 0).nonzero().view(-1).tolist()
     if not starts or starts[0] != 0:

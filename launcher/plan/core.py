@@ -158,14 +158,14 @@ def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
 
 def attention_summary(cfg) -> str:
     name = str(cfg.model.attn_implementation)
-    kernel = resolve_attn_implementation(name, accelerator(cfg.cluster))
+    kernel = resolve_attn_implementation(name, accelerator(cfg.cluster), str(cfg.trainer.precision))
     layout = "one row per micro-batch with its sequence boundaries" if kernel in ONE_ROW_KERNELS else "one row per sequence"
     loss = str(cfg.trainer.loss) + (f" ({cfg.trainer.loss_chunk_tokens} tokens per chunk)" if str(cfg.trainer.loss) == "chunked" else "")
     return f"{kernel}{' (auto)' if name == 'auto' else ''}, {layout}; loss: {loss}"
 
 
 def workload(cfg) -> Workload:
-    kernel = resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster))
+    kernel = resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster), str(cfg.trainer.precision))
     return Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
                     cfg.trainer.activation_checkpointing, kernel, cfg.data.packing,
                     str(cfg.trainer.loss), cfg.trainer.loss_chunk_tokens)

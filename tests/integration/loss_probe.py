@@ -8,7 +8,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from launcher.loss import token_loss_sum
-from tests.integration.probe_setup import trainer_with_engine
+from tests.integration.probe_setup import exit_now, trainer_with_engine
 
 run_dir = Path(sys.argv[1])
 trainer = trainer_with_engine(run_dir)
@@ -22,4 +22,4 @@ grads = {name: safe_get_full_grad(p).detach().clone() for name, p in trainer.eng
 loss_sum = trainer._sum_over_ranks(summed.detach().double().view(1)).item()
 if trainer.env.rank == 0:
     torch.save({"loss": loss_sum / global_trained, "grads": grads}, run_dir / "grads.pt")
-trainer.cleanup()
+exit_now(trainer)

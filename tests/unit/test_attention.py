@@ -61,3 +61,28 @@ def test_chunked_loss_refuses_a_model_that_transforms_its_logits():
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0.*use trainer.loss=full"):
         install_loss_head(model, "chunked", 1024)
     assert install_loss_head(model, "full", 1024) is None  # full keeps the model's own logits
+
+
+def test_the_chunked_loss_refuses_an_output_changed_after_lm_head():
+    """A model that scales what lm_head returns, with no config key that says so, is caught at the first step."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.data import collate
+    from launcher.loss import install_loss_head, token_loss_sum
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 2]}], pad_id=0)
+    plain = LlamaForCausalLM(config)
+    assert token_loss_sum(plain, install_loss_head(plain, "chunked", 2), batch).dim() == 0
+    scaled = Scaled(config)
+    with pytest.raises(RuntimeError, match="changes what lm_head returns.*use trainer.loss=full"):
+        token_loss_sum(scaled, install_loss_head(scaled, "chunked", 2), batch)
