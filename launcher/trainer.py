@@ -2,7 +2,9 @@
 
 Features: DeepSpeed ZeRO 0-3 with the model partitioned at load; gradient accumulation with the loss
 normalised by the trained tokens of the whole global batch (so micro 2 x accum 1 == micro 1 x accum 2);
-clipping; activation checkpointing; bf16/fp16/fp32; warmup then cosine/linear decay; periodic and
+clipping; activation checkpointing; bf16/fp16/fp32; micro-batches laid out for the attention kernel
+(launcher.attention, launcher.data.collate); a loss without full-vocabulary logits (launcher.loss);
+losses read back from the device only at log steps (launcher.log_window); warmup then cosine/linear decay; periodic and
 signal-triggered checkpoints with exact resume (model, optimizer, scheduler, RNG, data position);
 eval loss, perplexity and greedy-generation accuracy; metrics to metrics.jsonl and W&B from rank 0;
 a Hugging Face export at the end.
