@@ -26,9 +26,11 @@ steps. Then PASS or FAIL: first-step losses of all implementations agree (relati
 2e-2 in bf16, 1e-5 in fp32) and no implementation failed; exit 1 on FAIL. The last line of stdout
 is one JSON object with every number, also written to $OUT/gpu_check.json when OUT is set.
 
-Known limit: at random init attention barely moves the loss, so agreeing first losses catch a
-kernel that fails, diverges or returns garbage, not a subtle masking error; the packed == alone
-tests (tests/integration/test_packing_loss.py) check isolation on CPU.
+At random init attention barely moves the loss, so agreeing first losses catch a kernel that
+fails, diverges or returns garbage, not a masking error. Isolation is checked on logits: before
+training, the first tokens of each packed example against the example alone (must agree within
+the precision's tolerance, relative to the largest logit), and against a control row whose
+position ids run on with no boundaries, so examples see each other (must differ ten times more).
 """
 
 import argparse
@@ -260,6 +262,7 @@ class Check:
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer(model),
                                                    config=ds_config(args.micro_batch, args.precision))
             del model
+            isolation = self.isolation(engine, self.rows[:args.micro_batch], one_row, pad_to)
             engine.train()
             sync()
             setup_s = time.perf_counter() - start
@@ -299,6 +302,7 @@ class Check:
                 "warmup_s": (step_ends[args.warmup - 1] - t0) if args.warmup else 0.0,
                 "timed_steps": timed_steps,
                 "layout": "one row" if one_row else "rows",
+                "isolation": isolation,
             }
         finally:
             if engine is not None and hasattr(engine, "destroy"):
@@ -310,6 +314,42 @@ class Check:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def isolation(self, engine, rows: List[Dict[str, List[int]]], one_row: bool, pad_to: Optional[int]) -> Dict[str, Any]:
+        """Whether packed examples stay apart in this kernel, from logits rather than the loss (which
+        random init makes blind to attention): the first tokens of each example packed against the
+        example alone, and against a row where position ids run on and no boundaries are given, so
+        examples see each other (the negative control, which must differ clearly)."""
+        import torch
+
+        from launcher.loss import MODEL_INPUTS
+
+        first = 16
+        engine.eval()
+
+        def logits(batch):
+            inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items() if k in MODEL_INPUTS}
+            return engine(**inputs, use_cache=False).logits.float()
+
+        with torch.no_grad():
+            packed = self.collate(rows, 0, one_row=one_row, pad_to=pad_to)
+            leaky = {k: v for k, v in packed.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+            leaky["position_ids"] = torch.arange(packed["input_ids"].size(1)).expand_as(packed["input_ids"]).contiguous()
+            got, leaked = logits(packed), logits(leaky)
+            diff = leak = scale = 0.0
+            for r, positions in enumerate(packed["position_ids"].tolist()):
+                starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+                ids = packed["input_ids"][r].tolist()
+                for a, b in zip(starts, starts[1:]):
+                    alone = self.collate([{"input_ids": ids[a:b], "labels": ids[a:b], "position_ids": list(range(b - a))}], 0,
+                                         one_row=one_row, pad_to=pad_to)
+                    want = logits(alone)[0, :min(first, b - a)]
+                    n = want.size(0)
+                    scale = max(scale, want.abs().max().item())
+                    diff = max(diff, (got[r, a:a + n] - want).abs().max().item())
+                    if a > 0:  # the row's first example has nothing before it to see
+                        leak = max(leak, (leaked[r, a:a + n] - want).abs().max().item())
+        return {"rel_diff": diff / scale, "leak_rel_diff": leak / scale}
 
     @property
     def peak_flops(self) -> Optional[float]:
@@ -367,7 +407,9 @@ def main(argv=None) -> int:
         print(f"{impl}: {r['tokens_per_s']:,.0f} tok/s, MFU {fmt(r['mfu'], '.1f', 100, '%')}, "
               f"peak mem {r['peak_mem_gib']:.2f} GiB{'' if device_type == 'cuda' else ' (process maxrss)'}, "
               f"losses {' '.join(f'{x:.5f}' for x in r['losses'])} ({r['layout']}; setup {r['setup_s']:.1f} s, "
-              f"warm-up {r['warmup_s']:.1f} s, {r['timed_steps']} steps x {r['step_s']:.3f} s)", flush=True)
+              f"warm-up {r['warmup_s']:.1f} s, {r['timed_steps']} steps x {r['step_s']:.3f} s); "
+              f"packed vs alone {r['isolation']['rel_diff']:.1e}, examples seeing each other "
+              f"{r['isolation']['leak_rel_diff']:.1e}", flush=True)
         if sum("error" not in v for v in results.values()) == 1:  # after the first that ran
             print(f"  model: {check.n_params:,} parameters", flush=True)
 
@@ -377,12 +419,18 @@ def main(argv=None) -> int:
     rel = max((abs(v - ref) / abs(ref) for v in firsts.values()), default=float("nan")) if ok else float("nan")
     tolerance = TOLERANCE[args.precision]
     finite = all(math.isfinite(x) for k in ok for x in results[k]["all_losses"])
-    passed = bool(ok) and len(ok) == len(results) and finite and rel < tolerance
+    # Packed equals alone within the precision's noise, and the control that lets examples see each
+    # other differs at least ten times more: the check can tell isolation from its absence.
+    isolated = {k: results[k]["isolation"]["rel_diff"] < tolerance
+                and results[k]["isolation"]["leak_rel_diff"] > 10 * max(results[k]["isolation"]["rel_diff"], tolerance)
+                for k in ok}
+    passed = bool(ok) and len(ok) == len(results) and finite and rel < tolerance and all(isolated.values())
     why = [] if passed else [m for m in (
         "no implementation ran" if not ok else None,
         f"failed: {', '.join(k for k in results if k not in ok)}" if len(ok) != len(results) else None,
         "non-finite loss" if not finite else None,
         f"first-step losses differ by {rel:.2e} (relative) >= {tolerance:g}" if ok and not rel < tolerance else None,
+        f"packed examples not isolated: {', '.join(k for k, v in isolated.items() if not v)}" if not all(isolated.values()) else None,
     ) if m]
     print(f"{'PASS' if passed else 'FAIL'}: first-step losses {', '.join(f'{k} {v:.6f}' for k, v in firsts.items())}; "
           f"max relative difference {rel:.2e} (tolerance {tolerance:g})" + (f"; {'; '.join(why)}" if why else ""), flush=True)

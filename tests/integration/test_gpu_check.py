@@ -29,6 +29,8 @@ def test_tiny_gpu_check_trains_every_kernel_to_the_same_first_loss(tmp_path):
         assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["all_losses"]), r
         assert r["tokens_per_s"] > 0 and r["timed_steps"] >= 1
         assert r["mfu"] is None  # no known peak on a CPU
+        # Packed examples match each alone; the control where they see each other does not.
+        assert r["isolation"]["rel_diff"] < 1e-5 and r["isolation"]["leak_rel_diff"] > 1e-2, r["isolation"]
     first = [impls[name]["losses"][0] for name in ("eager", "sdpa")]
     assert abs(first[0] - first[1]) <= 1e-5 * abs(first[0])
     # Random init: the loss starts near ln(vocabulary) (uniform predictions).
