@@ -40,8 +40,6 @@ import math
 import os
 import platform
 import random
-import resource
-import socket
 import sys
 import time
 import traceback
@@ -104,9 +102,9 @@ def single_rank_env() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        from launcher.backends.local import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; never try
 
 
@@ -156,14 +154,6 @@ def ds_config(micro_batch: int, precision: str) -> Dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def peak_memory_gib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; the process's, never reset
 
 
 class Check:
@@ -241,7 +231,7 @@ class Check:
 
         from launcher.attention import ONE_ROW_KERNELS
         from launcher.loss import install_loss_head, token_loss_sum
-        from launcher.metrics import mfu
+        from launcher.metrics import mfu, peak_memory_gib
 
         args, device = self.args, self.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -294,7 +284,7 @@ class Check:
                 "trained_tokens_per_s": trained / timed_s,
                 "step_s": timed_s / timed_steps,
                 "mfu": mfu(self.n_params, tokens_per_s, self.peak_flops),
-                "peak_mem_gib": peak_memory_gib(device),
+                "peak_mem_gib": peak_memory_gib(),  # launcher.metrics: the current GPU's, or the process's RSS
                 "losses": losses[:3],
                 "final_loss": losses[-1],
                 "all_losses": losses,

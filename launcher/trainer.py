@@ -406,9 +406,7 @@ class SFTTrainer:
             batch = self._batch(items)
             loss_sum += token_loss_sum(self.engine, self.loss_head, batch)
             trained += batch["trained"]
-        totals = torch.stack([loss_sum, torch.tensor(float(trained), dtype=torch.float64, device=self.device)])
-        dist.all_reduce(totals)
-        totals = totals.cpu()
+        totals = self._sum_over_ranks(torch.stack([loss_sum, torch.tensor(float(trained), dtype=torch.float64, device=self.device)]))
         loss = totals[0].item() / max(totals[1].item(), 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         if self.cfg.eval.generate_samples and self.data.eval_prompts:
