@@ -51,6 +51,7 @@ ResumeChange = choices("ResumeChange", "data", "model_path", "launcher")  # chec
 ClusterBackend = choices("ClusterBackend", "local", "slurm")
 TrackingBackend = choices("TrackingBackend", "wandb", "none")
 TrackingMode = choices("TrackingMode", "offline", "online", "disabled")
+Direction = choices("Direction", "minimize", "maximize")  # sweep.direction (launcher.sweep)
 
 
 @dataclass
@@ -200,6 +201,22 @@ class PlanConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A search (`sft -m hydra/sweeper=search ...`, launcher.sweep); a single run ignores it."""
+
+    trials: int = 16  # trials sampled in all
+    parallel: int = 4  # trials training at once (Slurm; a local search runs one at a time)
+    metric: str = "eval/loss"  # <kind>/<key> of metrics.jsonl rows: eval/loss, eval/generation_accuracy, train/loss
+    direction: Direction = Direction.minimize
+    rungs: Optional[List[int]] = None  # steps at which trials are compared; None: max_steps/reduction^2, /reduction, max_steps
+    reduction: int = 3  # at each rung a trial goes on only if it is in the best 1/reduction seen there
+    sampler_seed: Optional[int] = None  # None: seed
+    poll_s: float = 30.0  # how often the controller looks at the trials
+    controller_cpus: int = 1
+    controller_time_min: Optional[int] = None  # None: cluster.time_min (the controller requeues itself at its limit)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -211,6 +228,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     name: str = "sft"  # run name: runs/<name>/<timestamp>/
     seed: int = 42
     runs_root: str = "./runs"
@@ -222,6 +240,11 @@ class Config:
 @dataclass
 class SlurmSweepLauncherConfig:
     _target_: str = "hydra_plugins.sft_launcher.slurm_sweep.SlurmSweepLauncher"
+
+
+@dataclass
+class SearchSweeperConfig:
+    _target_: str = "hydra_plugins.sft_launcher.search_sweeper.SearchSweeper"
 
 
 @dataclass
@@ -271,3 +294,4 @@ def register_configs() -> None:
     store.store(name="sft_schema", node=Config)
     store.store(group="hydra/launcher", name="sft_slurm", node=SlurmSweepLauncherConfig)
     store.store(group="hydra/sweeper", name="sft_slurm", node=SlurmSweeperConfig)
+    store.store(group="hydra/sweeper", name="search", node=SearchSweeperConfig)

@@ -66,6 +66,10 @@ class Tracker:
             if not self._lost:
                 self._guarded("summary", lambda: self._run.summary.update(values))
 
+    def add_tags(self, tags: list) -> None:
+        if self._run is not None and not self._lost:
+            self._guarded("tags", lambda: setattr(self._run, "tags", tuple(dict.fromkeys([*self._run.tags, *tags]))))
+
     def alert(self, title: str, text: str) -> None:
         """A W&B alert (email/Slack as the user set them up); online runs only: offline nobody would see it."""
         if self._run is not None and not self._lost and not self._offline:

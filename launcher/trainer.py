@@ -39,6 +39,7 @@ from launcher.loss import install_loss_head, token_loss_sum
 from launcher.metrics import MetricsFile, device_peak_flops
 from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
+from launcher.sweep.rungs import SweepMetricError, TrialRungs
 from launcher.tracking import run_metadata, run_tags, start_tracking, wandb_row
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class SFTTrainer:
         self.tracker = None
         self.metrics_file = None
         self._alerted_nonfinite = False
+        self.last_rows: Dict[str, Dict[str, Any]] = {}  # kind -> the newest row logged (rank 0)
+        self.trial = TrialRungs.load(self.run_dir)  # a search's trial: judged at its rungs
         # What a checkpoint of this run records and a resume is checked against (written by `sft`).
         self.fingerprint = json.loads((self.run_dir / "plan.json").read_text()).get("fingerprint") or {}
 
@@ -310,11 +313,15 @@ class SFTTrainer:
                 comms_at_start = comms_bytes()
             if progress:
                 progress.update(progress.task_ids[0], completed=self.global_step)
-            if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps:
+            rung = self.trial is not None and self.trial.is_rung(self.global_step)
+            if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps or rung:
                 self._log_train(window, lr, peak, progress)
                 window.reset()
-            if cfg.eval.every_steps and self.global_step % cfg.eval.every_steps == 0 and self.global_step < self.total_steps:
+            every = cfg.eval.every_steps
+            if ((every and self.global_step % every == 0) or rung) and self.global_step < self.total_steps:
                 self._log_eval(self.evaluate())
+            if rung and self.global_step < self.total_steps and self._judge_rung():
+                return self._stop_pruned()
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
         if progress:
@@ -351,6 +358,8 @@ class SFTTrainer:
         cfg = self.cfg
         final = self.evaluate()
         self._log_eval(final)
+        if self.trial is not None and self.trial.is_rung(self.global_step):
+            self._judge_rung()  # the end: reported, never pruned
         if self.last_saved_step != self.global_step:
             self.save_checkpoint()
         if cfg.checkpoint.export:
@@ -378,6 +387,31 @@ class SFTTrainer:
             if self.last_saved_step != self.global_step:
                 self.save_checkpoint()
         self.tracker.finish(exit_code=EXIT_STOPPED)
+        return EXIT_STOPPED
+
+    def _judge_rung(self) -> bool:
+        """Rank 0 reports the rung's metric to the search's study; every rank gets its verdict."""
+        verdict = 0.0  # 1: pruned, 2: the metric is missing
+        if self.is_main:
+            try:
+                verdict = float(self.trial.judge(self.global_step, self.last_rows))
+            except SweepMetricError:
+                verdict = 2.0
+        verdict = self._sum_over_ranks(torch.tensor([verdict], dtype=torch.float64))[0].item()
+        if verdict == 2:
+            raise SweepMetricError(f"sweep.metric={self.trial.metric!r} is not logged at rung step {self.global_step} "
+                                   f"(see {self.run_dir / 'trial_end.json'})")
+        return verdict == 1
+
+    def _stop_pruned(self) -> int:
+        """Pruned at a rung: checkpoint and stop as a stopped run does, tagged in W&B; no requeue."""
+        log.warning("trial %d pruned at step %d by the search: saving a checkpoint and exiting (%d)",
+                    self.trial.number, self.global_step, EXIT_STOPPED)
+        if self.last_saved_step != self.global_step:
+            self.save_checkpoint()
+        self.tracker.add_tags(["pruned"])
+        self.tracker.summary({"end_reason": "pruned", "pruned_at_step": self.global_step})
+        self.tracker.finish(exit_code=0)
         return EXIT_STOPPED
 
     # ---------------------------------------------------------------- evaluate
@@ -481,6 +515,7 @@ class SFTTrainer:
         if not self.is_main:
             return
         self.metrics_file.write({"kind": kind, **row})
+        self.last_rows[kind] = row
         if kind == "train" and not math.isfinite(row["loss"]) and not self._alerted_nonfinite:
             self._alerted_nonfinite = True
             self.tracker.alert("loss is not finite", f"{self.run_dir}: train loss {row['loss']} at step {row['step']}")

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from launcher import snapshot
 from launcher.atomic import write_text_atomic
@@ -68,11 +68,13 @@ def record_jobs(run_dir: Path, jobs: List[Dict[str, Any]]) -> None:
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
-def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str) -> List[str]:
-    """One sbatch call for all run dirs: a job array when there are several. Returns job ids."""
+def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str, code: Optional[Path] = None) -> List[str]:
+    """One sbatch call for all run dirs: a job array when there are several. Returns job ids.
+    `code`: a snapshot already taken (a search's controller runs from it and submits with it)."""
     params = executor_parameters(cfg, plan, job_name)
     # Every task and requeue runs the code submitted now, whatever is checked out when it starts.
-    params["setup"] = [*snapshot.setup_lines(snapshot.snapshot_code(folder.parent)), *params["setup"]]
+    code = code or snapshot.snapshot_code(folder.parent)
+    params["setup"] = [*snapshot.setup_lines(code), *params["setup"]]
     executor = make_executor(folder, params)
     tasks = [SlurmTask(str(d), cfg.cluster.max_requeues, cfg.cluster.master_port) for d in run_dirs]
     if len(tasks) == 1:

@@ -21,6 +21,7 @@ from launcher.jobs.errors import JobsError, SlurmError
 from launcher.jobs.rundirs import (
     Progress, discover, is_sweep, rank_pids, read_json, read_text, rel, resolve_run, run_dirs, started_key, sweep_points,
 )
+from launcher.jobs import slurm_state
 from launcher.jobs.slurm_state import LOCAL, Task, describe, is_terminal, slurm
 from launcher.metrics import read_metrics
 
@@ -278,7 +279,45 @@ def cmd_sync(args, out: Console) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report,
+def cmd_sweep(args, out: Console) -> int:
+    from launcher.sweep import leaderboard as lb
+    from launcher.sweep.study import is_search
+
+    target = resolve_run(args.run, args.root)
+    if not is_search(target):
+        raise JobsError(f"{target} is not a search (no search.json): `sft-jobs status {rel(target, args.root)}` shows a grid sweep")
+    spec, rows = lb.entries(target)
+    if args.json:
+        print(lb.as_json(spec, rows))
+        return 0
+    counts = Counter(e.state for e in rows)
+    title = (f"{rel(target, args.root)}: {len(rows)} of {spec.trials} trials ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none yet'}); "
+             f"{spec.metric} ({spec.direction}) at steps {spec.rungs}")
+    table = new_table(title, ["trial", "parameters", "last rung", spec.metric, "state"])
+    for e in rows:
+        params = " ".join(f"{k}={fmt(v)}" for k, v in e.params.items())
+        add_row(table, e.trial, params, fmt(e.last_rung), fmt(e.value), e.state)
+    out.print(table)
+    code = 0
+    jobs = lb.controller_jobs(target)
+    if jobs:
+        infos, errors = slurm_state.query_jobs(jobs)
+        code = show_errors(errors)
+        info = infos.get(jobs[-1])
+        out.print(f"controller: job {jobs[-1]} {info.state if info else '?'}"
+                  + (f", requeued {info.restarts} time(s)" if info and info.restarts else ""))
+    end = lb.search_end(target)
+    if end:
+        out.print(f"search {end['state']}" + (f": {escape(end['message'])}" if end.get("message") else ""))
+    top = lb.best(rows)
+    if top:
+        export = Path(top.run_dir) / "export"
+        out.print(f"best: trial {top.trial} ({spec.metric} {fmt(top.value)}), run dir {top.run_dir}"
+                  f"\nexport: {export if export.is_dir() else 'none (checkpoint.export=false)'}")
+    return code
+
+
+COMMANDS = {"sweep": cmd_sweep, "list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "report": cmd_report,
             "sync": cmd_sync}
 
 
@@ -308,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="PNG of loss, lr, eval metrics and tokens/s (a sweep: every point overlaid)")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--out", help="where to write the PNG (default: RUN/report.png)")
+    p = sub.add_parser("sweep", parents=[common],
+                       help="a search's leaderboard: each trial's parameters, last rung, metric and state; the best run")
+    p.add_argument("run", metavar="SWEEP")
+    p.add_argument("--json", action="store_true", help="the leaderboard as JSON")
     p = sub.add_parser("sync", parents=[common],
                        help="upload RUN's offline W&B segments (a sweep: every point) in order, each once")
     p.add_argument("run", metavar="RUN")

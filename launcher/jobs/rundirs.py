@@ -41,8 +41,11 @@ def read_text(path: Path, tail: Optional[int] = None) -> str:
         return ""
 
 
+SWEEP_FILES = ("multirun.yaml", "search.json")  # a grid (Hydra's) or a search (launcher.sweep)
+
+
 def is_sweep(path: Path) -> bool:
-    return (path / "multirun.yaml").is_file()
+    return any((path / name).is_file() for name in SWEEP_FILES)
 
 
 def is_run(path: Path) -> bool:
@@ -63,7 +66,7 @@ def discover(root: Path, max_depth: int = 6) -> List[Path]:
     """Runs and sweeps under root; never descends into one (checkpoints can hold many files)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        if "submission.json" in filenames or "multirun.yaml" in filenames:
+        if "submission.json" in filenames or any(name in filenames for name in SWEEP_FILES):
             found.append(Path(dirpath))
             dirnames[:] = []
         elif len(Path(dirpath).relative_to(root).parts) >= max_depth:
@@ -97,7 +100,7 @@ def resolve_run(spec: str, root: Path) -> Path:
     if len(matches) == 1:
         return next(iter(matches.values()))
     if not matches:
-        not_run = " is a directory without submission.json or multirun.yaml, and" if path.is_dir() else ""
+        not_run = " is a directory without submission.json, multirun.yaml or search.json, and" if path.is_dir() else ""
         raise JobsError(f"RUN {spec!r}{not_run} matches no run under {root} ({len(entries)} there; see `sft-jobs list`)")
     shown = "\n  ".join(sorted(matches)[:20]) + ("\n  ..." if len(matches) > 20 else "")
     raise JobsError(f"RUN {spec!r} is ambiguous: it matches {len(matches)} runs under {root}:\n  {shown}\nuse a longer prefix")

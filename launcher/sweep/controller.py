@@ -1,0 +1,313 @@
+"""The search's controller: asks the study for trials, starts them, and records how each ended.
+
+On Slurm it is one small requeueable job (SweepController) that submits trials through the same
+submitit path as a sweep (one array when several start at once) and polls their jobs; locally it
+runs in the foreground and trains one trial at a time. Everything it knows is in the sweep dir
+(launcher.sweep.study), so a requeued or restarted controller continues where it was:
+- a trial the study holds as running, with a job recorded in its run dir, is waited for, never
+  submitted again;
+- one without a job (the controller stopped between asking and submitting) is submitted now;
+- asking, writing the run dirs, submitting and recording the job ids run with SIGTERM held back
+  (scontrol requeue, scancel), so a stop never falls between the sbatch call and its record.
+"""
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.atomic import write_text_atomic
+from launcher.sweep.rungs import TrialRungs, trial_end
+from launcher.sweep.space import as_overrides
+from launcher.sweep.study import BASE_FILE, SearchSpec, open_study
+
+log = logging.getLogger("launcher.sweep")
+MAX_FAILED = 3  # failed trials (crashes, invalid points) before the search itself gives up
+
+
+class SearchFailed(RuntimeError):
+    pass
+
+
+def load_base(sweep_dir: Path) -> DictConfig:
+    from launcher.schema import Config
+
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(Path(sweep_dir) / BASE_FILE))
+
+
+def trial_dir(sweep_dir: Path, number: int) -> Path:
+    return Path(sweep_dir) / str(number)
+
+
+def final_value(run_dir: Path, metric: str) -> Optional[float]:
+    """The metric's value in the last row of its kind (the final eval of a completed trial)."""
+    from launcher.metrics import read_metrics
+
+    kind, _, key = metric.partition("/")
+    rows = [r for r in read_metrics(run_dir) if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
+    return float(rows[-1][key]) if rows else None
+
+
+def sample(trial, dims) -> Dict[str, Any]:
+    """The trial's point, drawn by the study's sampler."""
+    params = {}
+    for d in dims:
+        if d.kind == "choice":
+            params[d.key] = trial.suggest_categorical(d.key, list(d.values))
+        elif d.kind == "int":
+            params[d.key] = trial.suggest_int(d.key, d.low, d.high, step=d.step or 1, log=d.log)
+        else:
+            params[d.key] = trial.suggest_float(d.key, d.low, d.high, log=d.log)
+    return params
+
+
+class Controller:
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = Path(sweep_dir).resolve()
+        self.spec = SearchSpec.load(self.sweep_dir)
+        self.base = load_base(self.sweep_dir)
+        self.group = f"{self.sweep_dir.parent.name}/{self.sweep_dir.name}"
+        self.stop_signal = 0
+        self.study = None
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        import optuna
+
+        first = open_study(self.sweep_dir, self.spec)
+        started = len(first.get_trials(deepcopy=False))
+        # A fresh sampler seed per (re)start: the seeded one would otherwise repeat the points it
+        # gave before the requeue.
+        self.study = open_study(self.sweep_dir, self.spec, sampler_seed=self.spec.sampler_seed + started)
+        log.info("search %s: %d of %d trials started so far, %d at a time", self.sweep_dir, started, self.spec.trials,
+                 self.parallel)
+        previous = signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            while not self.stop_signal:
+                self._settle()
+                trials = self.study.get_trials(deepcopy=False)
+                failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
+                if failed >= MAX_FAILED:
+                    raise SearchFailed(f"{failed} trials failed: the search stops (their logs are in their run dirs)")
+                running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+                if not running and len(trials) >= self.spec.trials:
+                    self._write_end("completed")
+                    log.info("search complete: %s", self.sweep_dir)
+                    return 0
+                self._start(running, len(trials))
+                self._sleep()
+        except SearchFailed as error:
+            self._write_end("failed", str(error))
+            log.error("search failed: %s", error)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        log.warning("stop signal received: the controller exits; started again, it continues from %s", self.sweep_dir)
+        from launcher.signals import EXIT_STOPPED
+
+        return EXIT_STOPPED
+
+    @property
+    def parallel(self) -> int:
+        return 1 if self.spec.backend == "local" else self.spec.parallel
+
+    def _on_term(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def _sleep(self) -> None:
+        if self.spec.backend == "local":
+            return
+        deadline = time.monotonic() + self.spec.poll_s
+        while not self.stop_signal and time.monotonic() < deadline:
+            time.sleep(min(1.0, self.spec.poll_s))
+
+    def _write_end(self, state: str, message: str = "") -> None:
+        import json
+
+        write_text_atomic(self.sweep_dir / "search_end.json", json.dumps({"state": state, "message": message}) + "\n")
+
+    # ------------------------------------------------------------------ starting trials
+    def _start(self, running, count: int) -> None:
+        """Submit running trials that have no job yet, and new ones up to sweep.parallel."""
+        from launcher.signals import STOP
+
+        unsubmitted = [t for t in running if not self._has_job(t)]
+        wanted = min(self.parallel - len(running), self.spec.trials - count)
+        if not unsubmitted and wanted <= 0:
+            return
+        if self.spec.backend == "local":  # in the foreground: the ranks must get Ctrl-C and SIGTERM
+            return self._launch(self._ask_and_prepare(unsubmitted, wanted))
+        with STOP.blocked():  # a SIGTERM waits until the jobs are submitted and recorded
+            prepared = self._ask_and_prepare(unsubmitted, wanted)
+            if prepared:
+                self._launch(prepared)
+
+    def _ask_and_prepare(self, unsubmitted, wanted: int) -> list:
+        trials = [(t.number, t._trial_id, t.params) for t in unsubmitted]
+        for _ in range(max(0, wanted)):
+            trial = self.study.ask()
+            trials.append((trial.number, trial._trial_id, sample(trial, self.spec.dims)))
+        prepared = [self._prepare_trial(number, trial_id, params) for number, trial_id, params in trials]
+        return [p for p in prepared if p is not None]
+
+    def _has_job(self, trial) -> bool:
+        from launcher.jobs.slurm_state import job_ids
+
+        run_dir = trial_dir(self.sweep_dir, trial.number)
+        return self.spec.backend == "slurm" and bool((run_dir / "submission.json").is_file() and job_ids(run_dir))
+
+    def _prepare_trial(self, number: int, trial_id: int, params: Dict[str, Any]):
+        """The trial's config and run dir; None (the trial failed) when its point is invalid."""
+        from rich.console import Console
+
+        from launcher.cli import create_run, prepare
+        from launcher.errors import ConfigError
+
+        cfg = self.base.copy()
+        for key, value in params.items():
+            OmegaConf.update(cfg, key, value, merge=True)
+        OmegaConf.update(cfg, "tracking.tags", [*cfg.tracking.tags, f"trial:{number}"], merge=False)
+        if cfg.tracking.name is None:
+            cfg.tracking.name = f"{self.sweep_dir.name}-trial{number}"
+        run_dir = trial_dir(self.sweep_dir, number)
+        overrides = [*self.spec.fixed, *as_overrides(params)]
+        try:
+            prep = prepare(cfg, Console(stderr=True, soft_wrap=True))
+            create_run(prep, run_dir, overrides, sweep_group=self.group)
+        except (SystemExit, ConfigError) as error:  # prepare printed its problems
+            log.error("trial %d (%s) is an invalid point: %s", number, " ".join(as_overrides(params)), error)
+            import optuna
+
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            return None
+        TrialRungs(run_dir, str(self.sweep_dir), number, trial_id, self.spec.rungs, self.spec.metric).write()
+        log.info("trial %d: %s -> %s", number, " ".join(as_overrides(params)), run_dir)
+        return prep
+
+    def _launch(self, prepared) -> None:
+        if self.spec.backend == "slurm":
+            from launcher.backends.slurm import submit_runs
+
+            run_dirs = [Path(p.cfg.run_dir) for p in prepared]
+            ids = submit_runs(prepared[0].cfg, prepared[0].plan, run_dirs, self.sweep_dir / "submitit", self.spec.name,
+                              code=self.sweep_dir / "code")
+            log.info("submitted %s", ", ".join(ids))
+            return
+        from launcher.backends.local import run_local
+
+        for prep in prepared:  # one at a time, in the foreground (parallel is 1 locally)
+            code = run_local(prep.cfg, Path(prep.cfg.run_dir), prep.plan)
+            self._settle_local(prep, code)
+
+    # ------------------------------------------------------------------ how trials ended
+    def _settle_local(self, prep, code: int) -> None:
+        from launcher.signals import EXIT_STOPPED
+
+        run_dir = Path(prep.cfg.run_dir)
+        trial = TrialRungs.load(run_dir)
+        if code == EXIT_STOPPED and trial_end(run_dir).get("state") != "pruned":
+            self.stop_signal = signal.SIGINT  # interrupted: the trial stays running in the study
+            return
+        self._tell(trial.number, run_dir, "COMPLETED" if code == 0 else ("STOPPED" if code == EXIT_STOPPED else "FAILED"))
+
+    def _settle(self) -> None:
+        """Slurm: record each running trial whose job has ended (one query for all of them)."""
+        import optuna
+
+        from launcher.jobs.slurm_state import SLURM_TERMINAL, job_ids, query_jobs
+
+        if self.spec.backend != "slurm":
+            return
+        running = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+        latest = {t.number: job_ids(trial_dir(self.sweep_dir, t.number))[-1] for t in running if self._has_job(t)}
+        if not latest:
+            return
+        infos, errors = query_jobs(sorted(set(latest.values())))
+        for error in errors:
+            log.warning("slurm: %s", error)
+        for t in running:
+            info = infos.get(latest.get(t.number, ""))
+            if info is not None and info.state.split()[0] in SLURM_TERMINAL:
+                self._tell(t.number, trial_dir(self.sweep_dir, t.number), info.state.split()[0])
+
+    def _tell(self, number: int, run_dir: Path, state: str) -> None:
+        import optuna
+
+        end = trial_end(run_dir)
+        if end.get("state") == "error":
+            raise SearchFailed(f"trial {number}: {end.get('message')}")
+        if end.get("state") == "pruned":
+            self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
+            log.info("trial %d pruned at step %s (%s %.6g)", number, end.get("step"), self.spec.metric, end.get("value"))
+            return
+        if state == "COMPLETED":
+            value = final_value(run_dir, self.spec.metric)
+            if value is None:
+                raise SearchFailed(f"trial {number} completed but logged no {self.spec.metric!r}: set sweep.metric to a "
+                                   f"<kind>/<key> of its metrics.jsonl rows")
+            self.study.tell(number, value if math.isfinite(value) else float("nan"),
+                            state=optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL)
+            log.info("trial %d completed: %s %.6g", number, self.spec.metric, value)
+            return
+        if state == "STOPPED" and self.spec.backend == "slurm" and len(self._jobs(run_dir)) <= self.base.cluster.max_requeues:
+            # Stopped, not pruned (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
+            log.warning("trial %d stopped without being pruned: submitting it again to resume", number)
+            self._resubmit(number)
+            return
+        self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+        log.error("trial %d ended %s: see %s", number, state, run_dir / "logs")
+
+    def _jobs(self, run_dir: Path) -> List[str]:
+        from launcher.jobs.slurm_state import job_ids
+
+        return job_ids(run_dir)
+
+    def _resubmit(self, number: int) -> None:
+        from launcher.signals import STOP
+
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+        trial_id, params = trial._trial_id, trial.params
+        with STOP.blocked():
+            prep = self._prepare_trial(number, trial_id, params)
+            if prep is not None:
+                self._launch([prep])
+
+
+class SweepController:
+    """What the controller's Slurm job runs (pickled by submitit); requeued at its time limit."""
+
+    def __init__(self, sweep_dir: str):
+        self.sweep_dir = sweep_dir
+
+    def __call__(self) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        # The trials' sbatch and srun must not inherit this job's allocation (SLURM_MEM_PER_NODE,
+        # SLURM_CPUS_PER_TASK, ... are input variables of srun in the trial's job).
+        for key in [k for k in os.environ if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")]:
+            del os.environ[key]
+        code = Controller(Path(self.sweep_dir)).run()
+        if code:
+            raise SystemExit(code)
+        return code
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m launcher.sweep.controller SWEEP_DIR`: continue a search in the foreground."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return Controller(Path(argv[0])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

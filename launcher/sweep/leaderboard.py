@@ -1,0 +1,70 @@
+"""A search's trials, best first: what `sft-jobs sweep SWEEP` prints (read-only: the study and the run dirs)."""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from launcher.sweep.controller import trial_dir
+from launcher.sweep.rungs import trial_end
+from launcher.sweep.study import SearchSpec, open_study
+
+STATES = {"COMPLETE": "completed", "PRUNED": "pruned", "RUNNING": "running", "FAIL": "failed", "WAITING": "waiting"}
+
+
+@dataclass
+class Entry:
+    trial: int
+    params: Dict[str, Any]
+    last_rung: Optional[int]  # the last step at which the trial reported its metric
+    value: Optional[float]  # the final value (completed), else the value at the last rung
+    state: str
+    run_dir: str
+
+
+def entries(sweep_dir: Path) -> Tuple[SearchSpec, List[Entry]]:
+    sweep_dir = Path(sweep_dir)
+    spec = SearchSpec.load(sweep_dir)
+    study = open_study(sweep_dir, spec)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        reported = sorted(t.intermediate_values)
+        value = t.value if t.value is not None else (t.intermediate_values[reported[-1]] if reported else None)
+        if t.state.name == "PRUNED" and trial_end(trial_dir(sweep_dir, t.number)).get("value") is not None:
+            value = trial_end(trial_dir(sweep_dir, t.number))["value"]
+        rows.append(Entry(t.number, dict(t.params), reported[-1] if reported else None,
+                          None if value is None or (isinstance(value, float) and math.isnan(value)) else value,
+                          STATES.get(t.state.name, t.state.name.lower()), str(trial_dir(sweep_dir, t.number))))
+    sign = -1 if spec.direction == "maximize" else 1
+    order = {"completed": 0, "pruned": 1, "running": 2, "waiting": 3, "failed": 4}
+
+    def key(e: Entry):
+        value = sign * e.value if e.value is not None else math.inf
+        return (order.get(e.state, 5), -(e.last_rung or 0) if e.state == "pruned" else 0, value, e.trial)
+
+    return spec, sorted(rows, key=key)
+
+
+def best(rows: List[Entry]) -> Optional[Entry]:
+    done = [e for e in rows if e.state == "completed" and e.value is not None]
+    return done[0] if done else None
+
+
+def search_end(sweep_dir: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((Path(sweep_dir) / "search_end.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def controller_jobs(sweep_dir: Path) -> List[str]:
+    try:
+        return [str(j["job_id"]) for j in json.loads((Path(sweep_dir) / "controller.json").read_text())["jobs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def as_json(spec: SearchSpec, rows: List[Entry]) -> str:
+    return json.dumps({"metric": spec.metric, "direction": spec.direction, "rungs": spec.rungs,
+                       "trials": [asdict(e) for e in rows]}, indent=2)

@@ -1,0 +1,84 @@
+"""The trial's side of a search: at each rung its rank 0 reports the metric to the study and asks
+whether to go on. A pruned trial stops the way a stopped run does (checkpoint, exit 75, no
+requeue), so it could be continued by hand; a promoted one trains on without leaving the GPUs.
+
+The controller writes <run dir>/trial.json when it creates the trial; a run without it is no trial.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from launcher.atomic import write_text_atomic
+
+TRIAL_FILE = "trial.json"
+END_FILE = "trial_end.json"  # how the trial itself ended it: pruned, or the metric was missing
+
+
+class SweepMetricError(RuntimeError):
+    """sweep.metric is not among what the trial logs at a rung."""
+
+
+@dataclass
+class TrialRungs:
+    run_dir: Path
+    sweep_dir: str
+    number: int
+    trial_id: int
+    rungs: List[int]
+    metric: str
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Optional["TrialRungs"]:
+        path = Path(run_dir) / TRIAL_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(Path(run_dir), data["sweep_dir"], data["number"], data["trial_id"], list(data["rungs"]), data["metric"])
+
+    def write(self) -> None:
+        data = {"sweep_dir": self.sweep_dir, "number": self.number, "trial_id": self.trial_id,
+                "rungs": self.rungs, "metric": self.metric}
+        write_text_atomic(self.run_dir / TRIAL_FILE, json.dumps(data, indent=2) + "\n")
+
+    def is_rung(self, step: int) -> bool:
+        return step in self.rungs
+
+    def metric_value(self, step: int, rows: Dict[str, Dict[str, Any]]) -> float:
+        """The metric at this step from the rows just logged (kind -> row); a clear error if absent."""
+        kind, _, key = self.metric.partition("/")
+        row = rows.get(kind)
+        if row is None or row.get("step") != step or not isinstance(row.get(key), (int, float)):
+            logged = {k: sorted(n for n, v in r.items() if isinstance(v, (int, float)) and n != "step")
+                      for k, r in rows.items() if r.get("step") == step}
+            found = "; ".join(f"{k}: {', '.join(names)}" for k, names in sorted(logged.items())) or "nothing"
+            message = (f"sweep.metric={self.metric!r}: the trial logged no {key!r} in its {kind!r} rows at rung step "
+                       f"{step}; it logged {found}. Use one of those as <kind>/<key> (eval rows need an eval set: "
+                       f"data.eval_fraction or data.eval_files)")
+            write_text_atomic(self.run_dir / END_FILE, json.dumps({"state": "error", "step": step, "message": message}) + "\n")
+            raise SweepMetricError(message)
+        return float(row[key])
+
+    def judge(self, step: int, rows: Dict[str, Dict[str, Any]]) -> bool:
+        """Report the rung's value; True when the trial is pruned here (recorded in trial_end.json)."""
+        import optuna
+
+        from launcher.sweep.study import SearchSpec, open_study
+
+        value = self.metric_value(step, rows)
+        study = open_study(Path(self.sweep_dir), SearchSpec.load(Path(self.sweep_dir)))
+        trial = optuna.trial.Trial(study, self.trial_id)
+        trial.report(value if math.isfinite(value) else float("nan"), step)
+        pruned = trial.should_prune()
+        if pruned:
+            write_text_atomic(self.run_dir / END_FILE, json.dumps({"state": "pruned", "step": step, "value": value}) + "\n")
+        return pruned
+
+
+def trial_end(run_dir: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / END_FILE).read_text())
+    except (OSError, ValueError):
+        return {}

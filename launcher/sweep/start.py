@@ -1,0 +1,176 @@
+"""`sft -m hydra/sweeper=search ...`: check the whole space, write the sweep dir, start the controller.
+
+Nothing is written or submitted until every corner of the space (each choice, each bound) composes
+into a config that validates and plans; on Slurm the command returns once the controller job is
+queued, before any trial has started.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from omegaconf import OmegaConf, open_dict
+from rich.console import Console
+from rich.markup import escape
+
+from launcher.errors import ConfigError, problem
+from launcher.schema import plain
+from launcher.sweep.space import Dimension, as_overrides, corner_points, split_overrides
+from launcher.sweep.study import BASE_FILE, SearchSpec, default_rungs, open_study
+
+# Keys a search may not vary: the trials of one search share their cluster shape (one array), their
+# sweep settings and their place on disk.
+FIXED_PREFIXES = ("cluster.", "sweep.")
+FIXED_KEYS = ("run_dir", "runs_root", "name", "dry_run", "resume")
+METRIC_KINDS = ("eval", "train")
+
+
+def settings_problems(cfg, dims: List[Dimension]) -> List[str]:
+    s = cfg.sweep
+    problems = [problem(d.key, "(searched)", "a search cannot vary cluster.*, sweep.*, run_dir, runs_root, name, dry_run "
+                        "or resume: every trial shares them") for d in dims
+                if d.key.startswith(FIXED_PREFIXES) or d.key in FIXED_KEYS]
+    for key, value, low in (("trials", s.trials, 1), ("parallel", s.parallel, 1), ("reduction", s.reduction, 2),
+                            ("controller_cpus", s.controller_cpus, 1)):
+        if value < low:
+            problems.append(problem(f"sweep.{key}", value, f"must be at least {low}"))
+    if s.poll_s <= 0:
+        problems.append(problem("sweep.poll_s", s.poll_s, "must be above 0"))
+    kind, _, key = str(s.metric).partition("/")
+    if kind not in METRIC_KINDS or not key:
+        problems.append(problem("sweep.metric", s.metric, "must be <kind>/<key> with kind eval or train: eval/loss, "
+                                "eval/perplexity, eval/generation_accuracy, train/loss"))
+    elif kind == "eval" and not cfg.data.eval_files and not cfg.data.eval_fraction:
+        problems.append(problem("sweep.metric", s.metric, "the trials have no eval set: set data.eval_fraction (e.g. 0.05) "
+                                "or data.eval_files, or use a train/ metric"))
+    return problems
+
+
+def rung_steps(cfg, total_steps) -> List[int]:
+    """sweep.rungs, checked against the trials' length; by default three rungs ending at the end."""
+    rungs = cfg.sweep.rungs
+    if rungs is None:
+        if not total_steps:
+            raise ConfigError([problem("sweep.rungs", None, "give the steps at which trials are compared, "
+                                       "or trainer.max_steps so they can be derived")])
+        return default_rungs(int(total_steps), cfg.sweep.reduction)
+    rungs = [int(r) for r in rungs]
+    if not rungs or rungs != sorted(set(rungs)) or rungs[0] < 1:
+        raise ConfigError([problem("sweep.rungs", rungs, "must be steps above 0, in increasing order, e.g. [30,90,270]")])
+    if total_steps and rungs[-1] > total_steps:
+        raise ConfigError([problem("sweep.rungs", rungs, f"the last rung is past the trials' end (step {total_steps}): "
+                                   f"lower it, or raise trainer.max_steps")])
+    return rungs
+
+
+def with_params(base, params: Dict[str, Any]):
+    cfg = base.copy()
+    for key, value in params.items():
+        OmegaConf.update(cfg, key, value, merge=True)
+    return cfg
+
+
+def check_space(base, dims: List[Dimension], console: Console):
+    """Compose and validate every corner of the space; exits (2) naming the point of the first bad one."""
+    from launcher.cli import prepare
+
+    first = None
+    for point in corner_points(dims):
+        try:
+            prep = prepare(with_params(base, point), console)
+        except SystemExit:
+            console.print(f"[bold red]error:[/] the search space holds an invalid point: "
+                          f"{escape(' '.join(as_overrides(point)))} (the problem is above); narrow the space",
+                          highlight=False, soft_wrap=True)
+            raise
+        first = first or prep
+    return first
+
+
+def start_search(config, hydra_context, arguments: List[str]) -> None:
+    from launcher.cli import fail, print_dry_run
+    from launcher.rundir import mask_secrets, secret_values
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        fixed, dims = split_overrides(arguments)
+        if not dims:
+            raise ConfigError([problem("hydra/sweeper", "search", "a search needs a searched key, e.g. "
+                                       "optim.lr=tag(log,interval(1e-5,1e-3)) or trainer.global_batch_size=choice(64,128)")])
+        base = hydra_context.config_loader.load_sweep_config(config, list(fixed))
+        with open_dict(base):
+            del base["hydra"]
+        problems = settings_problems(base, dims)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as error:
+        fail(console, error)
+    first = check_space(base, dims, console)
+    try:
+        rungs = rung_steps(base, first.plan.total_steps)
+    except ConfigError as error:
+        fail(console, error)
+    s = base.sweep
+    spec = SearchSpec(dims=dims, fixed=fixed, trials=s.trials, parallel=s.parallel, metric=s.metric,
+                      direction=str(plain(s.direction)), rungs=rungs, reduction=s.reduction,
+                      sampler_seed=s.sampler_seed if s.sampler_seed is not None else base.seed, poll_s=s.poll_s,
+                      backend=str(plain(base.cluster.backend)), name=base.name)
+    summary = (f"search: {spec.trials} trials over {', '.join(d.key for d in dims)}; {spec.metric} "
+               f"({spec.direction}) compared at steps {rungs}, the best 1/{spec.reduction} going on at each")
+    if base.dry_run:
+        print_dry_run(first, console)
+        console.print(f"dry run: {summary}; {len(corner_points(dims))} corners of the space checked", highlight=False)
+        return
+
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    secrets = secret_values(OmegaConf.to_container(base, resolve=True, enum_to_str=True))
+    if base.tracking.api_key:  # trials get the key from the environment, never from a file
+        os.environ["WANDB_API_KEY"] = base.tracking.api_key
+        base.tracking.api_key = None
+    spec.fixed = mask_secrets(spec.fixed, secrets)
+    (sweep_dir / BASE_FILE).write_text(OmegaConf.to_yaml(base))
+    spec.save(sweep_dir)
+    open_study(sweep_dir, spec, create=True)
+    print(summary, flush=True)
+    if spec.backend == "local":
+        from launcher.sweep.controller import Controller
+
+        print(f"sweep directory: {sweep_dir}\nthe trials run here, one at a time; the leaderboard: "
+              f"sft-jobs sweep {sweep_dir}", flush=True)
+        code = Controller(sweep_dir).run()
+        from launcher.jobs.cli import main as jobs_main
+
+        jobs_main(["sweep", str(sweep_dir)])
+        if code:
+            sys.exit(code)
+        return
+    job_id = submit_controller(base, sweep_dir)
+    print(f"submitted search controller job {job_id} ({spec.parallel} trials at a time)\nsweep directory: {sweep_dir}\n"
+          f"W&B group: {sweep_dir.parent.name}/{sweep_dir.name}\nfollow it: sft-jobs sweep {sweep_dir}", flush=True)
+
+
+def submit_controller(cfg, sweep_dir: Path) -> str:
+    """One small requeueable job: 1 task, sweep.controller_cpus CPUs, no GPU, the code snapshot."""
+    from launcher import snapshot
+    from launcher.atomic import write_text_atomic
+    from launcher.backends.slurm import make_executor
+    from launcher.sweep.controller import SweepController
+
+    c = cfg.cluster
+    code = snapshot.snapshot_code(sweep_dir)
+    params: Dict[str, Any] = dict(
+        job_name=f"{cfg.name}-search", nodes=1, ntasks_per_node=1, cpus_per_task=cfg.sweep.controller_cpus,
+        time=cfg.sweep.controller_time_min or c.time_min, signal_delay_s=min(c.signal_delay_s, 60),
+        setup=[*snapshot.setup_lines(code), *c.setup], additional_parameters={"requeue": True},
+    )
+    for key in ("partition", "account", "qos"):
+        if c[key] is not None:
+            params[key] = c[key]
+    job = make_executor(sweep_dir / "controller", params).submit(SweepController(str(sweep_dir)))
+    record = {"job_id": job.job_id, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_text_atomic(sweep_dir / "controller.json", json.dumps({"jobs": [record]}, indent=2) + "\n")
+    return job.job_id

@@ -1,0 +1,117 @@
+"""A search's files and its Optuna study.
+
+The sweep directory holds everything a controller (or its requeue) continues from:
+    search.json     the space, the fixed overrides and the sweep.* settings
+    base.yaml       the composed config every trial starts from
+    study.journal   the Optuna study (journal file storage: no database server, works on a shared
+                    file system); each trial's run dir is <sweep dir>/<trial number>
+A trial's own rank 0 reports its metric to the study at each rung and asks whether to go on
+(launcher.sweep.rungs), so a promoted trial never waits for the controller.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import optuna
+
+from launcher.atomic import write_text_atomic
+from launcher.sweep.space import Dimension
+
+SPEC_FILE = "search.json"
+BASE_FILE = "base.yaml"
+JOURNAL_FILE = "study.journal"
+STUDY_NAME = "search"
+
+
+@dataclass
+class SearchSpec:
+    dims: List[Dimension]
+    fixed: List[str]  # the command's other overrides, applied to every trial
+    trials: int
+    parallel: int
+    metric: str
+    direction: str
+    rungs: List[int]
+    reduction: int
+    sampler_seed: int
+    poll_s: float
+    backend: str
+    name: str
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def save(self, sweep_dir: Path) -> None:
+        data = {**asdict(self), "dims": [d.to_dict() for d in self.dims]}
+        write_text_atomic(Path(sweep_dir) / SPEC_FILE, json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, sweep_dir: Path) -> "SearchSpec":
+        data = json.loads((Path(sweep_dir) / SPEC_FILE).read_text())
+        return cls(**{**data, "dims": [Dimension.from_dict(d) for d in data["dims"]]})
+
+    @property
+    def metric_kind_key(self):
+        kind, _, key = self.metric.partition("/")
+        return kind, key
+
+
+def is_search(path: Path) -> bool:
+    return (Path(path) / SPEC_FILE).is_file()
+
+
+def storage(sweep_dir: Path):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    # The open lock (O_CREAT|O_EXCL) works on NFS; the default symlink lock does too, but leaves
+    # the lock behind when a holder is killed: this one is released by Optuna's grace period.
+    path = str(Path(sweep_dir) / JOURNAL_FILE)
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def open_study(sweep_dir: Path, spec: SearchSpec, sampler_seed: Optional[int] = None, create: bool = False):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True) if sampler_seed is not None else None
+    kwargs = dict(study_name=STUDY_NAME, storage=storage(sweep_dir), sampler=sampler,
+                  pruner=RungPruner(spec.rungs, spec.reduction))
+    if create:
+        return optuna.create_study(direction=spec.direction, load_if_exists=True, **kwargs)
+    return optuna.load_study(**kwargs)
+
+
+def default_rungs(total_steps: int, reduction: int) -> List[int]:
+    """Three rungs: total / reduction^2, total / reduction and the end (ASHA's geometric spacing)."""
+    rungs = [max(1, round(total_steps / reduction ** 2)), max(1, round(total_steps / reduction)), total_steps]
+    return sorted(set(rungs))
+
+
+def is_promoted(value: float, competing: List[float], reduction: int, maximize: bool) -> bool:
+    """ASHA's rule (as Optuna's SuccessiveHalvingPruner): go on when the value is among the best
+    len(competing) // reduction values reported at this rung so far (the best one while there are
+    fewer than `reduction`). `competing` includes the value itself."""
+    if value is None or math.isnan(value):
+        return False
+    ranked = sorted((v for v in competing if v is not None and not math.isnan(v)), reverse=maximize)
+    keep = max(1, len(ranked) // reduction)
+    cutoff = ranked[keep - 1]
+    return value >= cutoff if maximize else value <= cutoff
+
+
+class RungPruner(optuna.pruners.BasePruner):
+    """An Optuna pruner over user-given rungs (Optuna's own needs geometric ones)."""
+
+    def __init__(self, rungs: List[int], reduction: int):
+        self.rungs = list(rungs)
+        self.reduction = reduction
+
+    def prune(self, study, trial) -> bool:
+        step = trial.last_step
+        if step is None or step not in self.rungs or step == self.rungs[-1]:
+            return False  # the last rung is the end of training: nothing left to save
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+        competing = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=states)
+                     if step in t.intermediate_values]
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return not is_promoted(trial.intermediate_values[step], competing, self.reduction, maximize)
