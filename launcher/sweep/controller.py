@@ -25,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from launcher.atomic import write_text_atomic
 from launcher.sweep.rungs import TrialRungs, trial_end
 from launcher.sweep.space import as_overrides
-from launcher.sweep.study import BASE_FILE, SearchSpec, open_study
+from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study
 
 log = logging.getLogger("launcher.sweep")
+SAMPLER_FILE = "sampler.pkl"
 MAX_FAILED = 3  # failed trials (crashes, invalid points) before the search itself gives up
 
 
@@ -52,6 +53,25 @@ def final_value(run_dir: Path, metric: str) -> Optional[float]:
     kind, _, key = metric.partition("/")
     rows = [r for r in read_metrics(run_dir) if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
     return float(rows[-1][key]) if rows else None
+
+
+def load_sampler(sweep_dir: Path, spec: SearchSpec):
+    """The sampler as the last controller left it: a requeued controller goes on drawing where it
+    stopped (a fresh seeded one would repeat the points it drew before)."""
+    import pickle
+
+    path = Path(sweep_dir) / SAMPLER_FILE
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
+    return make_sampler(spec.sampler_seed)
+
+
+def save_sampler(sweep_dir: Path, sampler) -> None:
+    import pickle
+
+    tmp = Path(sweep_dir) / f".{SAMPLER_FILE}.tmp"
+    tmp.write_bytes(pickle.dumps(sampler))
+    os.replace(tmp, Path(sweep_dir) / SAMPLER_FILE)
 
 
 def sample(trial, dims) -> Dict[str, Any]:
@@ -80,11 +100,8 @@ class Controller:
     def run(self) -> int:
         import optuna
 
-        first = open_study(self.sweep_dir, self.spec)
-        started = len(first.get_trials(deepcopy=False))
-        # A fresh sampler seed per (re)start: the seeded one would otherwise repeat the points it
-        # gave before the requeue.
-        self.study = open_study(self.sweep_dir, self.spec, sampler_seed=self.spec.sampler_seed + started)
+        self.study = open_study(self.sweep_dir, self.spec, sampler=load_sampler(self.sweep_dir, self.spec))
+        started = len(self.study.get_trials(deepcopy=False))
         log.info("search %s: %d of %d trials started so far, %d at a time", self.sweep_dir, started, self.spec.trials,
                  self.parallel)
         previous = signal.signal(signal.SIGTERM, self._on_term)
@@ -153,6 +170,8 @@ class Controller:
         for _ in range(max(0, wanted)):
             trial = self.study.ask()
             trials.append((trial.number, trial._trial_id, sample(trial, self.spec.dims)))
+        if wanted > 0:
+            save_sampler(self.sweep_dir, self.study.sampler)
         prepared = [self._prepare_trial(number, trial_id, params) for number, trial_id, params in trials]
         return [p for p in prepared if p is not None]
 

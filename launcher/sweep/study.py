@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import optuna
 
@@ -71,9 +71,14 @@ def storage(sweep_dir: Path):
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-def open_study(sweep_dir: Path, spec: SearchSpec, sampler_seed: Optional[int] = None, create: bool = False):
+def make_sampler(seed: int):
+    # constant_liar: trials still training count as bad guesses, so parallel asks spread out.
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def open_study(sweep_dir: Path, spec: SearchSpec, sampler=None, create: bool = False):
+    """The study; `sampler` only matters to whoever asks for trials (the controller)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True) if sampler_seed is not None else None
     kwargs = dict(study_name=STUDY_NAME, storage=storage(sweep_dir), sampler=sampler,
                   pruner=RungPruner(spec.rungs, spec.reduction))
     if create:

@@ -1,0 +1,97 @@
+"""A search on the real local cluster: `sft -m hydra/sweeper=search` returns with the controller
+queued, the controller is requeued mid-search, and the search still ends with every trial run once."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from launcher.sweep.study import SearchSpec, open_study
+from tests.conftest import SFT_JOBS, run_sft
+
+pytestmark = pytest.mark.slurm
+
+MAX_STEPS, RUNGS, TRIALS = 36, [4, 12, 36], 8
+# One rank per trial, two trials at a time: the 2-core cluster holds both and the controller.
+SEARCH = ["-m", "hydra/sweeper=search", "recipe=tiny_sft", "cluster=slurm", "cluster.gpus_per_node=0",
+          "cluster.procs_per_node=1", "cluster.cpus_per_task=1", "cluster.time_min=10", "cluster.partition=debug",
+          "trainer.micro_batch_size=8", "trainer.global_batch_size=8", f"trainer.max_steps={MAX_STEPS}",
+          "trainer.log_every=4", "optim.warmup_steps=2", "eval.every_steps=0", "eval.generate_samples=0",
+          "eval.max_batches=2", "data.eval_fraction=0.05", "checkpoint.every_steps=0", "checkpoint.export=false",
+          "tracking=none", "optim.lr=tag(log,interval(1e-4,3e-2))", f"sweep.trials={TRIALS}", "sweep.parallel=2",
+          f"sweep.rungs=[{','.join(map(str, RUNGS))}]", "sweep.poll_s=1"]
+
+
+def sacct_states(job_id: str) -> list:
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def trials(sweep_dir: Path) -> list:
+    return open_study(sweep_dir, SearchSpec.load(sweep_dir)).get_trials(deepcopy=False)
+
+
+def trained_steps(run_dir: Path) -> int:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max(r["step"] for r in rows if r["kind"] == "train")
+
+
+def test_a_search_prunes_and_survives_a_controller_requeue(slurm_cluster, tmp_path):
+    result = run_sft([*SEARCH, f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # It returns with the controller queued: no trial has ended (none may even exist yet).
+    job_id = result.stdout.split("submitted search controller job ")[1].split()[0]
+    sweep_dir = Path(result.stdout.split("sweep directory: ")[1].split()[0])
+    assert not [t for t in trials(sweep_dir) if t.state.is_finished()]
+    assert f"follow it: sft-jobs sweep {sweep_dir}" in result.stdout
+
+    # Mid-search (a trial has ended, not all have started): requeue the controller.
+    deadline = time.monotonic() + 300
+    while not (any(t.state.is_finished() for t in trials(sweep_dir)) and len(trials(sweep_dir)) < TRIALS):
+        assert time.monotonic() < deadline and len(trials(sweep_dir)) < TRIALS, "no point to requeue the controller at"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+
+    deadline = time.monotonic() + 600
+    while sacct_states(job_id)[-1:] != ["COMPLETED"]:
+        assert time.monotonic() < deadline, f"controller {job_id}: {sacct_states(job_id)}"
+        assert sacct_states(job_id)[-1:] not in (["FAILED"], ["CANCELLED"]), (sweep_dir / "controller").iterdir()
+        time.sleep(2)
+    assert "REQUEUED" in sacct_states(job_id)
+
+    # Every trial ran once: one run dir and one job each, none lost, none started twice.
+    done = trials(sweep_dir)
+    assert len(done) == TRIALS and {t.state for t in done} == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
+    dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [int(p.name) for p in dirs] == sorted(t.number for t in done)
+    jobs = [json.loads((d / "submission.json").read_text())["jobs"] for d in dirs]
+    assert all(len(j) == 1 for j in jobs), jobs
+    assert len({j[0]["job_id"] for j in jobs}) == TRIALS
+    assert len({t.params["optim.lr"] for t in done}) == TRIALS
+
+    # Pruned trials stopped through the checkpoint path at their rung and were not requeued.
+    for t in done:
+        run_dir = sweep_dir / str(t.number)
+        if t.state == optuna.trial.TrialState.PRUNED:
+            step = json.loads((run_dir / "trial_end.json").read_text())["step"]
+            assert step in RUNGS[:-1] and trained_steps(run_dir) == step == max(t.intermediate_values)
+            assert (run_dir / "checkpoints" / f"step-{step:06d}").is_dir()
+        else:
+            assert trained_steps(run_dir) == MAX_STEPS and sorted(t.intermediate_values) == RUNGS
+
+    spent = sum(trained_steps(sweep_dir / str(t.number)) for t in done)
+    assert spent <= TRIALS * MAX_STEPS / 2, f"{spent} steps spent of {TRIALS * MAX_STEPS}"
+
+    board = subprocess.run([SFT_JOBS, "sweep", str(sweep_dir)], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "200"})
+    assert board.returncode == 0, board.stderr
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in board.stdout.splitlines() if line.startswith("│")]
+    assert {r[4] for r in rows} == {"completed", "pruned"} and len(rows) == TRIALS
+    best = min((t for t in done if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    assert rows[0][0] == str(best.number) and f"best: trial {best.number}" in board.stdout
+    assert f"controller: job {job_id} COMPLETED, requeued 1 time(s)" in board.stdout
+    assert "search completed" in board.stdout
