@@ -321,7 +321,7 @@ class SFTTrainer:
             if ((every and self.global_step % every == 0) or rung) and self.global_step < self.total_steps:
                 self._log_eval(self.evaluate())
             if rung and self.global_step < self.total_steps and self._judge_rung():
-                return self._stop_pruned()
+                return self._stop_at_rung()
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
         if progress:
@@ -391,7 +391,7 @@ class SFTTrainer:
 
     def _judge_rung(self) -> bool:
         """Rank 0 reports the rung's metric to the search's study; every rank gets its verdict."""
-        verdict = 0.0  # 1: pruned, 2: the metric is missing
+        verdict = 0.0  # 1: stop at this rung, 2: the metric is missing
         if self.is_main:
             try:
                 verdict = float(self.trial.judge(self.global_step, self.last_rows))
@@ -403,14 +403,17 @@ class SFTTrainer:
                                    f"(see {self.run_dir / 'trial_end.json'})")
         return verdict == 1
 
-    def _stop_pruned(self) -> int:
-        """Pruned at a rung: checkpoint and stop as a stopped run does, tagged in W&B; no requeue."""
-        log.warning("trial %d pruned at step %d by the search: saving a checkpoint and exiting (%d)",
-                    self.trial.number, self.global_step, EXIT_STOPPED)
+    def _stop_at_rung(self) -> int:
+        """Not (yet) in the best 1/reduction at this rung: checkpoint and stop as a stopped run does,
+        no requeue. The controller resumes it if later trials rank it among the best, else prunes
+        it; W&B shows it pruned meanwhile (a resumed segment starts with the config's tags again)."""
+        log.warning("trial %d stops at rung step %d, not in the best so far: saving a checkpoint and exiting (%d); "
+                    "the search resumes it if later trials rank it among the best", self.trial.number,
+                    self.global_step, EXIT_STOPPED)
         if self.last_saved_step != self.global_step:
             self.save_checkpoint()
         self.tracker.add_tags(["pruned"])
-        self.tracker.summary({"end_reason": "pruned", "pruned_at_step": self.global_step})
+        self.tracker.summary({"end_reason": "pruned", "stopped_at_rung": self.global_step})
         self.tracker.finish(exit_code=0)
         return EXIT_STOPPED
 

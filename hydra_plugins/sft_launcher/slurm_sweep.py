@@ -19,7 +19,6 @@ from rich.markup import escape
 from launcher.overrides import is_group_or_hydra_key
 
 
-
 class SlurmSweeper(BasicSweeper):
     """Hydra's basic sweeper, minus its own composition of every point before launching: our
     launcher composes and validates each point anyway (Hydra's check doubled a sweep's cost)."""

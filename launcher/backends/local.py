@@ -20,6 +20,7 @@ from launcher.devices import local_gpu_count
 from launcher.report import eval_summary
 from launcher.signals import EXIT_STOPPED
 from launcher.snapshot import import_env, snapshot_code
+from launcher.sweep.rungs import trial_end
 from launcher.task import EXIT_DATA
 
 GRACE_S = 60  # after a failure or Ctrl-C, how long ranks get to exit before SIGKILL
@@ -141,7 +142,9 @@ def run_local(cfg, run_dir: Path, plan) -> int:
         for sig, handler in previous.items():  # a local sweep runs the next point in this process
             signal.signal(sig, handler)
     if any(c == EXIT_STOPPED for c in codes):
-        console.print(f"stopped; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
+        at_rung = trial_end(run_dir).get("state") == "paused"
+        console.print("stopped at a rung by the search: it resumes if later trials rank it among the best" if at_rung else
+                      f"stopped; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
         return EXIT_STOPPED
     export = run_dir / "export"
     console.print(f"done: {run_dir}", highlight=False)

@@ -16,6 +16,7 @@ the local backend. How the job ends says how the run ended:
 import logging
 import os
 import re
+import signal
 import subprocess
 import time
 
@@ -61,7 +62,11 @@ class SlurmTask:
         if wanted and restarts < self.max_requeues:
             subprocess.run(["scontrol", "requeue", env.job_id], check=True)
             log.warning("requeued job %s (restart %d of at most %d)", env.job_id, restarts + 1, self.max_requeues)
-            time.sleep(600)  # Slurm ends this task as the job goes back to the queue
+            # Slurm ends this task as the job goes back to the queue, with a SIGTERM that must now
+            # end it: caught (the stop flag), the step would linger until SIGKILL, KillWait later
+            # (30 s by default), and the requeued job could not start before.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(600)
             return code
         if wanted:
             log.warning("stopped after %d requeues (cluster.max_requeues=%d): not requeued again; "

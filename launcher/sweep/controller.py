@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.atomic import write_text_atomic
-from launcher.sweep.rungs import TrialRungs, trial_end
+from launcher.sweep.rungs import END_FILE, TrialRungs, trial_end
 from launcher.sweep.space import as_overrides
 from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study
 
@@ -95,6 +96,7 @@ class Controller:
         self.group = f"{self.sweep_dir.parent.name}/{self.sweep_dir.name}"
         self.stop_signal = 0
         self.study = None
+        self.ended: Dict[int, str] = {}  # Slurm: trial number -> how its latest job ended (this poll)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -113,15 +115,22 @@ class Controller:
                 if failed >= MAX_FAILED:
                     raise SearchFailed(f"{failed} trials failed: the search stops (their logs are in their run dirs)")
                 running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-                if not running and len(trials) >= self.spec.trials:
+                paused = {t.number: step for t in running if (step := self._paused_at(t)) is not None}
+                live = [t for t in running if t.number not in paused]
+                resumed = self._promote([t for t in running if t.number in paused], paused, self.parallel - len(live))
+                if not live and not resumed and len(trials) >= self.spec.trials:
+                    if paused:  # nothing left to start: the best at the top rung goes on, or the rest is pruned
+                        self._finish_rungs([t for t in running if t.number in paused], paused, trials)
+                        continue
                     self._write_end("completed")
                     log.info("search complete: %s", self.sweep_dir)
                     return 0
-                self._start(running, len(trials))
+                self._start(live, len(trials), len(resumed))
                 self._sleep()
         except SearchFailed as error:
             self._write_end("failed", str(error))
             log.error("search failed: %s", error)
+            self._cancel_running()
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -150,12 +159,12 @@ class Controller:
         write_text_atomic(self.sweep_dir / "search_end.json", json.dumps({"state": state, "message": message}) + "\n")
 
     # ------------------------------------------------------------------ starting trials
-    def _start(self, running, count: int) -> None:
-        """Submit running trials that have no job yet, and new ones up to sweep.parallel."""
+    def _start(self, live, count: int, resumed: int) -> None:
+        """Submit live trials that have no job yet, and new ones up to sweep.parallel."""
         from launcher.signals import STOP
 
-        unsubmitted = [t for t in running if not self._has_job(t)]
-        wanted = min(self.parallel - len(running), self.spec.trials - count)
+        unsubmitted = [t for t in live if not self._has_job(t)]
+        wanted = min(self.parallel - len(live) - resumed, self.spec.trials - count)
         if not unsubmitted and wanted <= 0:
             return
         if self.spec.backend == "local":  # in the foreground: the ranks must get Ctrl-C and SIGTERM
@@ -164,6 +173,52 @@ class Controller:
             prepared = self._ask_and_prepare(unsubmitted, wanted)
             if prepared:
                 self._launch(prepared)
+
+    # ------------------------------------------------------------------ rungs: promote, or prune for good
+    def _paused_at(self, trial) -> Optional[int]:
+        """The rung a trial stopped at and waits on (its job has ended), else None."""
+        end = trial_end(trial_dir(self.sweep_dir, trial.number))
+        if end.get("state") != "paused":
+            return None
+        if self.spec.backend == "slurm" and trial.number not in self.ended:
+            return None  # it has written the file and is still saving its checkpoint
+        return end.get("step")
+
+    def _promote(self, candidates, paused: Dict[int, int], free: int) -> list:
+        """ASHA: resume each waiting trial that now ranks in the best 1/reduction at its rung (best first)."""
+        from launcher.sweep.study import promotable
+
+        sign = -1 if self.spec.direction == "maximize" else 1
+        resumed = []
+        for t in sorted(candidates, key=lambda t: (-paused[t.number], sign * t.intermediate_values[paused[t.number]])):
+            if len(resumed) >= free:
+                break
+            if promotable(self.study, t, paused[t.number], self.spec.reduction):
+                log.info("trial %d promoted at step %d: it resumes from its checkpoint", t.number, paused[t.number])
+                self._resume(t.number)
+                resumed.append(t)
+        return resumed
+
+    def _finish_rungs(self, waiting, paused: Dict[int, int], trials) -> None:
+        """No trial left to start or training: if none has passed the highest rung anyone waits at,
+        its best trial goes on (a search always trains one to the end); otherwise the waiting
+        trials are pruned for good."""
+        top = max(paused.values())
+        if not any(max(t.intermediate_values, default=0) > top for t in trials):
+            sign = -1 if self.spec.direction == "maximize" else 1
+            best = min((t for t in waiting if paused[t.number] == top), key=lambda t: sign * t.intermediate_values[top])
+            log.info("trial %d goes on from step %d: no trial is left to compare it with", best.number, top)
+            self._resume(best.number)
+            return
+        import optuna
+
+        from launcher.sweep.rungs import write_end
+
+        for t in waiting:
+            step = paused[t.number]
+            write_end(trial_dir(self.sweep_dir, t.number), "pruned", step, t.intermediate_values.get(step))
+            self.study.tell(t.number, state=optuna.trial.TrialState.PRUNED)
+            log.info("trial %d pruned at step %d (%s %.6g)", t.number, step, self.spec.metric, t.intermediate_values[step])
 
     def _ask_and_prepare(self, unsubmitted, wanted: int) -> list:
         trials = [(t.number, t._trial_id, t.params) for t in unsubmitted]
@@ -230,7 +285,9 @@ class Controller:
 
         run_dir = Path(prep.cfg.run_dir)
         trial = TrialRungs.load(run_dir)
-        if code == EXIT_STOPPED and trial_end(run_dir).get("state") != "pruned":
+        if code == EXIT_STOPPED and trial_end(run_dir).get("state") == "paused":
+            return  # waits at its rung
+        if code == EXIT_STOPPED:
             self.stop_signal = signal.SIGINT  # interrupted: the trial stays running in the study
             return
         self._tell(trial.number, run_dir, "COMPLETED" if code == 0 else ("STOPPED" if code == EXIT_STOPPED else "FAILED"))
@@ -241,6 +298,7 @@ class Controller:
 
         from launcher.jobs.slurm_state import SLURM_TERMINAL, job_ids, query_jobs
 
+        self.ended = {}
         if self.spec.backend != "slurm":
             return
         running = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
@@ -253,7 +311,9 @@ class Controller:
         for t in running:
             info = infos.get(latest.get(t.number, ""))
             if info is not None and info.state.split()[0] in SLURM_TERMINAL:
-                self._tell(t.number, trial_dir(self.sweep_dir, t.number), info.state.split()[0])
+                self.ended[t.number] = info.state.split()[0]
+                if trial_end(trial_dir(self.sweep_dir, t.number)).get("state") != "paused":
+                    self._tell(t.number, trial_dir(self.sweep_dir, t.number), info.state.split()[0])
 
     def _tell(self, number: int, run_dir: Path, state: str) -> None:
         import optuna
@@ -261,10 +321,6 @@ class Controller:
         end = trial_end(run_dir)
         if end.get("state") == "error":
             raise SearchFailed(f"trial {number}: {end.get('message')}")
-        if end.get("state") == "pruned":
-            self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
-            log.info("trial %d pruned at step %s (%s %.6g)", number, end.get("step"), self.spec.metric, end.get("value"))
-            return
         if state == "COMPLETED":
             value = final_value(run_dir, self.spec.metric)
             if value is None:
@@ -277,23 +333,43 @@ class Controller:
         if state == "STOPPED" and self.spec.backend == "slurm" and len(self._jobs(run_dir)) <= self.base.cluster.max_requeues:
             # Stopped, not pruned (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
             log.warning("trial %d stopped without being pruned: submitting it again to resume", number)
-            self._resubmit(number)
+            self._resume(number)
             return
         self.study.tell(number, state=optuna.trial.TrialState.FAIL)
         log.error("trial %d ended %s: see %s", number, state, run_dir / "logs")
+
+    def _cancel_running(self) -> None:
+        """A failed search leaves no trial training: its running trials' jobs are cancelled."""
+        import optuna
+
+        from launcher.jobs.slurm_state import job_ids
+
+        if self.spec.backend != "slurm":
+            return
+        for t in self.study.get_trials(deepcopy=False):
+            if t.state == optuna.trial.TrialState.RUNNING and self._has_job(t):
+                subprocess.run(["scancel", job_ids(trial_dir(self.sweep_dir, t.number))[-1]], check=False)
+                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
     def _jobs(self, run_dir: Path) -> List[str]:
         from launcher.jobs.slurm_state import job_ids
 
         return job_ids(run_dir)
 
-    def _resubmit(self, number: int) -> None:
+    def _resume(self, number: int) -> None:
+        """Start a trial again in its run dir: it continues from its newest checkpoint."""
         from launcher.signals import STOP
 
         trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        trial_id, params = trial._trial_id, trial.params
+        run_dir = trial_dir(self.sweep_dir, number)
+        if self.spec.backend == "local":
+            (run_dir / END_FILE).unlink(missing_ok=True)
+            prep = self._prepare_trial(number, trial._trial_id, trial.params)
+            return self._launch([prep]) if prep is not None else None
         with STOP.blocked():
-            prep = self._prepare_trial(number, trial_id, params)
+            # Killed after this unlink and before the submission, the trial reads as stopped: it is resumed then.
+            (run_dir / END_FILE).unlink(missing_ok=True)
+            prep = self._prepare_trial(number, trial._trial_id, trial.params)
             if prep is not None:
                 self._launch([prep])
 

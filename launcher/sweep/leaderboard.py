@@ -33,15 +33,18 @@ def entries(sweep_dir: Path) -> Tuple[SearchSpec, List[Entry]]:
         value = t.value if t.value is not None else (t.intermediate_values[reported[-1]] if reported else None)
         if t.state.name == "PRUNED" and trial_end(trial_dir(sweep_dir, t.number)).get("value") is not None:
             value = trial_end(trial_dir(sweep_dir, t.number))["value"]
+        state = STATES.get(t.state.name, t.state.name.lower())
+        if state == "running" and trial_end(trial_dir(sweep_dir, t.number)).get("state") == "paused":
+            state = "paused"  # stopped at a rung: promoted later, or pruned
         rows.append(Entry(t.number, dict(t.params), reported[-1] if reported else None,
                           None if value is None or (isinstance(value, float) and math.isnan(value)) else value,
-                          STATES.get(t.state.name, t.state.name.lower()), str(trial_dir(sweep_dir, t.number))))
+                          state, str(trial_dir(sweep_dir, t.number))))
     sign = -1 if spec.direction == "maximize" else 1
-    order = {"completed": 0, "pruned": 1, "running": 2, "waiting": 3, "failed": 4}
+    order = {"completed": 0, "running": 1, "paused": 2, "pruned": 3, "waiting": 4, "failed": 5}
 
     def key(e: Entry):
         value = sign * e.value if e.value is not None else math.inf
-        return (order.get(e.state, 5), -(e.last_rung or 0) if e.state == "pruned" else 0, value, e.trial)
+        return (order.get(e.state, 6), -(e.last_rung or 0), value, e.trial)
 
     return spec, sorted(rows, key=key)
 

@@ -1,6 +1,8 @@
 """The trial's side of a search: at each rung its rank 0 reports the metric to the study and asks
-whether to go on. A pruned trial stops the way a stopped run does (checkpoint, exit 75, no
-requeue), so it could be continued by hand; a promoted one trains on without leaving the GPUs.
+whether to go on. A trial in the best 1/reduction so far trains on without leaving its GPUs;
+any other stops at the rung the way a stopped run does (checkpoint, exit 75, no requeue) and
+waits: the controller resumes it from that checkpoint if later trials rank it among the best, and
+prunes it for good otherwise.
 
 The controller writes <run dir>/trial.json when it creates the trial; a run without it is no trial.
 """
@@ -14,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from launcher.atomic import write_text_atomic
 
 TRIAL_FILE = "trial.json"
-END_FILE = "trial_end.json"  # how the trial itself ended it: pruned, or the metric was missing
+END_FILE = "trial_end.json"  # why the trial stopped: paused at a rung, pruned (by the controller), metric missing
 
 
 class SweepMetricError(RuntimeError):
@@ -62,7 +64,7 @@ class TrialRungs:
         return float(row[key])
 
     def judge(self, step: int, rows: Dict[str, Dict[str, Any]]) -> bool:
-        """Report the rung's value; True when the trial is pruned here (recorded in trial_end.json)."""
+        """Report the rung's value; True when the trial stops at this rung (recorded in trial_end.json)."""
         import optuna
 
         from launcher.sweep.study import SearchSpec, open_study
@@ -71,10 +73,14 @@ class TrialRungs:
         study = open_study(Path(self.sweep_dir), SearchSpec.load(Path(self.sweep_dir)))
         trial = optuna.trial.Trial(study, self.trial_id)
         trial.report(value if math.isfinite(value) else float("nan"), step)
-        pruned = trial.should_prune()
-        if pruned:
-            write_text_atomic(self.run_dir / END_FILE, json.dumps({"state": "pruned", "step": step, "value": value}) + "\n")
-        return pruned
+        stop = trial.should_prune()
+        if stop:
+            write_end(self.run_dir, "paused", step, value)
+        return stop
+
+
+def write_end(run_dir: Path, state: str, step: int, value: Optional[float]) -> None:
+    write_text_atomic(Path(run_dir) / END_FILE, json.dumps({"state": state, "step": step, "value": value}) + "\n")
 
 
 def trial_end(run_dir: Path) -> Dict[str, Any]:

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.override_parser.types import (
+    ChoiceSweep,
+    IntervalSweep,
+    Override,
+    RangeSweep,
+)
 
 from launcher.errors import ConfigError, problem
 from launcher.overrides import is_group_or_hydra_key
@@ -36,7 +41,11 @@ class Dimension:
     values: Tuple[Any, ...] = ()
 
     def distribution(self):
-        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
 
         if self.kind == "choice":
             return CategoricalDistribution(self.values)
@@ -75,21 +84,21 @@ def split_overrides(arguments: Sequence[str]) -> Tuple[List[str], List[Dimension
 
 def dimension(override: Override) -> Dimension:
     key, sweep = override.key_or_group, override.value()
+    text = override.input_line.partition("=")[2]  # as typed
     if is_group_or_hydra_key(key):
-        raise ConfigError([problem(key, override.input_line.partition("=")[2], (
+        raise ConfigError([problem(key, text, (
             "a search covers plain config keys; a config group or Hydra setting changes the whole "
             "composition: run one search per choice"))])
     tags = set(sweep.tags)
     unknown = tags - {"log", "int"}
     if unknown:
-        raise ConfigError([problem(key, override.input_line.partition("=")[2],
-                                   f"unknown tag {sorted(unknown)[0]!r}: the tags are log (sample on a log scale) and int")])
+        raise ConfigError([problem(key, text, f"unknown tag {sorted(unknown)[0]!r}: the tags are log (sample on a log scale) and int")])
     if isinstance(sweep, IntervalSweep):
         low, high = sweep.start, sweep.end
         if not low < high:
-            raise ConfigError([problem(key, f"interval({low},{high})", "the interval's start must be below its end")])
+            raise ConfigError([problem(key, text, "the interval's start must be below its end")])
         if "log" in tags and low <= 0:
-            raise ConfigError([problem(key, f"interval({low},{high})", "a log-scale interval must be above 0")])
+            raise ConfigError([problem(key, text, "a log-scale interval must be above 0")])
         if "int" in tags:
             return Dimension(key, "int", int(low), int(high), 1, "log" in tags)
         return Dimension(key, "float", float(low), float(high), None, "log" in tags)
@@ -99,7 +108,7 @@ def dimension(override: Override) -> Dimension:
             return Dimension(key, "int", start, start + step * ((stop - 1 - start) // step), step, False)
         values = _float_range(start, stop, step)
         if not values:
-            raise ConfigError([problem(key, f"range({start},{stop},{step})", "the range holds no value")])
+            raise ConfigError([problem(key, text, "the range holds no value")])
         return Dimension(key, "choice", values=tuple(values))
     if isinstance(sweep, ChoiceSweep):
         values = tuple(sweep.list)
@@ -109,7 +118,7 @@ def dimension(override: Override) -> Dimension:
         if len(set(values)) != len(values):
             raise ConfigError([problem(key, list(values), "a choice lists a value twice")])
         return Dimension(key, "choice", values=values)
-    raise ConfigError([problem(key, override.input_line.partition("=")[2], "not a sweep this search understands: "
+    raise ConfigError([problem(key, text, "not a sweep this search understands: "
                                "use choice(...), a,b,..., range(...) or interval(...), optionally in tag(log, ...)")])
 
 

@@ -137,11 +137,15 @@ def start_search(config, hydra_context, arguments: List[str]) -> None:
     open_study(sweep_dir, spec, create=True)
     print(summary, flush=True)
     if spec.backend == "local":
-        from launcher.sweep.controller import Controller
+        from launcher.sweep.controller import Controller, SearchFailed
 
         print(f"sweep directory: {sweep_dir}\nthe trials run here, one at a time; the leaderboard: "
               f"sft-jobs sweep {sweep_dir}", flush=True)
-        code = Controller(sweep_dir).run()
+        try:
+            code = Controller(sweep_dir).run()
+        except SearchFailed as error:
+            console.print(f"[bold red]error:[/] the search failed: {escape(str(error))}", highlight=False, soft_wrap=True)
+            sys.exit(1)
         from launcher.jobs.cli import main as jobs_main
 
         jobs_main(["sweep", str(sweep_dir)])

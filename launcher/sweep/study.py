@@ -93,19 +93,31 @@ def default_rungs(total_steps: int, reduction: int) -> List[int]:
 
 
 def is_promoted(value: float, competing: List[float], reduction: int, maximize: bool) -> bool:
-    """ASHA's rule (as Optuna's SuccessiveHalvingPruner): go on when the value is among the best
-    len(competing) // reduction values reported at this rung so far (the best one while there are
-    fewer than `reduction`). `competing` includes the value itself."""
+    """ASHA's rule: a trial goes on past a rung when its value is among the best
+    len(competing) // reduction values reported there so far (`competing` includes its own).
+    With fewer than `reduction` values nobody goes on yet: the trial waits at the rung."""
     if value is None or math.isnan(value):
         return False
     ranked = sorted((v for v in competing if v is not None and not math.isnan(v)), reverse=maximize)
-    keep = max(1, len(ranked) // reduction)
+    keep = len(ranked) // reduction
+    if keep == 0:
+        return False
     cutoff = ranked[keep - 1]
     return value >= cutoff if maximize else value <= cutoff
 
 
+def promotable(study, trial, step: int, reduction: int) -> bool:
+    """Whether `trial`'s value at rung `step` is now in the best 1/reduction reported there."""
+    competing = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False) if step in t.intermediate_values]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return is_promoted(trial.intermediate_values[step], competing, reduction, maximize)
+
+
 class RungPruner(optuna.pruners.BasePruner):
-    """An Optuna pruner over user-given rungs (Optuna's own needs geometric ones)."""
+    """An Optuna pruner over user-given rungs (Optuna's own needs geometric ones). "Prune" here
+    means: stop at this rung for now. The controller later promotes the trial (it resumes from
+    its checkpoint) once enough trials have reported for it to rank in the best 1/reduction, and
+    prunes it for good when the search has nothing left to start."""
 
     def __init__(self, rungs: List[int], reduction: int):
         self.rungs = list(rungs)
@@ -115,8 +127,4 @@ class RungPruner(optuna.pruners.BasePruner):
         step = trial.last_step
         if step is None or step not in self.rungs or step == self.rungs[-1]:
             return False  # the last rung is the end of training: nothing left to save
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
-        competing = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False, states=states)
-                     if step in t.intermediate_values]
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        return not is_promoted(trial.intermediate_values[step], competing, self.reduction, maximize)
+        return not promotable(study, trial, step, self.reduction)

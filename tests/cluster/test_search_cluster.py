@@ -15,13 +15,13 @@ from tests.conftest import SFT_JOBS, run_sft
 
 pytestmark = pytest.mark.slurm
 
-MAX_STEPS, RUNGS, TRIALS = 36, [4, 12, 36], 8
+MAX_STEPS, RUNGS, TRIALS = 72, [8, 24, 72], 8
 # One rank per trial, two trials at a time: the 2-core cluster holds both and the controller.
 SEARCH = ["-m", "hydra/sweeper=search", "recipe=tiny_sft", "cluster=slurm", "cluster.gpus_per_node=0",
           "cluster.procs_per_node=1", "cluster.cpus_per_task=1", "cluster.time_min=10", "cluster.partition=debug",
           "trainer.micro_batch_size=8", "trainer.global_batch_size=8", f"trainer.max_steps={MAX_STEPS}",
           "trainer.log_every=4", "optim.warmup_steps=2", "eval.every_steps=0", "eval.generate_samples=0",
-          "eval.max_batches=2", "data.eval_fraction=0.05", "checkpoint.every_steps=0", "checkpoint.export=false",
+          "checkpoint.every_steps=0", "checkpoint.export=false",
           "tracking=none", "optim.lr=tag(log,interval(1e-4,3e-2))", f"sweep.trials={TRIALS}", "sweep.parallel=2",
           f"sweep.rungs=[{','.join(map(str, RUNGS))}]", "sweep.poll_s=1"]
 
@@ -49,11 +49,11 @@ def test_a_search_prunes_and_survives_a_controller_requeue(slurm_cluster, tmp_pa
     assert not [t for t in trials(sweep_dir) if t.state.is_finished()]
     assert f"follow it: sft-jobs sweep {sweep_dir}" in result.stdout
 
-    # Mid-search (a trial has ended, not all have started): requeue the controller.
+    # Mid-search (a trial waits at a rung, not all have started): requeue the controller.
     deadline = time.monotonic() + 300
-    while not (any(t.state.is_finished() for t in trials(sweep_dir)) and len(trials(sweep_dir)) < TRIALS):
+    while not (list(sweep_dir.glob("*/trial_end.json")) and len(trials(sweep_dir)) < TRIALS):
         assert time.monotonic() < deadline and len(trials(sweep_dir)) < TRIALS, "no point to requeue the controller at"
-        time.sleep(0.5)
+        time.sleep(0.2)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
 
     deadline = time.monotonic() + 600
@@ -63,23 +63,28 @@ def test_a_search_prunes_and_survives_a_controller_requeue(slurm_cluster, tmp_pa
         time.sleep(2)
     assert "REQUEUED" in sacct_states(job_id)
 
-    # Every trial ran once: one run dir and one job each, none lost, none started twice.
+    # Every trial ran once: one run dir each, none lost; each job of a trial (the first, and one
+    # per resume after waiting at a rung) trained its own steps, none twice.
     done = trials(sweep_dir)
     assert len(done) == TRIALS and {t.state for t in done} == {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
     dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
     assert [int(p.name) for p in dirs] == sorted(t.number for t in done)
-    jobs = [json.loads((d / "submission.json").read_text())["jobs"] for d in dirs]
-    assert all(len(j) == 1 for j in jobs), jobs
-    assert len({j[0]["job_id"] for j in jobs}) == TRIALS
+    jobs = [j["job_id"] for d in dirs for j in json.loads((d / "submission.json").read_text())["jobs"]]
+    assert len(jobs) == len(set(jobs)) and TRIALS <= len(jobs) < TRIALS * len(RUNGS), jobs
     assert len({t.params["optim.lr"] for t in done}) == TRIALS
+    for d in dirs:
+        steps = [json.loads(line)["step"] for line in (d / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+        assert len(steps) == len(set(steps)), f"{d}: a step trained twice"
 
     # Pruned trials stopped through the checkpoint path at their rung and were not requeued.
     for t in done:
         run_dir = sweep_dir / str(t.number)
         if t.state == optuna.trial.TrialState.PRUNED:
-            step = json.loads((run_dir / "trial_end.json").read_text())["step"]
-            assert step in RUNGS[:-1] and trained_steps(run_dir) == step == max(t.intermediate_values)
-            assert (run_dir / "checkpoints" / f"step-{step:06d}").is_dir()
+            end = json.loads((run_dir / "trial_end.json").read_text())
+            assert end["state"] == "pruned" and end["step"] in RUNGS[:-1]
+            assert trained_steps(run_dir) == end["step"] == max(t.intermediate_values)
+            assert (run_dir / "checkpoints" / f"step-{end['step']:06d}").is_dir()
         else:
             assert trained_steps(run_dir) == MAX_STEPS and sorted(t.intermediate_values) == RUNGS
 

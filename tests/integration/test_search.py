@@ -1,0 +1,67 @@
+"""A search run in the foreground (cluster=local): real trials judged at their rungs through the
+study, W&B offline runs read back from their files, and the errors a search gives before and
+during its first rung."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_sft
+from tests.utils.wandb_file import find_runs, read_run
+
+# One rank, a few steps; eval only where the rungs ask for it.
+BASE = ["-m", "hydra/sweeper=search", "recipe=tiny_sft", "cluster.procs_per_node=1", "trainer.micro_batch_size=8",
+        "trainer.global_batch_size=8", "trainer.log_every=2", "optim.warmup_steps=1", "eval.every_steps=0",
+        "eval.generate_samples=0", "eval.max_batches=2", "checkpoint.every_steps=0",
+        "checkpoint.export=false"]
+
+
+def sweep_dir_of(stdout: str) -> Path:
+    return Path(stdout.split("sweep directory: ")[1].split()[0])
+
+
+def test_a_local_search_prunes_a_trial_and_tags_it_in_wandb(tmp_path):
+    # Seeded sampler: trial 0 draws lr ~0.013, trial 1 ~0.7. Both wait at step 2 (fewer than
+    # `reduction` trials there); with nothing left to start, the better (0) goes on and 1 is pruned.
+    result = run_sft([*BASE, "trainer.max_steps=6", "sweep.rungs=[2,6]", "sweep.trials=2", "sweep.sampler_seed=42",
+                      "optim.lr=tag(log,interval(1e-3,1.0))", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = sweep_dir_of(result.stdout)
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [(r[0], r[2], r[4]) for r in rows] == [("0", "6", "completed"), ("1", "2", "pruned")], result.stdout
+    assert "best: trial 0" in result.stdout
+
+    runs = {n: read_run(find_runs(sweep_dir / str(n))[-1]) for n in (0, 1)}  # the newest segment
+    group = f"{sweep_dir.parent.name}/{sweep_dir.name}"
+    assert {r["group"] for r in runs.values()} == {group}
+    assert "pruned" in runs[1]["tags"] and "trial:1" in runs[1]["tags"]
+    assert runs[1]["summary"]["end_reason"] == "pruned" and runs[1]["summary"]["stopped_at_rung"] == 2
+    assert "pruned" not in runs[0]["tags"] and runs[0]["summary"]["end_reason"] == "completed"
+    assert max(row["_step"] for row in runs[1]["history"]) == 2
+
+
+def test_a_metric_no_trial_logs_fails_the_search_at_the_first_rung(tmp_path):
+    result = run_sft([*BASE, "tracking=none", "trainer.max_steps=4", "sweep.rungs=[2,4]", "sweep.trials=3",
+                      "sweep.metric=eval/accuracy", "optim.lr=tag(log,interval(1e-4,1e-2))",
+                      f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 1
+    text = " ".join((result.stdout + result.stderr).split())
+    assert ("sweep.metric='eval/accuracy': the trial logged no 'accuracy' in its 'eval' rows at rung step 2; "
+            "it logged eval: loss, perplexity; train:") in text
+    sweep_dir = sweep_dir_of(result.stdout)
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.name.isdigit()) == ["0"]  # no second trial
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.global_batch_size=choice(8,12)"],
+     "the search space holds an invalid point: optim.lr=0.0001 trainer.global_batch_size=12"),
+    (["sweep.rungs=[2,40]"], "sweep.rungs=[2, 40]: the last rung is past the trials' end (step 4)"),
+    (["data.eval_files=null"], "sweep.metric='eval/loss': the trials have no eval set"),
+    (["model=choice(tiny,tiny)"], "model='choice(tiny,tiny)': a search covers plain config keys"),
+])
+def test_a_bad_space_is_refused_before_anything_is_written(tmp_path, overrides, message):
+    result = run_sft([*BASE, "tracking=none", "trainer.max_steps=4",
+                      "optim.lr=tag(log,interval(1e-4,1e-2))", f"runs_root={tmp_path}/runs", *overrides], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "runs").exists()
