@@ -326,13 +326,15 @@ class Controller:
             if value is None:
                 raise SearchFailed(f"trial {number} completed but logged no {self.spec.metric!r}: set sweep.metric to a "
                                    f"<kind>/<key> of its metrics.jsonl rows")
-            self.study.tell(number, value if math.isfinite(value) else float("nan"),
-                            state=optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL)
+            if math.isfinite(value):
+                self.study.tell(number, value)
+            else:  # diverged: no value to rank
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
             log.info("trial %d completed: %s %.6g", number, self.spec.metric, value)
             return
         if state == "STOPPED" and self.spec.backend == "slurm" and len(self._jobs(run_dir)) <= self.base.cluster.max_requeues:
-            # Stopped, not pruned (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
-            log.warning("trial %d stopped without being pruned: submitting it again to resume", number)
+            # Stopped, not at a rung (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
+            log.warning("trial %d stopped outside a rung: submitting it again to resume", number)
             self._resume(number)
             return
         self.study.tell(number, state=optuna.trial.TrialState.FAIL)
