@@ -206,7 +206,7 @@ class SweepConfig:
 
     trials: int = 16  # trials sampled in all
     parallel: int = 4  # trials training at once (Slurm; a local search runs one at a time)
-    metric: str = "eval/loss"  # <kind>/<key> of metrics.jsonl rows: eval/loss, eval/generation_accuracy, train/loss
+    metric: str = "eval/loss"  # <kind>/<key> of metrics.jsonl rows: eval/loss, eval/accuracy, train/loss
     direction: Direction = Direction.minimize
     rungs: Optional[List[int]] = None  # steps at which trials are compared; None: max_steps/reduction^2, /reduction, max_steps
     reduction: int = 3  # at each rung a trial goes on only if it is in the best 1/reduction seen there

@@ -39,7 +39,7 @@ from launcher.loss import install_loss_head, token_loss_sum
 from launcher.metrics import MetricsFile, device_peak_flops
 from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
-from launcher.sweep.rungs import SweepMetricError, TrialRungs
+from launcher.sweep.rungs import END_FILE, SweepMetricError, TrialRungs, trial_end
 from launcher.tracking import run_metadata, run_tags, start_tracking, wandb_row
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class SFTTrainer:
         self._alerted_nonfinite = False
         self.last_rows: Dict[str, Dict[str, Any]] = {}  # kind -> the newest row logged (rank 0)
         self.trial = TrialRungs.load(self.run_dir)  # a search's trial: judged at its rungs
+        if self.trial and self.is_main and trial_end(self.run_dir).get("state") == "paused":
+            # Training again (promoted, or requeued by a preemption while stopping at a rung): no longer waiting.
+            (self.run_dir / END_FILE).unlink(missing_ok=True)
         # What a checkpoint of this run records and a resume is checked against (written by `sft`).
         self.fingerprint = json.loads((self.run_dir / "plan.json").read_text()).get("fingerprint") or {}
 
@@ -391,16 +394,21 @@ class SFTTrainer:
 
     def _judge_rung(self) -> bool:
         """Rank 0 reports the rung's metric to the search's study; every rank gets its verdict."""
-        verdict = 0.0  # 1: stop at this rung, 2: the metric is missing
+        verdict = 0.0  # 1: stop at this rung, 2: the metric is missing, 3: the study could not be reached
         if self.is_main:
             try:
                 verdict = float(self.trial.judge(self.global_step, self.last_rows))
             except SweepMetricError:
                 verdict = 2.0
+            except Exception:  # noqa: BLE001 - every rank must leave the collective below, and all fail alike
+                log.exception("the search's study could not judge rung step %d", self.global_step)
+                verdict = 3.0
         verdict = self._sum_over_ranks(torch.tensor([verdict], dtype=torch.float64))[0].item()
         if verdict == 2:
             raise SweepMetricError(f"sweep.metric={self.trial.metric!r} is not logged at rung step {self.global_step} "
                                    f"(see {self.run_dir / 'trial_end.json'})")
+        if verdict == 3:
+            raise RuntimeError(f"the search's study could not judge rung step {self.global_step} (rank 0's log says why)")
         return verdict == 1
 
     def _stop_at_rung(self) -> int:

@@ -42,10 +42,10 @@ def executor_parameters(cfg, plan, job_name: str) -> Dict[str, Any]:
     return params
 
 
-def make_executor(folder: Path, params: Dict[str, Any]):
+def make_executor(folder: Path, params: Dict[str, Any], max_num_timeout: int = 3):
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=str(folder), python=sys.executable)
+    executor = submitit.SlurmExecutor(folder=str(folder), python=sys.executable, max_num_timeout=max_num_timeout)
     executor.update_parameters(**params)
     return executor
 

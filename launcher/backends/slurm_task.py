@@ -60,12 +60,14 @@ class SlurmTask:
         # already saved. Any other SIGTERM (scancel --signal=TERM) stops without a requeue.
         wanted = STOP.agreed_requeue or being_preempted(env.job_id)
         if wanted and restarts < self.max_requeues:
+            # Slurm ends this task as the job goes back to the queue, with a SIGTERM that must end
+            # it: caught (the stop flag), the step would linger until SIGKILL, KillWait later (30 s
+            # by default), and the requeued job could not start before. Held back until then.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             subprocess.run(["scontrol", "requeue", env.job_id], check=True)
             log.warning("requeued job %s (restart %d of at most %d)", env.job_id, restarts + 1, self.max_requeues)
-            # Slurm ends this task as the job goes back to the queue, with a SIGTERM that must now
-            # end it: caught (the stop flag), the step would linger until SIGKILL, KillWait later
-            # (30 s by default), and the requeued job could not start before.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             time.sleep(600)
             return code
         if wanted:

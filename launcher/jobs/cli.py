@@ -239,7 +239,14 @@ def cancel_local(task: Task, root: Path, out: Console) -> None:
 
 
 def cmd_cancel(args, out: Console) -> int:
-    tasks, errors = describe(run_dirs(resolve_run(args.run, args.root)))
+    from launcher.sweep.leaderboard import controller_jobs
+
+    target = resolve_run(args.run, args.root)
+    controller = controller_jobs(target)
+    if controller:  # a search: its controller first, or it would start trials in place of those cancelled
+        slurm(["scancel", controller[-1]])
+        out.print(f"cancelled the search's controller job {controller[-1]}")
+    tasks, errors = describe(run_dirs(target))
     show_errors(errors)  # states only spare jobs that have ended: the others are cancelled regardless
     cancel_slurm([t for t in tasks if t.job_id != LOCAL], args.root, out)
     for task in (t for t in tasks if t.job_id == LOCAL):

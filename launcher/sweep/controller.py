@@ -6,11 +6,14 @@ runs in the foreground and trains one trial at a time. Everything it knows is in
 (launcher.sweep.study), so a requeued or restarted controller continues where it was:
 - a trial the study holds as running, with a job recorded in its run dir, is waited for, never
   submitted again;
-- one without a job (the controller stopped between asking and submitting) is submitted now;
-- asking, writing the run dirs, submitting and recording the job ids run with SIGTERM held back
-  (scontrol requeue, scancel), so a stop never falls between the sbatch call and its record.
+- one without a job (the controller stopped between asking and submitting) is submitted now,
+  with the point the study holds for it;
+- asking and saving the sampler, and submitting and recording the job ids, each run with SIGTERM
+  held back (scontrol requeue, scancel): a stop never falls between an sbatch and its record.
 """
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -22,11 +25,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 
 from launcher.atomic import write_text_atomic
-from launcher.sweep.rungs import END_FILE, TrialRungs, trial_end
-from launcher.sweep.space import as_overrides
-from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study
+from launcher.backends.local import run_local
+from launcher.backends.slurm import submit_runs
+from launcher.signals import EXIT_STOPPED, STOP
+from launcher.sweep.rungs import END_FILE, TrialRungs, trial_end, write_end
+from launcher.sweep.space import as_overrides, with_params
+from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable
 
 log = logging.getLogger("launcher.sweep")
 SAMPLER_FILE = "sampler.pkl"
@@ -76,7 +83,8 @@ def save_sampler(sweep_dir: Path, sampler) -> None:
 
 
 def sample(trial, dims) -> Dict[str, Any]:
-    """The trial's point, drawn by the study's sampler."""
+    """The trial's point: the values the study holds for it, any missing one drawn now (a
+    controller stopped in the middle of asking)."""
     params = {}
     for d in dims:
         if d.kind == "choice":
@@ -86,6 +94,18 @@ def sample(trial, dims) -> Dict[str, Any]:
         else:
             params[d.key] = trial.suggest_float(d.key, d.low, d.high, log=d.log)
     return params
+
+
+@contextlib.contextmanager
+def without_job_env():
+    """For an sbatch from inside a job: the trials' jobs must not inherit this job's allocation
+    (srun reads SLURM_MEM_PER_NODE, SLURM_CPUS_PER_TASK, ... as input); SLURM_CONF stays."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 class Controller:
@@ -100,8 +120,6 @@ class Controller:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        import optuna
-
         self.study = open_study(self.sweep_dir, self.spec, sampler=load_sampler(self.sweep_dir, self.spec))
         started = len(self.study.get_trials(deepcopy=False))
         log.info("search %s: %d of %d trials started so far, %d at a time", self.sweep_dir, started, self.spec.trials,
@@ -111,10 +129,10 @@ class Controller:
             while not self.stop_signal:
                 self._settle()
                 trials = self.study.get_trials(deepcopy=False)
-                failed = sum(t.state == optuna.trial.TrialState.FAIL for t in trials)
+                failed = sum(t.state == TrialState.FAIL for t in trials)
                 if failed >= MAX_FAILED:
                     raise SearchFailed(f"{failed} trials failed: the search stops (their logs are in their run dirs)")
-                running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+                running = [t for t in trials if t.state == TrialState.RUNNING]
                 paused = {t.number: step for t in running if (step := self._paused_at(t)) is not None}
                 live = [t for t in running if t.number not in paused]
                 resumed = self._promote([t for t in running if t.number in paused], paused, self.parallel - len(live))
@@ -135,8 +153,6 @@ class Controller:
         finally:
             signal.signal(signal.SIGTERM, previous)
         log.warning("stop signal received: the controller exits; started again, it continues from %s", self.sweep_dir)
-        from launcher.signals import EXIT_STOPPED
-
         return EXIT_STOPPED
 
     @property
@@ -154,25 +170,98 @@ class Controller:
             time.sleep(min(1.0, self.spec.poll_s))
 
     def _write_end(self, state: str, message: str = "") -> None:
-        import json
-
         write_text_atomic(self.sweep_dir / "search_end.json", json.dumps({"state": state, "message": message}) + "\n")
 
     # ------------------------------------------------------------------ starting trials
     def _start(self, live, count: int, resumed: int) -> None:
         """Submit live trials that have no job yet, and new ones up to sweep.parallel."""
-        from launcher.signals import STOP
-
-        unsubmitted = [t for t in live if not self._has_job(t)]
+        unsubmitted = [t._trial_id for t in live if not self._has_job(t)]
         wanted = min(self.parallel - len(live) - resumed, self.spec.trials - count)
         if not unsubmitted and wanted <= 0:
             return
-        if self.spec.backend == "local":  # in the foreground: the ranks must get Ctrl-C and SIGTERM
-            return self._launch(self._ask_and_prepare(unsubmitted, wanted))
+        with STOP.blocked():  # asked, the points and the sampler are recorded together
+            asked = [self.study.ask({d.key: d.distribution() for d in self.spec.dims})._trial_id for _ in range(max(0, wanted))]
+            if asked:
+                save_sampler(self.sweep_dir, self.study.sampler)
+        prepared = [p for p in (self._prepare_trial(trial_id) for trial_id in [*unsubmitted, *asked]) if p is not None]
+        if prepared and not self.stop_signal:
+            self._launch(prepared)
+
+    def _has_job(self, trial) -> bool:
+        from launcher.jobs.slurm_state import job_ids
+
+        run_dir = trial_dir(self.sweep_dir, trial.number)
+        return self.spec.backend == "slurm" and bool((run_dir / "submission.json").is_file() and job_ids(run_dir))
+
+    def _prepare_trial(self, trial_id: int):
+        """The trial's config and run dir; None (the trial failed) when it cannot start."""
+        import optuna
+        from rich.console import Console
+
+        from launcher.cli import create_run, prepare
+        from launcher.errors import ConfigError
+
+        trial = optuna.trial.Trial(self.study, trial_id)
+        number, params = trial.number, sample(trial, self.spec.dims)
+        run_dir = trial_dir(self.sweep_dir, number)
+        point = " ".join(as_overrides(params))
+        try:
+            cfg = with_params(self.base, params)
+            OmegaConf.update(cfg, "tracking.tags", [*cfg.tracking.tags, f"trial:{number}"], merge=False)
+            if cfg.tracking.name is None:
+                cfg.tracking.name = f"{self.sweep_dir.name}-trial{number}"
+            prep = prepare(cfg, Console(stderr=True, soft_wrap=True))
+        except (SystemExit, ConfigError) as error:  # prepare printed its problems
+            log.error("trial %d (%s) is an invalid point: %s", number, point, error)
+            self.study.tell(number, state=TrialState.FAIL)
+            return None
+        try:
+            create_run(prep, run_dir, [*self.spec.fixed, *as_overrides(params)], sweep_group=self.group)
+        except (ConfigError, FileNotFoundError) as error:  # e.g. its checkpoint no longer resumes with this code
+            log.error("trial %d (%s) cannot start in %s: %s", number, point, run_dir, error)
+            self.study.tell(number, state=TrialState.FAIL)
+            return None
+        earlier = TrialRungs.load(run_dir)
+        TrialRungs(run_dir, str(self.sweep_dir), number, trial_id, self.spec.rungs, self.spec.metric,
+                   earlier.stop_resumes if earlier else 0).write()
+        log.info("trial %d: %s -> %s", number, point, run_dir)
+        return prep
+
+    def _launch(self, prepared, clear_end: bool = False) -> None:
+        """Start prepared trials; `clear_end`: they resume after waiting (their trial_end.json goes)."""
+        if self.spec.backend == "local":
+            for prep in prepared:  # one at a time, in the foreground (parallel is 1 locally)
+                run_dir = Path(prep.cfg.run_dir)
+                if clear_end:
+                    (run_dir / END_FILE).unlink(missing_ok=True)
+                self._settle_local(run_dir, run_local(prep.cfg, run_dir, prep.plan))
+            return
+        run_dirs = [Path(p.cfg.run_dir) for p in prepared]
         with STOP.blocked():  # a SIGTERM waits until the jobs are submitted and recorded
-            prepared = self._ask_and_prepare(unsubmitted, wanted)
-            if prepared:
-                self._launch(prepared)
+            if clear_end:  # stopped before the sbatch below, the trial reads as stopped: it is resumed then
+                for run_dir in run_dirs:
+                    (run_dir / END_FILE).unlink(missing_ok=True)
+            try:
+                with without_job_env():
+                    ids = submit_runs(prepared[0].cfg, prepared[0].plan, run_dirs, self.sweep_dir / "submitit",
+                                      self.spec.name, code=self.sweep_dir / "code")
+            except Exception as error:  # noqa: BLE001 - sbatch refused or timed out: the next poll tries again
+                log.error("submitting trials %s failed, trying again at the next poll: %s",
+                          ", ".join(d.name for d in run_dirs), error)
+                return
+        log.info("submitted %s", ", ".join(ids))
+
+    def _resume(self, number: int, after_stop: bool = False) -> None:
+        """Start a trial again in its run dir: it continues from its newest checkpoint."""
+        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+        prep = self._prepare_trial(trial._trial_id)
+        if prep is None:
+            return
+        if after_stop:
+            rungs = TrialRungs.load(trial_dir(self.sweep_dir, number))
+            rungs.stop_resumes += 1
+            rungs.write()
+        self._launch([prep], clear_end=True)
 
     # ------------------------------------------------------------------ rungs: promote, or prune for good
     def _paused_at(self, trial) -> Optional[int]:
@@ -180,17 +269,15 @@ class Controller:
         end = trial_end(trial_dir(self.sweep_dir, trial.number))
         if end.get("state") != "paused":
             return None
-        if self.spec.backend == "slurm" and trial.number not in self.ended:
-            return None  # it has written the file and is still saving its checkpoint
+        if self.spec.backend == "slurm" and self.ended.get(trial.number) != "STOPPED":
+            return None  # still saving its checkpoint (or requeued by a preemption and training on)
         return end.get("step")
 
     def _promote(self, candidates, paused: Dict[int, int], free: int) -> list:
-        """ASHA: resume each waiting trial that now ranks in the best 1/reduction at its rung (best first)."""
-        from launcher.sweep.study import promotable
-
-        sign = -1 if self.spec.direction == "maximize" else 1
+        """ASHA: resume each waiting trial that now ranks in the best 1/reduction at its rung
+        (the highest rung first, the best value first)."""
         resumed = []
-        for t in sorted(candidates, key=lambda t: (-paused[t.number], sign * t.intermediate_values[paused[t.number]])):
+        for t in sorted(candidates, key=lambda t: (-paused[t.number], self._rank_key(t.intermediate_values[paused[t.number]]))):
             if len(resumed) >= free:
                 break
             if promotable(self.study, t, paused[t.number], self.spec.reduction):
@@ -199,109 +286,48 @@ class Controller:
                 resumed.append(t)
         return resumed
 
+    def _rank_key(self, value: float) -> float:
+        if value is None or not math.isfinite(value):
+            return math.inf
+        return -value if self.spec.direction == "maximize" else value
+
     def _finish_rungs(self, waiting, paused: Dict[int, int], trials) -> None:
-        """No trial left to start or training: if none has passed the highest rung anyone waits at,
-        its best trial goes on (a search always trains one to the end); otherwise the waiting
+        """No trial left to start or training: if no trial has completed past the highest rung
+        anyone waits at, its best goes on (a search trains one to the end); otherwise the waiting
         trials are pruned for good."""
         top = max(paused.values())
-        if not any(max(t.intermediate_values, default=0) > top for t in trials):
-            sign = -1 if self.spec.direction == "maximize" else 1
-            best = min((t for t in waiting if paused[t.number] == top), key=lambda t: sign * t.intermediate_values[top])
+        passed = any(t.state == TrialState.COMPLETE and max(t.intermediate_values, default=0) > top for t in trials)
+        at_top = [t for t in waiting if paused[t.number] == top and math.isfinite(self._rank_key(t.intermediate_values[top]))]
+        if not passed and at_top:
+            best = min(at_top, key=lambda t: self._rank_key(t.intermediate_values[top]))
             log.info("trial %d goes on from step %d: no trial is left to compare it with", best.number, top)
             self._resume(best.number)
             return
-        import optuna
-
-        from launcher.sweep.rungs import write_end
-
         for t in waiting:
             step = paused[t.number]
-            write_end(trial_dir(self.sweep_dir, t.number), "pruned", step, t.intermediate_values.get(step))
-            self.study.tell(t.number, state=optuna.trial.TrialState.PRUNED)
+            with STOP.blocked():  # told first: a trial whose end file says pruned is pruned in the study too
+                self.study.tell(t.number, state=TrialState.PRUNED)
+                write_end(trial_dir(self.sweep_dir, t.number), "pruned", step, t.intermediate_values.get(step))
             log.info("trial %d pruned at step %d (%s %.6g)", t.number, step, self.spec.metric, t.intermediate_values[step])
 
-    def _ask_and_prepare(self, unsubmitted, wanted: int) -> list:
-        trials = [(t.number, t._trial_id, t.params) for t in unsubmitted]
-        for _ in range(max(0, wanted)):
-            trial = self.study.ask()
-            trials.append((trial.number, trial._trial_id, sample(trial, self.spec.dims)))
-        if wanted > 0:
-            save_sampler(self.sweep_dir, self.study.sampler)
-        prepared = [self._prepare_trial(number, trial_id, params) for number, trial_id, params in trials]
-        return [p for p in prepared if p is not None]
-
-    def _has_job(self, trial) -> bool:
-        from launcher.jobs.slurm_state import job_ids
-
-        run_dir = trial_dir(self.sweep_dir, trial.number)
-        return self.spec.backend == "slurm" and bool((run_dir / "submission.json").is_file() and job_ids(run_dir))
-
-    def _prepare_trial(self, number: int, trial_id: int, params: Dict[str, Any]):
-        """The trial's config and run dir; None (the trial failed) when its point is invalid."""
-        from rich.console import Console
-
-        from launcher.cli import create_run, prepare
-        from launcher.errors import ConfigError
-
-        cfg = self.base.copy()
-        for key, value in params.items():
-            OmegaConf.update(cfg, key, value, merge=True)
-        OmegaConf.update(cfg, "tracking.tags", [*cfg.tracking.tags, f"trial:{number}"], merge=False)
-        if cfg.tracking.name is None:
-            cfg.tracking.name = f"{self.sweep_dir.name}-trial{number}"
-        run_dir = trial_dir(self.sweep_dir, number)
-        overrides = [*self.spec.fixed, *as_overrides(params)]
-        try:
-            prep = prepare(cfg, Console(stderr=True, soft_wrap=True))
-            create_run(prep, run_dir, overrides, sweep_group=self.group)
-        except (SystemExit, ConfigError) as error:  # prepare printed its problems
-            log.error("trial %d (%s) is an invalid point: %s", number, " ".join(as_overrides(params)), error)
-            import optuna
-
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
-            return None
-        TrialRungs(run_dir, str(self.sweep_dir), number, trial_id, self.spec.rungs, self.spec.metric).write()
-        log.info("trial %d: %s -> %s", number, " ".join(as_overrides(params)), run_dir)
-        return prep
-
-    def _launch(self, prepared) -> None:
-        if self.spec.backend == "slurm":
-            from launcher.backends.slurm import submit_runs
-
-            run_dirs = [Path(p.cfg.run_dir) for p in prepared]
-            ids = submit_runs(prepared[0].cfg, prepared[0].plan, run_dirs, self.sweep_dir / "submitit", self.spec.name,
-                              code=self.sweep_dir / "code")
-            log.info("submitted %s", ", ".join(ids))
-            return
-        from launcher.backends.local import run_local
-
-        for prep in prepared:  # one at a time, in the foreground (parallel is 1 locally)
-            code = run_local(prep.cfg, Path(prep.cfg.run_dir), prep.plan)
-            self._settle_local(prep, code)
-
     # ------------------------------------------------------------------ how trials ended
-    def _settle_local(self, prep, code: int) -> None:
-        from launcher.signals import EXIT_STOPPED
-
-        run_dir = Path(prep.cfg.run_dir)
+    def _settle_local(self, run_dir: Path, code: int) -> None:
         trial = TrialRungs.load(run_dir)
         if code == EXIT_STOPPED and trial_end(run_dir).get("state") == "paused":
             return  # waits at its rung
         if code == EXIT_STOPPED:
             self.stop_signal = signal.SIGINT  # interrupted: the trial stays running in the study
             return
-        self._tell(trial.number, run_dir, "COMPLETED" if code == 0 else ("STOPPED" if code == EXIT_STOPPED else "FAILED"))
+        self._tell(trial.number, run_dir, "COMPLETED" if code == 0 else "FAILED")
 
     def _settle(self) -> None:
         """Slurm: record each running trial whose job has ended (one query for all of them)."""
-        import optuna
-
         from launcher.jobs.slurm_state import SLURM_TERMINAL, job_ids, query_jobs
 
         self.ended = {}
         if self.spec.backend != "slurm":
             return
-        running = [t for t in self.study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+        running = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
         latest = {t.number: job_ids(trial_dir(self.sweep_dir, t.number))[-1] for t in running if self._has_job(t)}
         if not latest:
             return
@@ -310,17 +336,19 @@ class Controller:
             log.warning("slurm: %s", error)
         for t in running:
             info = infos.get(latest.get(t.number, ""))
-            if info is not None and info.state.split()[0] in SLURM_TERMINAL:
-                self.ended[t.number] = info.state.split()[0]
-                if trial_end(trial_dir(self.sweep_dir, t.number)).get("state") != "paused":
-                    self._tell(t.number, trial_dir(self.sweep_dir, t.number), info.state.split()[0])
+            if info is None or info.state.split()[0] not in SLURM_TERMINAL:
+                continue
+            state = self.ended[t.number] = info.state.split()[0]
+            run_dir = trial_dir(self.sweep_dir, t.number)
+            if not (state == "STOPPED" and trial_end(run_dir).get("state") == "paused"):
+                self._tell(t.number, run_dir, state)
 
     def _tell(self, number: int, run_dir: Path, state: str) -> None:
-        import optuna
-
         end = trial_end(run_dir)
         if end.get("state") == "error":
             raise SearchFailed(f"trial {number}: {end.get('message')}")
+        if end.get("state") == "pruned":  # told, then stopped before the file was written: the study says so
+            return
         if state == "COMPLETED":
             value = final_value(run_dir, self.spec.metric)
             if value is None:
@@ -329,51 +357,28 @@ class Controller:
             if math.isfinite(value):
                 self.study.tell(number, value)
             else:  # diverged: no value to rank
-                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+                self.study.tell(number, state=TrialState.FAIL)
             log.info("trial %d completed: %s %.6g", number, self.spec.metric, value)
             return
-        if state == "STOPPED" and self.spec.backend == "slurm" and len(self._jobs(run_dir)) <= self.base.cluster.max_requeues:
-            # Stopped, not at a rung (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
+        trial = TrialRungs.load(run_dir)
+        if state == "STOPPED" and trial is not None and trial.stop_resumes < self.base.cluster.max_requeues:
+            # Stopped outside a rung (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
             log.warning("trial %d stopped outside a rung: submitting it again to resume", number)
-            self._resume(number)
+            self._resume(number, after_stop=True)
             return
-        self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+        self.study.tell(number, state=TrialState.FAIL)
         log.error("trial %d ended %s: see %s", number, state, run_dir / "logs")
 
     def _cancel_running(self) -> None:
         """A failed search leaves no trial training: its running trials' jobs are cancelled."""
-        import optuna
-
         from launcher.jobs.slurm_state import job_ids
 
         if self.spec.backend != "slurm":
             return
         for t in self.study.get_trials(deepcopy=False):
-            if t.state == optuna.trial.TrialState.RUNNING and self._has_job(t):
+            if t.state == TrialState.RUNNING and self._has_job(t):
                 subprocess.run(["scancel", job_ids(trial_dir(self.sweep_dir, t.number))[-1]], check=False)
-                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-
-    def _jobs(self, run_dir: Path) -> List[str]:
-        from launcher.jobs.slurm_state import job_ids
-
-        return job_ids(run_dir)
-
-    def _resume(self, number: int) -> None:
-        """Start a trial again in its run dir: it continues from its newest checkpoint."""
-        from launcher.signals import STOP
-
-        trial = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        run_dir = trial_dir(self.sweep_dir, number)
-        if self.spec.backend == "local":
-            (run_dir / END_FILE).unlink(missing_ok=True)
-            prep = self._prepare_trial(number, trial._trial_id, trial.params)
-            return self._launch([prep]) if prep is not None else None
-        with STOP.blocked():
-            # Killed after this unlink and before the submission, the trial reads as stopped: it is resumed then.
-            (run_dir / END_FILE).unlink(missing_ok=True)
-            prep = self._prepare_trial(number, trial._trial_id, trial.params)
-            if prep is not None:
-                self._launch([prep])
+                self.study.tell(t.number, state=TrialState.FAIL)
 
 
 class SweepController:
@@ -384,10 +389,6 @@ class SweepController:
 
     def __call__(self) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-        # The trials' sbatch and srun must not inherit this job's allocation (SLURM_MEM_PER_NODE,
-        # SLURM_CPUS_PER_TASK, ... are input variables of srun in the trial's job).
-        for key in [k for k in os.environ if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")]:
-            del os.environ[key]
         code = Controller(Path(self.sweep_dir)).run()
         if code:
             raise SystemExit(code)

@@ -44,7 +44,8 @@ def entries(sweep_dir: Path) -> Tuple[SearchSpec, List[Entry]]:
 
     def key(e: Entry):
         value = sign * e.value if e.value is not None else math.inf
-        return (order.get(e.state, 6), -(e.last_rung or 0), value, e.trial)
+        further = 0 if e.state == "completed" else -(e.last_rung or 0)  # completed: by value alone
+        return (order.get(e.state, 6), further, value, e.trial)
 
     return spec, sorted(rows, key=key)
 

@@ -8,6 +8,7 @@ The controller writes <run dir>/trial.json when it creates the trial; a run with
 """
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from launcher.atomic import write_text_atomic
 
+log = logging.getLogger(__name__)
 TRIAL_FILE = "trial.json"
 END_FILE = "trial_end.json"  # why the trial stopped: paused at a rung, pruned (by the controller), metric missing
 
@@ -31,6 +33,7 @@ class TrialRungs:
     trial_id: int
     rungs: List[int]
     metric: str
+    stop_resumes: int = 0  # times the controller resumed it after a stop outside a rung
 
     @classmethod
     def load(cls, run_dir: Path) -> Optional["TrialRungs"]:
@@ -38,11 +41,12 @@ class TrialRungs:
         if not path.is_file():
             return None
         data = json.loads(path.read_text())
-        return cls(Path(run_dir), data["sweep_dir"], data["number"], data["trial_id"], list(data["rungs"]), data["metric"])
+        return cls(Path(run_dir), data["sweep_dir"], data["number"], data["trial_id"], list(data["rungs"]), data["metric"],
+                   data.get("stop_resumes", 0))
 
     def write(self) -> None:
         data = {"sweep_dir": self.sweep_dir, "number": self.number, "trial_id": self.trial_id,
-                "rungs": self.rungs, "metric": self.metric}
+                "rungs": self.rungs, "metric": self.metric, "stop_resumes": self.stop_resumes}
         write_text_atomic(self.run_dir / TRIAL_FILE, json.dumps(data, indent=2) + "\n")
 
     def is_rung(self, step: int) -> bool:
@@ -72,7 +76,11 @@ class TrialRungs:
         value = self.metric_value(step, rows)
         study = open_study(Path(self.sweep_dir), SearchSpec.load(Path(self.sweep_dir)))
         trial = optuna.trial.Trial(study, self.trial_id)
-        trial.report(value if math.isfinite(value) else float("nan"), step)
+        try:
+            trial.report(value if math.isfinite(value) else float("nan"), step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning("trial %d is no longer part of its search (pruned or failed there): it trains on", self.number)
+            return False  # continued by hand (sft run_dir=...): a run like any other
         stop = trial.should_prune()
         if stop:
             write_end(self.run_dir, "paused", step, value)

@@ -159,3 +159,19 @@ def _literal(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+def with_params(base, params: Dict[str, Any]):
+    """A copy of the composed config with the point's values; a value the schema refuses for its
+    key (a float for an int key) is a ConfigError naming both."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    cfg = base.copy()
+    for key, value in params.items():
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except ValidationError as error:
+            hint = "; for an int key write tag(int,interval(a,b)), range(a,b) or choice(...)" if isinstance(value, float) else ""
+            raise ConfigError([problem(key, value, f"the schema refuses it ({str(error).splitlines()[0]}){hint}")])
+    return cfg

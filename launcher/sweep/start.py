@@ -18,13 +18,14 @@ from rich.markup import escape
 
 from launcher.errors import ConfigError, problem
 from launcher.schema import plain
-from launcher.sweep.space import Dimension, as_overrides, corner_points, split_overrides
+from launcher.sweep.space import Dimension, as_overrides, corner_points, split_overrides, with_params
 from launcher.sweep.study import BASE_FILE, SearchSpec, default_rungs, open_study
 
 # Keys a search may not vary: the trials of one search share their cluster shape (one array), their
 # sweep settings and their place on disk.
 FIXED_PREFIXES = ("cluster.", "sweep.")
 FIXED_KEYS = ("run_dir", "runs_root", "name", "dry_run", "resume")
+# train rows: loss, lr, grad_norm, tokens_per_s, ...; eval rows: loss, perplexity, accuracy (eval.generate_samples)
 METRIC_KINDS = ("eval", "train")
 
 
@@ -37,12 +38,15 @@ def settings_problems(cfg, dims: List[Dimension]) -> List[str]:
                             ("controller_cpus", s.controller_cpus, 1)):
         if value < low:
             problems.append(problem(f"sweep.{key}", value, f"must be at least {low}"))
+    if str(cfg.resume) != "auto":
+        problems.append(problem("resume", cfg.resume, "a search starts each trial afresh and resumes it from its own "
+                                "checkpoints: leave resume=auto"))
     if s.poll_s <= 0:
         problems.append(problem("sweep.poll_s", s.poll_s, "must be above 0"))
     kind, _, key = str(s.metric).partition("/")
     if kind not in METRIC_KINDS or not key:
         problems.append(problem("sweep.metric", s.metric, "must be <kind>/<key> with kind eval or train: eval/loss, "
-                                "eval/perplexity, eval/generation_accuracy, train/loss"))
+                                "eval/perplexity, eval/accuracy (with eval.generate_samples), train/loss"))
     elif kind == "eval" and not cfg.data.eval_files and not cfg.data.eval_fraction:
         problems.append(problem("sweep.metric", s.metric, "the trials have no eval set: set data.eval_fraction (e.g. 0.05) "
                                 "or data.eval_files, or use a train/ metric"))
@@ -66,28 +70,30 @@ def rung_steps(cfg, total_steps) -> List[int]:
     return rungs
 
 
-def with_params(base, params: Dict[str, Any]):
-    cfg = base.copy()
-    for key, value in params.items():
-        OmegaConf.update(cfg, key, value, merge=True)
-    return cfg
-
-
 def check_space(base, dims: List[Dimension], console: Console):
-    """Compose and validate every corner of the space; exits (2) naming the point of the first bad one."""
-    from launcher.cli import prepare
+    """Compose, validate and plan every corner of the space; exits (2) naming the first bad point.
+    Returns the first point's preparation."""
+    from launcher.cli import fail, prepare
 
-    first = None
+    preps = []
     for point in corner_points(dims):
+        where = f"the search space holds an invalid point: {' '.join(as_overrides(point))}"
         try:
-            prep = prepare(with_params(base, point), console)
+            preps.append(prepare(with_params(base, point), console))
+        except ConfigError as error:
+            fail(console, ConfigError([f"{where}: {p}" for p in error.problems]))
         except SystemExit:
-            console.print(f"[bold red]error:[/] the search space holds an invalid point: "
-                          f"{escape(' '.join(as_overrides(point)))} (the problem is above); narrow the space",
+            console.print(f"[bold red]error:[/] {escape(where)} (the problem is above); narrow the space",
                           highlight=False, soft_wrap=True)
             raise
-        first = first or prep
-    return first
+    # Rungs compare equal budgets: every trial must train the same number of steps.
+    totals = {p.plan.total_steps for p in preps}
+    if len(totals) > 1:
+        fail(console, ConfigError([problem("sweep.rungs", base.sweep.rungs, (
+            f"the space's points train different numbers of steps ({', '.join(map(str, sorted(totals, key=str)))}), so "
+            f"their rungs would not compare equal budgets: set trainer.max_steps, or do not search what sets the length")
+        )]))
+    return preps[0]
 
 
 def start_search(config, hydra_context, arguments: List[str]) -> None:
@@ -174,7 +180,8 @@ def submit_controller(cfg, sweep_dir: Path) -> str:
     for key in ("partition", "account", "qos"):
         if c[key] is not None:
             params[key] = c[key]
-    job = make_executor(sweep_dir / "controller", params).submit(SweepController(str(sweep_dir)))
+    # It requeues itself at each time limit (submitit's checkpoint), as often as the search needs.
+    job = make_executor(sweep_dir / "controller", params, max_num_timeout=10_000).submit(SweepController(str(sweep_dir)))
     record = {"job_id": job.job_id, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text_atomic(sweep_dir / "controller.json", json.dumps({"jobs": [record]}, indent=2) + "\n")
     return job.job_id

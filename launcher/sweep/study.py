@@ -11,9 +11,9 @@ A trial's own rank 0 reports its metric to the study at each rung and asks wheth
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import List
 
 import optuna
 
@@ -40,7 +40,6 @@ class SearchSpec:
     poll_s: float
     backend: str
     name: str
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     def save(self, sweep_dir: Path) -> None:
         data = {**asdict(self), "dims": [d.to_dict() for d in self.dims]}
@@ -51,11 +50,6 @@ class SearchSpec:
         data = json.loads((Path(sweep_dir) / SPEC_FILE).read_text())
         return cls(**{**data, "dims": [Dimension.from_dict(d) for d in data["dims"]]})
 
-    @property
-    def metric_kind_key(self):
-        kind, _, key = self.metric.partition("/")
-        return kind, key
-
 
 def is_search(path: Path) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
@@ -65,8 +59,8 @@ def storage(sweep_dir: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-    # The open lock (O_CREAT|O_EXCL) works on NFS; the default symlink lock does too, but leaves
-    # the lock behind when a holder is killed: this one is released by Optuna's grace period.
+    # The open lock (O_CREAT|O_EXCL) is the one Optuna documents for NFS; a holder killed while
+    # holding it is broken after its grace period (30 s).
     path = str(Path(sweep_dir) / JOURNAL_FILE)
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 

@@ -58,6 +58,11 @@ def test_a_metric_no_trial_logs_fails_the_search_at_the_first_rung(tmp_path):
     (["sweep.rungs=[2,40]"], "sweep.rungs=[2, 40]: the last rung is past the trials' end (step 4)"),
     (["data.eval_files=null"], "sweep.metric='eval/loss': the trials have no eval set"),
     (["model=choice(tiny,tiny)"], "model='choice(tiny,tiny)': a search covers plain config keys"),
+    (["trainer.max_steps=choice(4,6)", "sweep.rungs=[2,4]"],
+     "the space's points train different numbers of steps (4, 6), so their rungs would not compare equal budgets"),
+    (["trainer.global_batch_size=interval(8,16)"],
+     "invalid point: optim.lr=0.0001 trainer.global_batch_size=8.0: trainer.global_batch_size=8.0: the schema refuses it"),
+    (["resume=never"], "resume='never': a search starts each trial afresh"),
 ])
 def test_a_bad_space_is_refused_before_anything_is_written(tmp_path, overrides, message):
     result = run_sft([*BASE, "tracking=none", "trainer.max_steps=4",
