@@ -38,7 +38,7 @@ def test_the_schema_lists_every_choice_key():
         "model.attn_implementation", "data.format", "data.train_on", "data.truncation", "data.on_bad_row",
         "optim.name", "optim.scheduler", "deepspeed.offload_optimizer", "deepspeed.offload_param",
         "trainer.precision", "trainer.loss", "checkpoint.export_dtype", "checkpoint.allow_changes", "cluster.backend",
-        "tracking.backend", "tracking.mode",
+        "tracking.backend", "tracking.mode", "sweep.direction",
     }
 
 
