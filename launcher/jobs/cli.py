@@ -21,8 +21,7 @@ from launcher.jobs.errors import JobsError, SlurmError
 from launcher.jobs.rundirs import (
     Progress, discover, is_sweep, rank_pids, read_json, read_text, rel, resolve_run, run_dirs, started_key, sweep_points,
 )
-from launcher.jobs import slurm_state
-from launcher.jobs.slurm_state import LOCAL, Task, describe, is_terminal, slurm
+from launcher.jobs.slurm_state import LOCAL, Task, describe, is_terminal, query_jobs, slurm
 from launcher.metrics import read_metrics
 
 POLL_S = 3.0  # how often `logs -f` asks whether the job has ended
@@ -308,7 +307,7 @@ def cmd_sweep(args, out: Console) -> int:
     code = 0
     jobs = lb.controller_jobs(target)
     if jobs:
-        infos, errors = slurm_state.query_jobs(jobs)
+        infos, errors = query_jobs(jobs)
         code = show_errors(errors)
         info = infos.get(jobs[-1])
         out.print(f"controller: job {jobs[-1]} {info.state if info else '?'}"

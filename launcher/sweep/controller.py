@@ -33,7 +33,7 @@ from launcher.backends.slurm import submit_runs
 from launcher.signals import EXIT_STOPPED, STOP
 from launcher.sweep.rungs import END_FILE, TrialRungs, trial_end, write_end
 from launcher.sweep.space import as_overrides, with_params
-from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable
+from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable, trial_dir
 
 log = logging.getLogger("launcher.sweep")
 SAMPLER_FILE = "sampler.pkl"
@@ -48,10 +48,6 @@ def load_base(sweep_dir: Path) -> DictConfig:
     from launcher.schema import Config
 
     return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(Path(sweep_dir) / BASE_FILE))
-
-
-def trial_dir(sweep_dir: Path, number: int) -> Path:
-    return Path(sweep_dir) / str(number)
 
 
 def final_value(run_dir: Path, metric: str) -> Optional[float]:
@@ -190,8 +186,7 @@ class Controller:
     def _has_job(self, trial) -> bool:
         from launcher.jobs.slurm_state import job_ids
 
-        run_dir = trial_dir(self.sweep_dir, trial.number)
-        return self.spec.backend == "slurm" and bool((run_dir / "submission.json").is_file() and job_ids(run_dir))
+        return self.spec.backend == "slurm" and bool(job_ids(trial_dir(self.sweep_dir, trial.number)))
 
     def _prepare_trial(self, trial_id: int):
         """The trial's config and run dir; None (the trial failed) when it cannot start."""

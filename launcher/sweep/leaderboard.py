@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from launcher.sweep.controller import trial_dir
+from launcher.jobs.rundirs import read_json
 from launcher.sweep.rungs import trial_end
-from launcher.sweep.study import SearchSpec, open_study
+from launcher.sweep.study import SearchSpec, open_study, trial_dir
 
 STATES = {"COMPLETE": "completed", "PRUNED": "pruned", "RUNNING": "running", "FAIL": "failed", "WAITING": "waiting"}
 
@@ -31,10 +31,11 @@ def entries(sweep_dir: Path) -> Tuple[SearchSpec, List[Entry]]:
     for t in study.get_trials(deepcopy=False):
         reported = sorted(t.intermediate_values)
         value = t.value if t.value is not None else (t.intermediate_values[reported[-1]] if reported else None)
-        if t.state.name == "PRUNED" and trial_end(trial_dir(sweep_dir, t.number)).get("value") is not None:
-            value = trial_end(trial_dir(sweep_dir, t.number))["value"]
+        end = trial_end(trial_dir(sweep_dir, t.number))
+        if t.state.name == "PRUNED" and end.get("value") is not None:
+            value = end["value"]
         state = STATES.get(t.state.name, t.state.name.lower())
-        if state == "running" and trial_end(trial_dir(sweep_dir, t.number)).get("state") == "paused":
+        if state == "running" and end.get("state") == "paused":
             state = "paused"  # stopped at a rung: promoted later, or pruned
         rows.append(Entry(t.number, dict(t.params), reported[-1] if reported else None,
                           None if value is None or (isinstance(value, float) and math.isnan(value)) else value,
@@ -56,17 +57,12 @@ def best(rows: List[Entry]) -> Optional[Entry]:
 
 
 def search_end(sweep_dir: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((Path(sweep_dir) / "search_end.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(sweep_dir) / "search_end.json")
 
 
 def controller_jobs(sweep_dir: Path) -> List[str]:
-    try:
-        return [str(j["job_id"]) for j in json.loads((Path(sweep_dir) / "controller.json").read_text())["jobs"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    jobs = read_json(Path(sweep_dir) / "controller.json").get("jobs") or []
+    return [str(j["job_id"]) for j in jobs if isinstance(j, dict) and j.get("job_id")]
 
 
 def as_json(spec: SearchSpec, rows: List[Entry]) -> str:

@@ -51,6 +51,10 @@ class SearchSpec:
         return cls(**{**data, "dims": [Dimension.from_dict(d) for d in data["dims"]]})
 
 
+def trial_dir(sweep_dir: Path, number: int) -> Path:
+    return Path(sweep_dir) / str(number)
+
+
 def is_search(path: Path) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
 
