@@ -2,22 +2,26 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU build of torch lies on this machine's disk; without a GPU, install it first so no
-# dependency pulls a multi-GB CUDA build.
-TORCH_CPU := torch==2.13.0
+# Every install takes the exact versions in the lock (tools/lock.py); `make lock` upgrades it.
+LOCK := requirements.lock
+# The CPU build of the locked torch lies on this machine's disk; without a GPU, install it first so
+# no dependency pulls a multi-GB CUDA build. A GPU machine takes the CUDA build of the same version.
+TORCH_CPU := $(shell grep -m1 '^torch==' $(LOCK))
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test bench cluster-start cluster-stop clean
+.PHONY: demo test bench lock cluster-start cluster-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# The project is built with the locked setuptools (no isolated build env that would take the newest).
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
+	$(BIN)/pip install --quiet -c $(LOCK) pip setuptools
 ifneq ($(HAS_GPU),yes)
 	$(BIN)/pip install --quiet $(TORCH_CPU)
 endif
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-build-isolation -c $(LOCK) -e '.[dev]'
+	$(BIN)/python tools/lock.py check
 	touch $@
 
 demo: $(VENV)/.installed
@@ -28,6 +32,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
+
+# Newest versions within pyproject.toml's ranges (torch held; TORCH=2.14.1 to move it), and what changed.
+lock: $(BIN)/python
+	$(BIN)/python tools/lock.py write $(if $(TORCH),--torch $(TORCH))
 
 cluster-start:
 	slurm/start-cluster.sh

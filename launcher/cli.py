@@ -22,7 +22,8 @@ from launcher.errors import ConfigError, problem
 from launcher.overrides import override_problems
 from launcher.plan import Plan, deepspeed_config, make_plan
 from launcher.resume import check_resume, fingerprint, set_aside_newer
-from launcher.rundir import RunFiles, mask_file, mask_secrets, new_run_dir, secret_values, submission_record
+from launcher.rundir import (RunFiles, mask_file, mask_secrets, new_run_dir, secret_values, submission_record,
+                             versions_changed)
 from launcher.schema import register_configs
 from launcher.validate import Checked, check_config
 
@@ -45,10 +46,16 @@ def write_run_files(run_dir: Path, resolved: dict, overrides: list, checked, pla
                                    "fingerprint": fingerprint})
     files.write_json("ds_config.json", ds_config)
     record = submission_record(resolved["cluster"]["backend"], overrides)
-    try:  # submitted again (sft run_dir=...): the earlier jobs stay in the run's history
-        record["jobs"] = json.loads((run_dir / "submission.json").read_text()).get("jobs") or []
+    try:  # submitted again (sft run_dir=...): the earlier jobs and the first versions stay in the run's history
+        earlier = json.loads((run_dir / "submission.json").read_text())
     except (OSError, ValueError):
-        pass
+        earlier = {}
+    record["jobs"] = earlier.get("jobs") or []
+    record["first_versions"] = earlier.get("first_versions") or earlier.get("versions") or record["versions"]
+    changed = versions_changed(record)
+    if changed:  # a warning, not a refusal: the resume fingerprint decides what would make it inexact
+        log.warning("warning: packages differ from the run's first submission: %s",
+                    ", ".join(f"{k} {v}" for k, v in changed.items()))
     files.write_json("submission.json", record)
 
 

@@ -126,6 +126,13 @@ def package_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
+def versions_changed(submission: Dict[str, Any]) -> Dict[str, str]:
+    """Packages whose version differs from the run's first submission: name -> 'first -> now'."""
+    first, now = submission.get("first_versions") or {}, submission.get("versions") or {}
+    return {name: f"{first.get(name)} -> {now.get(name)}" for name in sorted(set(first) | set(now))
+            if name != "launcher" and first.get(name) != now.get(name)}  # the launcher's own edits: the resume fingerprint
+
+
 def submission_record(backend: str, overrides: List[str]) -> Dict[str, Any]:
     return {
         "backend": backend,

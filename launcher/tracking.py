@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from launcher.errors import problem
+from launcher.rundir import versions_changed
 from launcher.schema import Choice, TrackingBackend, TrackingMode, one_of, plain
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,8 @@ def run_metadata(run_dir: Path, world_size: int, launcher: Optional[str]) -> dic
     job = f"{array}_{env.get('SLURM_ARRAY_TASK_ID')}" if array else env.get("SLURM_JOB_ID")
     return {"backend": submission.get("backend"), "slurm_job_id": job, "slurm_array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
             "requeues": int(env.get("SLURM_RESTART_COUNT", "0")), "nodes": env.get("SLURM_JOB_NODELIST"),
-            "world_size": world_size, "git_sha": git.get("sha"), "git_dirty": git.get("dirty"), "launcher": launcher}
+            "world_size": world_size, "git_sha": git.get("sha"), "git_dirty": git.get("dirty"), "launcher": launcher,
+            "versions": submission.get("versions"), "versions_changed": versions_changed(submission)}
 
 
 def run_tags(meta: dict) -> list:

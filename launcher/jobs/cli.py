@@ -23,6 +23,7 @@ from launcher.jobs.rundirs import (
 )
 from launcher.jobs.slurm_state import LOCAL, Task, describe, is_terminal, query_jobs, slurm
 from launcher.metrics import read_metrics
+from launcher.rundir import versions_changed
 
 POLL_S = 3.0  # how often `logs -f` asks whether the job has ended
 
@@ -123,6 +124,10 @@ def cmd_status(args, out: Console) -> int:
     out.print(f"run        {target}", highlight=False, markup=False, soft_wrap=True)
     out.print(f"backend    {submission.get('backend', '?')}   submitted {submission.get('submitted_at', '?')}", markup=False)
     out.print(f"command    {' '.join(submission.get('argv', []))}", highlight=False, markup=False, soft_wrap=True)
+    changed = versions_changed(submission)
+    if changed:
+        out.print(f"packages   changed since the first submission: {', '.join(f'{k} {v}' for k, v in changed.items())}",
+                  highlight=False, markup=False, soft_wrap=True)
     labels = point_labels(dirs) if is_sweep(target) else {}
     columns = (["point"] if labels else []) + ["job", "state", "from", "requeues", "step", "loss", "checkpoint"]
     table = new_table("", columns)

@@ -10,8 +10,8 @@ the new digests only for a bumped VERSION), and regenerate tests/integration/ref
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
+from typing import Dict
 
 import pytest
 from safetensors.torch import load_file
@@ -43,10 +43,10 @@ def digest(parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def check_pin(kind: str, version: int, got: str, version_name: str, libraries) -> None:
-    pins = json.loads(PINS.read_text())
+def check_pin(kind: str, version: int, got: str, version_name: str, libs: Dict[str, str], pins_file: Path = PINS) -> None:
+    """libs: the versions of the libraries that shape the output, as installed (the guard's own tests pass fakes)."""
+    pins = json.loads(pins_file.read_text())
     pinned = pins[kind]
-    libs = {name: _version(name) for name in libraries}
     if (version, got) == (pinned["version"], pinned["digest"]):
         return
     changed = {k: f"{pinned.get('libraries', {}).get(k)} -> {v}" for k, v in libs.items() if pinned.get("libraries", {}).get(k) != v}
@@ -56,18 +56,18 @@ def check_pin(kind: str, version: int, got: str, version_name: str, libraries) -
                     f"then pin the new digest (SFT_UPDATE_REFERENCE=1) and regenerate reference_losses.json")
     if os.environ.get("SFT_UPDATE_REFERENCE"):
         pins[kind] = {"version": version, "digest": got, "libraries": libs}
-        PINS.write_text(json.dumps(pins, indent=1) + "\n")
+        pins_file.write_text(json.dumps(pins, indent=1) + "\n")
         return
     why = (f"library versions changed ({', '.join(f'{k} {v}' for k, v in changed.items())}; cache names carry "
            "them already)" if version == pinned["version"] else
-           f"{version_name} is {version} but {PINS.name} pins version {pinned['version']}")
+           f"{version_name} is {version} but {pins_file.name} pins version {pinned['version']}")
     pytest.fail(f"{kind}: {why}: pin digest {got} (SFT_UPDATE_REFERENCE=1) and regenerate reference_losses.json")
 
 
-def _version(name: str) -> str:
+def installed_versions(names) -> Dict[str, str]:
     from importlib import metadata
 
-    return metadata.version(name)
+    return {name: metadata.version(name) for name in names}
 
 
 def bundled_digest() -> str:
@@ -101,21 +101,52 @@ def pipeline_digest(tmp_path: Path) -> str:
 
 
 def test_bundled_artifacts_match_their_version():
-    check_pin("bundled", bundled.VERSION, bundled_digest(), "launcher.bundled.VERSION", bundled.LIBRARIES)
+    check_pin("bundled", bundled.VERSION, bundled_digest(), "launcher.bundled.VERSION",
+              installed_versions(bundled.LIBRARIES))
 
 
 def test_pipeline_rows_match_its_version(tmp_path):
     check_pin("data_pipeline", pipeline.VERSION, pipeline_digest(tmp_path), "launcher.data.pipeline.VERSION",
-              pipeline.LIBRARIES)
+              installed_versions(pipeline.LIBRARIES))
+
+
+# The guard's own tests: fake pins with fake library versions, so they hold whatever is installed.
+FAKE_LIBS = {"transformers": "1.0.0", "datasets": "2.0.0"}
+
+
+def fake_pins(tmp_path: Path) -> Path:
+    path = tmp_path / "pins.json"
+    path.write_text(json.dumps({"data_pipeline": {"version": 3, "digest": "a" * 16, "libraries": FAKE_LIBS}}))
+    return path
 
 
 def test_a_changed_output_without_a_bump_fails(monkeypatch, tmp_path):
-    """The guard itself: the pinned digest under the same version, output changed -> the bump is asked for."""
-    pins = json.loads(PINS.read_text())
-    fake = tmp_path / "pins.json"
-    fake.write_text(json.dumps({**pins, "data_pipeline": {**pins["data_pipeline"], "digest": "0" * 16}}))
-    monkeypatch.setattr(sys.modules[__name__], "PINS", fake)
+    """Same version, same libraries, output changed -> the bump is asked for, and nothing is re-pinned."""
     monkeypatch.delenv("SFT_UPDATE_REFERENCE", raising=False)
+    pins = fake_pins(tmp_path)
+    before = pins.read_text()
+    with pytest.raises(pytest.fail.Exception, match=r"digest bbbbbbbbbbbbbbbb, pinned aaaaaaaaaaaaaaaa.*VERSION is still 3: bump it"):
+        check_pin("data_pipeline", 3, "b" * 16, "VERSION", dict(FAKE_LIBS), pins)
+    monkeypatch.setenv("SFT_UPDATE_REFERENCE", "1")  # an unbumped change is never pinned
     with pytest.raises(pytest.fail.Exception, match="bump it"):
-        check_pin("data_pipeline", pins["data_pipeline"]["version"], pins["data_pipeline"]["digest"], "VERSION",
-                  pipeline.LIBRARIES)
+        check_pin("data_pipeline", 3, "b" * 16, "VERSION", dict(FAKE_LIBS), pins)
+    assert pins.read_text() == before
+
+
+def test_a_library_upgrade_asks_for_a_new_pin(monkeypatch, tmp_path):
+    """Same version, a library moved, output changed -> re-pin (no bump: cache names carry library versions)."""
+    monkeypatch.delenv("SFT_UPDATE_REFERENCE", raising=False)
+    pins = fake_pins(tmp_path)
+    upgraded = {**FAKE_LIBS, "transformers": "1.1.0"}
+    with pytest.raises(pytest.fail.Exception, match=r"library versions changed \(transformers 1.0.0 -> 1.1.0; .*pin digest b{16}"):
+        check_pin("data_pipeline", 3, "b" * 16, "VERSION", upgraded, pins)
+    check_pin("data_pipeline", 3, "a" * 16, "VERSION", upgraded, pins)  # same output: nothing to do
+    monkeypatch.setenv("SFT_UPDATE_REFERENCE", "1")
+    check_pin("data_pipeline", 3, "b" * 16, "VERSION", upgraded, pins)
+    assert json.loads(pins.read_text())["data_pipeline"] == {"version": 3, "digest": "b" * 16, "libraries": upgraded}
+
+
+def test_a_bumped_version_asks_for_its_pin(monkeypatch, tmp_path):
+    monkeypatch.delenv("SFT_UPDATE_REFERENCE", raising=False)
+    with pytest.raises(pytest.fail.Exception, match="VERSION is 4 but pins.json pins version 3"):
+        check_pin("data_pipeline", 4, "b" * 16, "VERSION", dict(FAKE_LIBS), fake_pins(tmp_path))

@@ -368,3 +368,17 @@ def test_squeue_gives_the_reason_a_job_waits():
     infos = parse_squeue("5|PENDING|ReqNodeNotAvail, UnavailableNodes:node1\n6|RUNNING|None\n7|PENDING|None\n")
     assert {k: v.state for k, v in infos.items()} == {
         "5": "PENDING (ReqNodeNotAvail, UnavailableNodes:node1)", "6": "RUNNING", "7": "PENDING"}
+
+
+def test_status_warns_when_packages_changed_since_the_first_submission(root, capsys):
+    run = make_run(root, "tiny_sft/20261124-210300")
+    submission = json.loads((run / "submission.json").read_text())
+    first = {"launcher": "0.1.0", "torch": "2.13.0", "transformers": "5.24.0"}
+    (run / "submission.json").write_text(json.dumps({**submission, "first_versions": first, "versions": first}))
+    assert jobs.main(["status", "tiny", "--runs-root", str(root)]) == 0
+    assert "packages" not in capsys.readouterr().out
+    now = {**first, "transformers": "5.25.0", "launcher": "0.2.0"}  # the launcher's own version: the fingerprint's concern
+    (run / "submission.json").write_text(json.dumps({**submission, "first_versions": first, "versions": now}))
+    assert jobs.main(["status", "tiny", "--runs-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "packages   changed since the first submission: transformers 5.24.0 -> 5.25.0\n" in out
