@@ -8,6 +8,7 @@ what the launcher did before), and `launcher.checkpoint.save` (staging directory
 file, durable marker, rename). The ratio is the price of a checkpoint that appears only complete.
 """
 
+import datetime
 import json
 import os
 import statistics
@@ -26,10 +27,10 @@ def rank_main(out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from launcher import bundled, checkpoint
+    from launcher import bundled, checkpoint, rendezvous
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    deepspeed.init_distributed(dist_backend="gloo")
+    rendezvous.init_distributed(out, rank, world, "gloo", datetime.timedelta(minutes=10))
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": world,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - partitions the model as it is built
@@ -59,13 +60,14 @@ def rank_main(out: Path) -> None:
 
 
 def main() -> None:
-    from launcher.backends.local import free_port, rank_env
+    from launcher.backends.local import rank_env
+    from launcher.rendezvous import new_attempt_id
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        port = free_port()
+        attempt = new_attempt_id()
         procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_checkpoint", "--rank", str(out)],
-                                  env=rank_env(r, 2, port, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  env=rank_env(r, 2, attempt, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for r in range(2)]
         if [p.wait() for p in procs] != [0, 0]:
             sys.exit("a rank failed")

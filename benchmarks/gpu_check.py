@@ -101,10 +101,10 @@ def single_rank_env() -> None:
     """A world of one, so a plain `python -m` runs what torchrun would start."""
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        from launcher.backends.local import free_port
+    if "MASTER_PORT" not in os.environ:  # not torchrun: rank 0 takes a port the OS gives (launcher.rendezvous)
+        from launcher.rendezvous import RENDEZVOUS_ENV, new_attempt_id
 
-        os.environ["MASTER_PORT"] = str(free_port())
+        os.environ.setdefault(RENDEZVOUS_ENV, new_attempt_id())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded; never try
 
 
@@ -172,11 +172,13 @@ class Check:
         self.rows = synthetic_rows(args.steps * args.micro_batch, args.seq_len, self.shape["vocab_size"], SEED)
 
     def setup(self) -> None:
-        import deepspeed
+        import datetime
+        import tempfile
+
         import torch
         from deepspeed.accelerator import get_accelerator
 
-        from launcher import ops
+        from launcher import ops, rendezvous
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -190,7 +192,8 @@ class Check:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # As the trainer: DeepSpeed's ops this run loads (FusedAdam's with --optim fused_adam), built once per host.
         ops.build(ops.needed(self.args.optim, accelerator), lambda m: print(m, flush=True))
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        rendezvous.init_distributed(Path(tempfile.mkdtemp(prefix="gpu-check-")), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                                    "nccl" if self.device.type == "cuda" else "gloo", datetime.timedelta(minutes=10))
 
     def build_model(self, impl: str):
         import torch

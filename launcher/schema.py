@@ -169,7 +169,7 @@ class ClusterConfig:
     srun_args: List[str] = field(default_factory=list)
     container_image: Optional[str] = None  # pyxis --container-image
     container_mounts: Optional[str] = None  # pyxis --container-mounts
-    master_port: int = 29500
+    master_port: Optional[int] = None  # None: rank 0 listens on a port the OS gives; P: the first free of P..P+63
     # What the plan predicts with (memory fit, step time); gpu names a known device (h100, h200,
     # a100_80g, a100_40g, l40s, ...); gpu_mem_gib / gpu_tflops override or replace it.
     gpu: Optional[str] = None

@@ -30,7 +30,7 @@ from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from launcher import bundled, checkpoint, ops, universal
+from launcher import bundled, checkpoint, ops, rendezvous, universal
 from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
@@ -118,8 +118,10 @@ class SFTTrainer:
         # Compile what DeepSpeed will load (init_distributed loads the CPU comm op) once per node,
         # out of reach of stop signals.
         ops.build(ops.needed(self.cfg.optim.name, get_accelerator().device_name()), log.info)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   timeout=datetime.timedelta(minutes=self.cfg.trainer.dist_timeout_min))
+        rendezvous.init_distributed(self.run_dir, self.env.rank, self.env.world_size,
+                                    "nccl" if self.device.type == "cuda" else "gloo",
+                                    datetime.timedelta(minutes=self.cfg.trainer.dist_timeout_min),
+                                    self.cfg.cluster.get("master_port"))
         torch.manual_seed(self.cfg.seed)
 
     def _setup_tokenizer(self) -> None:

@@ -91,6 +91,9 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("cluster.nodes", cluster.nodes, "must be >= 1"))
     if cluster.backend == "local" and cluster.nodes != 1:
         problems.append(problem("cluster.nodes", cluster.nodes, "must be 1 with cluster=local; use cluster=slurm for several nodes"))
+    if cluster.master_port is not None and not 1024 <= cluster.master_port <= 65535 - 63:
+        problems.append(problem("cluster.master_port", cluster.master_port,
+                                "must be in 1024..65472 (the first of 64 ports tried in turn), or null for a port the OS gives"))
     if cluster.gpu is not None and str(cluster.gpu).lower() not in GPUS:
         problems.append(problem("cluster.gpu", cluster.gpu, f"must be one of {', '.join(GPUS)} (or set cluster.gpu_mem_gib and cluster.gpu_tflops)"))
     for key in ("cluster.gpu_mem_gib", "cluster.gpu_tflops", "cluster.net_gbps", "cluster.intra_node_gbps", "checkpoint.write_gb_s"):

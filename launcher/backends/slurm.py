@@ -76,7 +76,7 @@ def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str, co
     code = code or snapshot.snapshot_code(folder.parent)
     params["setup"] = [*snapshot.setup_lines(code), *params["setup"]]
     executor = make_executor(folder, params)
-    tasks = [SlurmTask(str(d), cfg.cluster.max_requeues, cfg.cluster.master_port) for d in run_dirs]
+    tasks = [SlurmTask(str(d), cfg.cluster.max_requeues) for d in run_dirs]
     if len(tasks) == 1:
         jobs = [executor.submit(tasks[0])]
     else:

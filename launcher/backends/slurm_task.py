@@ -26,10 +26,9 @@ log = logging.getLogger(__name__)
 class SlurmTask:
     """The callable submitit pickles: one per run directory, the same for every task and requeue."""
 
-    def __init__(self, run_dir: str, max_requeues: int, master_port: int):
+    def __init__(self, run_dir: str, max_requeues: int):
         self.run_dir = run_dir
         self.max_requeues = max_requeues
-        self.master_port = master_port
 
     def __call__(self) -> int:
         from launcher.signals import EXIT_STOPPED, STOP
@@ -37,15 +36,15 @@ class SlurmTask:
         STOP.install()  # before anything slow: submitit's USR2 handler would exit without a checkpoint
         import submitit
 
+        from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
         from launcher.task import run_rank
 
         env = submitit.JobEnvironment()
-        job_num = int(re.sub(r"\D", "", os.environ.get("SLURM_JOB_ID", "0")) or 0)
         os.environ.update(
             RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
             LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes), MASTER_ADDR=env.hostnames[0],
-            # A port per job: two jobs sharing a node must not collide.
-            MASTER_PORT=str(self.master_port + job_num % 10000),
+            # Rank 0 publishes the port it got in the run directory under this start's id (launcher.rendezvous).
+            **{RENDEZVOUS_ENV: slurm_attempt_id()},
         )
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         code = run_rank(self.run_dir)

@@ -307,8 +307,12 @@ def cmd_sweep(args, out: Console) -> int:
     table = new_table(title, ["trial", "parameters", "last rung", spec.metric, "state"])
     for e in rows:
         params = " ".join(f"{k}={fmt(v)}" for k, v in e.params.items())
-        add_row(table, e.trial, params, fmt(e.last_rung), fmt(e.value), e.state)
+        state = f"{e.state}, started {len(e.start_failures) + 1}x" if e.start_failures else e.state
+        add_row(table, e.trial, params, fmt(e.last_rung), fmt(e.value), state)
     out.print(table)
+    for e in rows:  # not the trial's own doing: the controller submitted it again
+        for reason in e.start_failures:
+            out.print(f"trial {e.trial}: a start failed: {escape(reason)}", highlight=False)
     code = 0
     jobs = lb.controller_jobs(target)
     if jobs:

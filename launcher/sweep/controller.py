@@ -9,7 +9,9 @@ runs in the foreground and trains one trial at a time. Everything it knows is in
 - one without a job (the controller stopped between asking and submitting) is submitted now,
   with the point the study holds for it;
 - asking and saving the sampler, and submitting and recording the job ids, each run with SIGTERM
-  held back (scontrol requeue, scancel): a stop never falls between an sbatch and its record.
+  held back (scontrol requeue, scancel): a stop never falls between an sbatch and its record;
+- a trial whose start failed for a reason not its own (its ranks could not meet, its node failed)
+  is submitted again, up to START_RETRIES times; the reasons stay in its trial.json and the leaderboard.
 """
 
 import contextlib
@@ -30,6 +32,7 @@ from optuna.trial import TrialState
 from launcher.atomic import write_text_atomic
 from launcher.backends.local import run_local
 from launcher.backends.slurm import submit_runs
+from launcher.rendezvous import START_FAILED_FILE, start_failure
 from launcher.signals import EXIT_STOPPED, STOP
 from launcher.sweep.rungs import END_FILE, TrialRungs, trial_end, write_end
 from launcher.sweep.space import as_overrides, with_params
@@ -38,6 +41,7 @@ from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study
 log = logging.getLogger("launcher.sweep")
 SAMPLER_FILE = "sampler.pkl"
 MAX_FAILED = 3  # failed trials (crashes, invalid points) before the search itself gives up
+START_RETRIES = 2  # starts of one trial that may fail for a reason not its own before it counts as failed
 
 
 class SearchFailed(RuntimeError):
@@ -57,6 +61,17 @@ def final_value(run_dir: Path, metric: str) -> Optional[float]:
     kind, _, key = metric.partition("/")
     rows = [r for r in read_metrics(run_dir) if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
     return float(rows[-1][key]) if rows else None
+
+
+def not_its_own(run_dir: Path, state: str) -> Optional[str]:
+    """Why the trial's latest start failed for a reason that is not the trial's (its ranks could not
+    meet, its node failed); None when the failure may be its own (a crash, a bad point)."""
+    failure = start_failure(run_dir)
+    if failure is not None:
+        return failure
+    if state in ("NODE_FAIL", "BOOT_FAIL"):
+        return f"its job ended {state}"
+    return None
 
 
 def load_sampler(sweep_dir: Path, spec: SearchSpec):
@@ -218,12 +233,14 @@ class Controller:
             return None
         earlier = TrialRungs.load(run_dir)
         TrialRungs(run_dir, str(self.sweep_dir), number, trial_id, self.spec.rungs, self.spec.metric,
-                   earlier.stop_resumes if earlier else 0).write()
+                   earlier.stop_resumes if earlier else 0, earlier.start_failures if earlier else []).write()
         log.info("trial %d: %s -> %s", number, point, run_dir)
         return prep
 
     def _launch(self, prepared, clear_end: bool = False) -> None:
         """Start prepared trials; `clear_end`: they resume after waiting (their trial_end.json goes)."""
+        for prep in prepared:  # a start failure on file is the last start's: this one is judged on its own
+            (Path(prep.cfg.run_dir) / START_FAILED_FILE).unlink(missing_ok=True)
         if self.spec.backend == "local":
             for prep in prepared:  # one at a time, in the foreground (parallel is 1 locally)
                 run_dir = Path(prep.cfg.run_dir)
@@ -360,6 +377,14 @@ class Controller:
             # Stopped outside a rung (scancel --signal=TERM, requeues used up): it resumes from its checkpoint.
             log.warning("trial %d stopped outside a rung: submitting it again to resume", number)
             self._resume(number, after_stop=True)
+            return
+        reason = not_its_own(run_dir, state)
+        if reason is not None and trial is not None and len(trial.start_failures) < START_RETRIES:
+            trial.start_failures.append(reason)
+            trial.write()
+            log.warning("trial %d ended %s, not of its own doing (%s): submitting it again (%d of %d)", number, state,
+                        reason, len(trial.start_failures), START_RETRIES)
+            self._resume(number)
             return
         self.study.tell(number, state=TrialState.FAIL)
         log.error("trial %d ended %s: see %s", number, state, run_dir / "logs")

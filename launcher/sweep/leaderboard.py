@@ -2,12 +2,12 @@
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from launcher.jobs.rundirs import read_json
-from launcher.sweep.rungs import trial_end
+from launcher.sweep.rungs import TrialRungs, trial_end
 from launcher.sweep.study import SearchSpec, open_study, trial_dir
 
 STATES = {"COMPLETE": "completed", "PRUNED": "pruned", "RUNNING": "running", "FAIL": "failed", "WAITING": "waiting"}
@@ -21,6 +21,7 @@ class Entry:
     value: Optional[float]  # the final value (completed), else the value at the last rung
     state: str
     run_dir: str
+    start_failures: List[str] = field(default_factory=list)  # starts that failed not of its own doing (submitted again)
 
 
 def entries(sweep_dir: Path) -> Tuple[SearchSpec, List[Entry]]:
@@ -37,9 +38,10 @@ def entries(sweep_dir: Path) -> Tuple[SearchSpec, List[Entry]]:
         state = STATES.get(t.state.name, t.state.name.lower())
         if state == "running" and end.get("state") == "paused":
             state = "paused"  # stopped at a rung: promoted later, or pruned
+        record = TrialRungs.load(trial_dir(sweep_dir, t.number))
         rows.append(Entry(t.number, dict(t.params), reported[-1] if reported else None,
                           None if value is None or (isinstance(value, float) and math.isnan(value)) else value,
-                          state, str(trial_dir(sweep_dir, t.number))))
+                          state, str(trial_dir(sweep_dir, t.number)), record.start_failures if record else []))
     sign = -1 if spec.direction == "maximize" else 1
     order = {"completed": 0, "running": 1, "paused": 2, "pruned": 3, "waiting": 4, "failed": 5}
 

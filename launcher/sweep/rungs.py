@@ -10,7 +10,7 @@ The controller writes <run dir>/trial.json when it creates the trial; a run with
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -34,6 +34,7 @@ class TrialRungs:
     rungs: List[int]
     metric: str
     stop_resumes: int = 0  # times the controller resumed it after a stop outside a rung
+    start_failures: List[str] = field(default_factory=list)  # why starts failed that were not its own doing
 
     @classmethod
     def load(cls, run_dir: Path) -> Optional["TrialRungs"]:
@@ -42,11 +43,12 @@ class TrialRungs:
             return None
         data = json.loads(path.read_text())
         return cls(Path(run_dir), data["sweep_dir"], data["number"], data["trial_id"], list(data["rungs"]), data["metric"],
-                   data.get("stop_resumes", 0))
+                   data.get("stop_resumes", 0), list(data.get("start_failures", [])))
 
     def write(self) -> None:
         data = {"sweep_dir": self.sweep_dir, "number": self.number, "trial_id": self.trial_id,
-                "rungs": self.rungs, "metric": self.metric, "stop_resumes": self.stop_resumes}
+                "rungs": self.rungs, "metric": self.metric, "stop_resumes": self.stop_resumes,
+                "start_failures": self.start_failures}
         write_text_atomic(self.run_dir / TRIAL_FILE, json.dumps(data, indent=2) + "\n")
 
     def is_rung(self, step: int) -> bool:

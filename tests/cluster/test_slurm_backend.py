@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import SFT_JOBS, run_sft
+from tests.utils.ports import held_ports
 from tests.utils.wandb_file import find_runs, read_run
 
 pytestmark = pytest.mark.slurm
@@ -308,13 +309,18 @@ def _cmdline(proc: Path) -> str:
 
 
 def test_two_nodes_train_one_job(slurm_cluster, tmp_path):
-    overrides = [*TINY, *SLURM, "cluster.nodes=2", "cluster.procs_per_node=1", "trainer.max_steps=4",
-                 "trainer.global_batch_size=8", "checkpoint.export=false", "tracking=none"]
-    run_dir, job_id = submit(tmp_path, overrides, "two_nodes")
-    assert wait_for_state(job_id) == "COMPLETED"
+    with held_ports(1) as port:  # the configured rendezvous port is taken on the node, as by another job
+        overrides = [*TINY, *SLURM, "cluster.nodes=2", "cluster.procs_per_node=1", "trainer.max_steps=4",
+                     "trainer.global_batch_size=8", "checkpoint.export=false", "tracking=none", f"cluster.master_port={port}"]
+        run_dir, job_id = submit(tmp_path, overrides, "two_nodes")
+        assert wait_for_state(job_id) == "COMPLETED"
     assert sacct(job_id, "NNodes,NodeList")[0] == ["2", "node[1-2]"]
     logs = [(run_dir / "logs" / f"rank-{r}.log").read_text() for r in (0, 1)]
     assert all("steps:" in text for text in logs)
+    # Rank 0 took the next free port and rank 1, on the other node, read it from the run directory.
+    published = json.loads((run_dir / "rendezvous.json").read_text())
+    assert published == {"attempt": f"slurm-{job_id}-0", "addr": published["addr"], "port": port + 1, "world_size": 2}
+    assert f"rendezvous: rank 0 listens on {published['addr']}:{port + 1} (attempt slurm-{job_id}-0, 2 ranks)" in logs[0]
     assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
     assert max(losses(run_dir)) == 4
 
@@ -404,25 +410,32 @@ def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path):
     assert sacct(job_id)[0][0].startswith("CANCELLED") and restarts(job_id) == 0
 
 
-def test_sweep_is_one_array_with_one_wandb_group(slurm_cluster, tmp_path):
-    result = run_sft(["-m", *TINY, *SLURM, "trainer.max_steps=2", "checkpoint.export=false", "optim.lr=1e-3,2e-3,3e-3",
-                      "tracking.api_key=sw33p-s3cret", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+def test_a_sweep_is_one_array_whose_eight_trials_share_a_node_at_once(slurm_cluster, tmp_path):
+    # Eight 1-rank trials packed on one node (partition pack: node1, each core shared by up to four
+    # jobs), as 1-GPU trials are on an 8-GPU node: every trial's rank 0 listens on that node at once.
+    lrs = [f"{n}e-3" for n in range(1, 9)]
+    result = run_sft(["-m", *TINY, *SLURM, "cluster.partition=pack", "cluster.procs_per_node=1", "cluster.array_parallelism=8",
+                      "trainer.max_steps=2", "trainer.global_batch_size=8", "checkpoint.export=false",
+                      f"optim.lr={','.join(lrs)}", "tracking.api_key=sw33p-s3cret", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "submitted job array" in result.stdout and "with 3 tasks" in result.stdout
+    assert "submitted job array" in result.stdout and "with 8 tasks" in result.stdout
     [sweep_dir] = (tmp_path / "runs" / "tiny_sft").iterdir()
     # The follow-up commands work from anywhere: they name the sweep, not a runs root.
     assert f"follow it: sft-jobs status {sweep_dir}" in result.stdout
     assert f"upload W&B from this node as it runs: sft-jobs sync {sweep_dir} --follow" in result.stdout
-    points = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
-    assert [p.name for p in points] == ["0", "1", "2"]
+    points = sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    assert [p.name for p in points] == [str(n) for n in range(8)]
     job_ids = [json.loads((p / "submission.json").read_text())["jobs"][0]["job_id"] for p in points]
     assert len({j.split("_")[0] for j in job_ids}) == 1  # one array, one sbatch
-    for job_id in job_ids:
-        assert wait_for_state(job_id) == "COMPLETED"
+    assert [wait_for_state(job_id) for job_id in job_ids] == ["COMPLETED"] * 8, [p / "logs" for p in points]
+    rows = [sacct(job_id, "NodeList,Start,End")[0] for job_id in job_ids]
+    assert {node for node, _, _ in rows} == {"node1"}
+    assert max(start for _, start, _ in rows) < min(end for _, _, end in rows)  # all eight were running at once
+    ports = [json.loads((p / "rendezvous.json").read_text())["port"] for p in points]
+    assert len(set(ports)) == 8
     groups = {read_run(find_runs(p)[0])["group"] for p in points}
     assert groups == {f"tiny_sft/{sweep_dir.name}"}
-    lrs = sorted(read_run(find_runs(p)[0])["config"]["optim"]["lr"] for p in points)
-    assert lrs == [1e-3, 2e-3, 3e-3]
+    assert [read_run(find_runs(p)[0])["config"]["optim"]["lr"] for p in points] == [float(lr) for lr in lrs]
     leaked = [str(p) for p in sweep_dir.rglob("*") if p.is_file() and b"sw33p-s3cret" in p.read_bytes()]
     assert leaked == []
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launcher.backends.local import free_port, rank_env
+from launcher.backends.local import rank_env
+from launcher.rendezvous import new_attempt_id
 from launcher.cli import write_run_files
 from launcher.plan import deepspeed_config, make_plan
 from launcher.resume import fingerprint
@@ -25,9 +26,9 @@ def first_step_gradients(run_dir: Path, loss: str, chunk_tokens: int) -> dict:
     plan = make_plan(cfg, checked.model, checked.train_examples)
     write_run_files(run_dir, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan,
                     deepspeed_config(cfg, plan), fingerprint(cfg, plan))
-    port = free_port()
+    attempt = new_attempt_id()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("loss_probe.py")), str(run_dir)],
-                              env={**rank_env(r, 2, port, 2), "PYTHONPATH": str(REPO)}) for r in range(2)]
+                              env={**rank_env(r, 2, attempt, 2), "PYTHONPATH": str(REPO)}) for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     return torch.load(run_dir / "grads.pt")
 

@@ -2,11 +2,16 @@
 study, W&B offline runs read back from their files, and the errors a search gives before and
 during its first rung."""
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_sft
+from launcher.rendezvous import MASTER_PORT_RANGE
+from tests.conftest import SFT, run_sft
+from tests.utils.ports import held_ports
 from tests.utils.wandb_file import find_runs, read_run
 
 # One rank, a few steps; eval only where the rungs ask for it.
@@ -38,6 +43,31 @@ def test_a_local_search_prunes_a_trial_and_tags_it_in_wandb(tmp_path):
     assert runs[1]["summary"]["end_reason"] == "pruned" and runs[1]["summary"]["stopped_at_rung"] == 2
     assert "pruned" not in runs[0]["tags"] and runs[0]["summary"]["end_reason"] == "completed"
     assert max(row["_step"] for row in runs[1]["history"]) == 2
+
+
+def test_a_trial_whose_ranks_cannot_meet_is_started_again_and_the_reason_is_on_the_leaderboard(tmp_path):
+    # Every port of the configured rendezvous range is held until the first start has failed on it.
+    with held_ports(MASTER_PORT_RANGE) as port:
+        search = subprocess.Popen([SFT, *BASE, "tracking=none", "trainer.max_steps=2", "sweep.rungs=[2]", "sweep.trials=1",
+                                   "optim.lr=tag(log,interval(1e-4,1e-2))", f"cluster.master_port={port}",
+                                   f"runs_root={tmp_path}/runs"], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not any("are all in use" in log.read_text() for log in tmp_path.glob("runs/tiny_sft/*/0/logs/rank-0.log")):
+            assert search.poll() is None and time.monotonic() < deadline, search.communicate()
+            time.sleep(0.1)
+    stdout, stderr = search.communicate(timeout=600)
+    assert search.returncode == 0, stderr[-3000:]
+    failure = (f"cluster.master_port={port}: ports {port}-{port + MASTER_PORT_RANGE - 1} are all in use on 127.0.0.1; "
+               "pick another range, or leave cluster.master_port unset (null) to take a port the OS gives")
+    assert "trial 0 ended FAILED, not of its own doing (" + failure + "): submitting it again (1 of 2)" in stderr
+    rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in stdout.splitlines() if line.startswith("│")]
+    assert [(r[0], r[2], r[4]) for r in rows] == [("0", "2", "completed, started 2x")], stdout
+    assert f"trial 0: a start failed: {failure}" in " ".join(stdout.split())
+    run_dir = sweep_dir_of(stdout) / "0"
+    assert json.loads((run_dir / "trial.json").read_text())["start_failures"] == [failure]
+    assert json.loads((run_dir / "rendezvous.json").read_text())["port"] == port  # free again: the first of the range
+    assert not (run_dir / "start_failed.json").exists()
 
 
 def test_a_metric_no_trial_logs_fails_the_search_at_the_first_rung(tmp_path):

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from launcher.plan import make_plan
 from launcher.validate import check_config
 from tests.conftest import SFT, run_sft
+from tests.utils.ports import held_ports
 from tests.utils.wandb_file import find_runs, read_run
 
 REFERENCE = Path(__file__).with_name("reference_losses.json")
@@ -42,8 +44,11 @@ def train(tmp: Path, overrides, name: str) -> Path:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
-    # DeepSpeed's comms logger only counts (and synchronises): the losses stay those of SHORT.
-    return train(tmp, [*SHORT, "+deepspeed.extra.comms_logger={enabled: true, prof_all: true}"], "uninterrupted")
+    # DeepSpeed's comms logger only counts (and synchronises): the losses stay those of SHORT. The
+    # configured rendezvous port is held, as another job on the node would hold it.
+    with held_ports(1) as port:
+        return train(tmp, [*SHORT, "+deepspeed.extra.comms_logger={enabled: true, prof_all: true}",
+                           f"cluster.master_port={port}"], "uninterrupted")
 
 
 def test_losses_match_the_pinned_reference(reference_run):
@@ -82,6 +87,14 @@ def test_run_directory_holds_the_contract(reference_run):
     assert train_row["samples_seen"] == 16 and train_row["lr"] == pytest.approx(3e-3 / 2)
     final_eval = [r for r in rows if r["kind"] == "eval"][-1]
     assert final_eval["step"] == 12 and final_eval["perplexity"] == pytest.approx(torch.tensor(final_eval["loss"]).exp().item())
+
+
+def test_ranks_meet_on_the_next_free_port_when_the_configured_one_is_held(reference_run):
+    held = OmegaConf.load(reference_run / "config.yaml").cluster.master_port
+    published = json.loads((reference_run / "rendezvous.json").read_text())
+    assert published["port"] == held + 1 and published["world_size"] == 2 and published["attempt"].startswith("local-")
+    assert f"rendezvous: rank 0 listens on 127.0.0.1:{held + 1} (attempt {published['attempt']}, 2 ranks)" in \
+        (reference_run / "logs" / "rank-0.log").read_text()
 
 
 def test_export_round_trips_and_equals_the_gathered_weights(reference_run):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from launcher.backends.local import free_port, rank_env
+from launcher.backends.local import rank_env
+from launcher.rendezvous import new_attempt_id
 from launcher.cli import write_run_files
 from launcher.plan import deepspeed_config, make_plan
 from launcher.resume import fingerprint
@@ -22,9 +23,9 @@ def test_every_parameter_is_sharded_across_ranks(tmp_path):
     checked = check_config(cfg)
     plan = make_plan(cfg, checked.model, checked.train_examples)
     write_run_files(tmp_path, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
-    port = free_port()
+    attempt = new_attempt_id()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("zero3_probe.py")), str(tmp_path)],
-                              env={**rank_env(r, 2, port, 2), "PYTHONPATH": str(REPO)}) for r in range(2)]
+                              env={**rank_env(r, 2, attempt, 2), "PYTHONPATH": str(REPO)}) for r in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     shards = [json.loads((tmp_path / f"shards-rank{r}.json").read_text()) for r in range(2)]
     assert shards[0].keys() == shards[1].keys() and len(shards[0]) > 10

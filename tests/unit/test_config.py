@@ -90,6 +90,8 @@ def problems_of(overrides):
         (["model.path=/nonexistent/model"], "model.path='/nonexistent/model': no such directory"),
         (["data.train_files=/nonexistent/*.jsonl"], "data.train_files='/nonexistent/*.jsonl': matches no file"),
         (["cluster.nodes=2"], "cluster.nodes=2: must be 1 with cluster=local; use cluster=slurm"),
+        (["cluster.master_port=29"], "cluster.master_port=29: must be in 1024..65472 (the first of 64 ports tried in turn), or null for a port the OS gives"),
+        (["cluster.master_port=65500"], "cluster.master_port=65500: must be in 1024..65472"),
         (["resume=/no/such/ckpt"], "resume='/no/such/ckpt': must be auto, never or a complete checkpoint directory (with its COMPLETE marker)"),
         (["deepspeed=zero3_offload"], "optim.name='adamw': must be cpu_adam with deepspeed.offload_optimizer=cpu"),
     ],
