@@ -79,6 +79,37 @@ def build_once(final: Path, build: Callable[[Path], None]) -> bool:
     return False
 
 
+def replace_dir_atomic(final: Path, build: Callable[[Path], None]) -> Path:
+    """Build directory `final` in a temporary sibling and rename it into place (replacing an earlier
+    one): readers see the old directory, or the new one complete, never half of one. A builder that
+    was killed leaves only a temporary directory, removed by the next build."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in glob.glob(glob.escape(str(final.parent / f".{final.name}.tmp-")) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        build(tmp)
+        rename_over(tmp, final, final.with_name(f".{final.name}.tmp-old"))  # an earlier one: the new one wins
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def rename_over(src: Path, final: Path, aside: Path) -> None:
+    """Rename directory `src` to `final`, replacing one there (moved to `aside`, then removed):
+    two renames, so `final` is never a merge of the two."""
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        os.rename(src, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(src, final)
+
+
 class _lock:
     """An exclusive flock, best effort: file systems without flock fall back to the atomic rename."""
 

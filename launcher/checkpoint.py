@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 # torch and numpy are imported where used: `sft` reads checkpoints on the login node without them.
-from launcher.atomic import fsync_path, write_text_atomic
+from launcher.atomic import fsync_path, rename_over, write_text_atomic
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 PARTIAL = ".partial"  # saves in progress, or killed half-way
 STEP_DIR = re.compile(r"step-(\d+)")
+RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|rng_rank)0*(\d+)")  # who wrote a file: its writer flushes it
 UNIVERSAL = "universal"  # inside a checkpoint: its world-size-free form (DeepSpeed's universal checkpoint)
 
 
@@ -107,8 +108,8 @@ def save(engine, run_dir: Path, step: int, rank: int, world_size: int, client_st
     engine.save_checkpoint(str(staging.parent), tag=staging.name, client_state=client_state, save_latest=False)
     torch.save(rng_state(), staging / f"rng_rank{rank:05d}.pt")
     barrier()
-    for i, path in enumerate(sorted(p for p in staging.rglob("*") if p.is_file())):
-        if i % world_size == rank:  # each file flushed once, the work shared
+    for path in staging.rglob("*"):
+        if path.is_file() and writer_rank(path.name) == rank:  # on NFS/Lustre only the writer's flush reaches the server
             fsync_path(path)
     barrier()
     if rank == 0:
@@ -121,16 +122,16 @@ def save(engine, run_dir: Path, step: int, rank: int, world_size: int, client_st
     return final
 
 
+def writer_rank(name: str) -> int:
+    """The rank that wrote a checkpoint file: the one its name carries (DeepSpeed's zero_pp_rank_N_*,
+    our rng_rankNNNNN), else rank 0 (DeepSpeed writes the rank-less files there)."""
+    found = RANK_IN_NAME.search(name)
+    return int(found.group(1)) if found else 0
+
+
 def publish(staging: Path, final: Path) -> None:
     """Rename a finished save into place; an earlier save of the same step is replaced, not merged."""
-    if final.exists():
-        replaced = staging.with_name(staging.name + ".replaced")
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-        os.rename(staging, final)
-        shutil.rmtree(replaced, ignore_errors=True)
-    else:
-        os.rename(staging, final)
+    rename_over(staging, final, staging.with_name(staging.name + ".replaced"))
     for script in staging.parent.glob("*.py"):  # DeepSpeed's zero_to_fp32.py, beside the step dirs as usual
         os.replace(script, final.parent / script.name)
     fsync_path(final.parent)

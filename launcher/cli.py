@@ -70,8 +70,9 @@ class Prepared:
     resolved: dict
 
 
-def prepare(cfg: DictConfig, console: Console) -> Prepared:
-    """Validate (exiting with every problem on bad input) and plan. Writes nothing."""
+def prepare(cfg: DictConfig) -> Prepared:
+    """Validate and plan; raises ConfigError with every problem on bad input (never exits: a caller
+    such as the search controller tells a bad point from its own exit). Writes nothing."""
     problems, warnings, checked = [], [], None
     try:
         checked = check_config(cfg, dry_run=cfg.dry_run)
@@ -83,14 +84,14 @@ def prepare(cfg: DictConfig, console: Console) -> Prepared:
         except ConfigError as error:
             (warnings if cfg.dry_run else problems).extend(error.problems)
     if problems:
-        fail(console, ConfigError(problems))
+        raise ConfigError(problems)
     checked.warnings += warnings
     plan = make_plan(cfg, checked.model, checked.train_examples)
     refusal = memory_refusal(cfg, plan)
     if refusal and cfg.dry_run:
         checked.warnings.append(refusal)
     elif refusal:
-        fail(console, ConfigError([refusal]))
+        raise ConfigError([refusal])
     return Prepared(cfg, checked, plan, deepspeed_config(cfg, plan), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
@@ -144,7 +145,10 @@ def run(cfg: DictConfig) -> None:
     """One run, or one point of a local sweep: validate, plan, write the run dir, launch."""
     console = Console(stderr=True, soft_wrap=True)
     hydra_cfg = HydraConfig.get()
-    prep = prepare(cfg, console)
+    try:
+        prep = prepare(cfg)
+    except ConfigError as error:
+        fail(console, error)
     if cfg.dry_run:
         return print_dry_run(prep, console)
     if cfg.data.preview:

@@ -16,6 +16,7 @@ mask, so launcher.ops runs it through a shim that ignores USR2 instead.
 import atexit
 import contextlib
 import signal
+import threading
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; start it again to resume
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -49,12 +50,53 @@ class StopFlag:
     @staticmethod
     @contextlib.contextmanager
     def blocked():
-        """Hold stop signals back for the block, and from every child started in it (exec keeps the mask)."""
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        """Hold stop signals back for the block: no handler runs inside it, and children started in it
+        keep them blocked (exec keeps the mask). A mask alone holds back only its own thread: the
+        kernel hands a process signal to any thread that has not blocked it (torch, OpenBLAS and
+        Arrow start threads) and Python runs the handler in the main thread at once. So the
+        handlers are swapped for one that only notes the signal; when the block ends the previous
+        handlers are back and each noted signal goes to its handler, in the order they came."""
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        if _held.depth or threading.current_thread() is not threading.main_thread():
+            # Nested, the outer block holds them; another thread cannot swap handlers: its mask only.
+            try:
+                yield
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+            return
+        previous = {sig: signal.signal(sig, _hold) for sig in STOP_SIGNALS}
+        _held.depth = 1
         try:
             yield
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a pending stop is handled now
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            _held.depth = 0
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # one pending on this thread reaches its handler now
+            noted, _held.signals = _held.signals, []
+            for signum in noted:
+                _deliver(signum, previous[signum])
+
+
+class _Held:
+    def __init__(self) -> None:
+        self.depth = 0
+        self.signals: list = []  # stop signals that came inside the block, each once, in order
+
+
+_held = _Held()
+
+
+def _hold(signum, frame) -> None:
+    if signum not in _held.signals:
+        _held.signals.append(signum)
+
+
+def _deliver(signum: int, handler) -> None:
+    if callable(handler):
+        handler(signum, None)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # its default action, as if it had come now
 
 
 class StoppedDuringStartup(Exception):

@@ -7,6 +7,7 @@ the repository from importing the checkout through the working directory instead
 """
 
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,4 +42,5 @@ def import_env(code: Path, environ: Dict[str, str] = os.environ) -> Dict[str, st
 
 def setup_lines(code: Path) -> list:
     """The same, as shell lines for a Slurm batch script."""
-    return [f"export PYTHONPATH={code}${{PYTHONPATH:+:$PYTHONPATH}}", "export PYTHONSAFEPATH=1"]
+    # Quoted: a run directory with a space (or any shell character) must still import the snapshot.
+    return [f"export PYTHONPATH={shlex.quote(str(code))}\"${{PYTHONPATH:+:$PYTHONPATH}}\"", "export PYTHONSAFEPATH=1"]

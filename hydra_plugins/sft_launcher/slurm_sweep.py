@@ -105,12 +105,16 @@ class SlurmSweepLauncher(Launcher):
 
     def _prepare_points(self, job_overrides, initial_job_idx: int, console: Console) -> list:
         """Validate and plan every point before writing anything: one bad point submits nothing."""
-        from launcher.cli import prepare
+        from launcher.cli import fail, prepare
+        from launcher.errors import ConfigError
 
         points, cache = [], {}
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             task_cfg = self._compose(list(overrides), cache)
-            points.append((idx, list(overrides), task_cfg, prepare(task_cfg, console)))
+            try:
+                points.append((idx, list(overrides), task_cfg, prepare(task_cfg)))
+            except ConfigError as error:
+                fail(console, error)
         shapes = {(p.plan.nodes, p.plan.procs_per_node, OmegaConf.to_yaml(p.cfg.cluster)) for *_, p in points}
         if len(shapes) > 1:
             console.print("[bold red]error:[/] a Slurm sweep is one job array, so every point needs the same cluster.* "

@@ -206,7 +206,6 @@ class Controller:
     def _prepare_trial(self, trial_id: int):
         """The trial's config and run dir; None (the trial failed) when it cannot start."""
         import optuna
-        from rich.console import Console
 
         from launcher.cli import create_run, prepare
         from launcher.errors import ConfigError
@@ -220,8 +219,8 @@ class Controller:
             OmegaConf.update(cfg, "tracking.tags", [*cfg.tracking.tags, f"trial:{number}"], merge=False)
             if cfg.tracking.name is None:
                 cfg.tracking.name = f"{self.sweep_dir.name}-trial{number}"
-            prep = prepare(cfg, Console(stderr=True, soft_wrap=True))
-        except (SystemExit, ConfigError) as error:  # prepare printed its problems
+            prep = prepare(cfg)
+        except ConfigError as error:  # only a bad point fails it: the controller's own exit (SystemExit) is not the trial's
             log.error("trial %d (%s) is an invalid point: %s", number, point, error)
             self.study.tell(number, state=TrialState.FAIL)
             return None

@@ -79,13 +79,9 @@ def check_space(base, dims: List[Dimension], console: Console):
     for point in corner_points(dims):
         where = f"the search space holds an invalid point: {' '.join(as_overrides(point))}"
         try:
-            preps.append(prepare(with_params(base, point), console))
+            preps.append(prepare(with_params(base, point)))
         except ConfigError as error:
             fail(console, ConfigError([f"{where}: {p}" for p in error.problems]))
-        except SystemExit:
-            console.print(f"[bold red]error:[/] {escape(where)} (the problem is above); narrow the space",
-                          highlight=False, soft_wrap=True)
-            raise
     # Rungs compare equal budgets: every trial must train the same number of steps.
     totals = {p.plan.total_steps for p in preps}
     if len(totals) > 1:

@@ -96,3 +96,49 @@ def test_another_runs_checkpoint_is_not_continued_in_a_run_dir_with_its_own(tmp_
     cfg = compose_config(["recipe=tiny_sft", f"resume={other}"])
     with pytest.raises(ConfigError, match="would mix the two"):
         check_resume(cfg, tmp_path / "mine", FINGERPRINT)
+
+
+class _Stage0Engine:
+    """What export_model reads of a DeepSpeed engine without ZeRO-3: the module and its stage."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+
+def test_an_export_that_dies_half_way_leaves_no_export_and_the_next_one_replaces_the_last(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from launcher.export import export_model
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+
+    class DiskFull:
+        def save_pretrained(self, path):
+            assert (path / "model.safetensors").is_file()  # half-way: the weights are written, the tokenizer not
+            raise OSError(28, "No space left on device")
+
+    class Tokenizer:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{}")
+
+    with pytest.raises(OSError, match="No space left"):
+        export_model(_Stage0Engine(model), DiskFull(), tmp_path / "export", torch.float32, rank=0)
+    assert list(tmp_path.iterdir()) == []  # no export/ that would read as a finished run, no leftovers
+    export_model(_Stage0Engine(model), Tokenizer(), tmp_path / "export", torch.float32, rank=0)
+    (tmp_path / "export" / "from-an-earlier-segment").write_text("x")
+    export_model(_Stage0Engine(model), Tokenizer(), tmp_path / "export", torch.float32, rank=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
+    assert not (tmp_path / "export" / "from-an-earlier-segment").exists()
+
+
+def test_each_checkpoint_file_is_flushed_by_the_rank_that_wrote_it():
+    names = {"zero_pp_rank_1_mp_rank_00_optim_states.pt": 1, "bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt": 12,
+             "zero_pp_rank_0_mp_rank_00_model_states.pt": 0, "rng_rank00010.pt": 10, "mp_rank_00_model_states.pt": 0,
+             "COMPLETE": 0}
+    assert {name: checkpoint.writer_rank(name) for name in names} == names

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,29 @@ def test_children_started_while_blocked_survive_stop_signals_and_the_parent_gets
         assert flag.signum == signal.SIGUSR2
         assert child.wait(timeout=30) == 0  # the child (a compiler, W&B's service) was not killed
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_no_handler_runs_inside_the_block_whichever_thread_gets_the_signal():
+    """A thread started before the block does not block stop signals: the kernel may hand it one
+    (pthread_kill makes sure), and the handler must still wait for the end of the block."""
+    flag = StopFlag()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    done = threading.Event()
+    worker = threading.Thread(target=done.wait, daemon=True)  # as torch's, OpenBLAS's and Arrow's threads
+    worker.start()
+    try:
+        flag.install()
+        with flag.blocked():
+            signal.pthread_kill(worker.ident, signal.SIGUSR2)
+            signal.pthread_kill(worker.ident, signal.SIGTERM)
+            time.sleep(0.2)  # the main thread runs Python handlers between bytecodes: plenty of chances
+            inside = (flag.signum, flag.requeue)
+        assert inside == (0, False)
+        assert flag.signum == signal.SIGUSR2 and flag.requeue  # handled at the end of the block, in order
+    finally:
+        done.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

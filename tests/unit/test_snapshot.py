@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.snapshot import import_env, snapshot_code
+from launcher.snapshot import import_env, setup_lines, snapshot_code
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,3 +28,13 @@ def test_a_new_snapshot_replaces_the_old_one(tmp_path):
     assert snapshot_code(tmp_path) == code
     assert not (code / "launcher" / "stale.py").exists()
     assert [p.name for p in code.iterdir()] == ["launcher"]
+
+
+def test_a_batch_script_in_a_run_dir_with_a_space_imports_the_snapshot(tmp_path):
+    code = snapshot_code(tmp_path / "my runs")
+    (code / "launcher" / "marker.py").write_text("WHERE = 'snapshot'\n")
+    script = "\n".join([*setup_lines(code), f"cd {REPO}", f"{sys.executable} -c 'import launcher.marker; print(launcher.marker.WHERE)'"])
+    for inherited in ("", "/elsewhere"):
+        result = subprocess.run(["bash", "-c", script], env={**os.environ, "PYTHONPATH": inherited},
+                                capture_output=True, text=True, timeout=60)
+        assert result.stdout.strip() == "snapshot", result.stderr
