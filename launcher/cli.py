@@ -141,6 +141,20 @@ def create_run(prep: Prepared, run_dir: Path, overrides: list, sweep_group: Opti
         mask_file(run_dir.parent / "multirun.yaml", secret_values(prep.resolved) | secret_values(overrides))
 
 
+def refuse_a_live_run(run_dir: Path) -> None:
+    """One live job per run directory: a second would share its checkpoints, W&B run and code/ (the
+    snapshot replaced under the queued job), and one's cleanup of a partial save can delete the other's."""
+    from launcher.jobs.slurm_state import LOCAL, live_tasks
+
+    live = live_tasks(run_dir)
+    if not live:
+        return
+    jobs = ", ".join("local ranks" if t.job_id == LOCAL else f"job {t.job_id}" for t in live)
+    raise ConfigError([problem("run_dir", str(run_dir), f"{jobs} {'is' if len(live) == 1 else 'are'} still {live[0].state} "
+                               f"on it, and two jobs on one run directory overwrite each other; wait for it to end "
+                               f"(sft-jobs status {run_dir}) or cancel it (sft-jobs cancel {run_dir}), then start again")])
+
+
 def run(cfg: DictConfig) -> None:
     """One run, or one point of a local sweep: validate, plan, write the run dir, launch."""
     console = Console(stderr=True, soft_wrap=True)
@@ -168,6 +182,7 @@ def run(cfg: DictConfig) -> None:
     else:
         run_dir = new_run_dir(cfg.runs_root, cfg.name)
     try:
+        refuse_a_live_run(run_dir)
         create_run(prep, run_dir, list(hydra_cfg.overrides.task), sweep_group(hydra_cfg) if multirun else None)
     except (ConfigError, FileNotFoundError) as error:
         fail(console, error)

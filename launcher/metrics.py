@@ -7,6 +7,10 @@ from typing import Any, Dict, List, Optional
 
 # torch is imported where used: sft-jobs reads metrics.jsonl through this module and stays light.
 
+# The final eval's result, written once it ran: a requeued segment does not run it again, and
+# sft-jobs reads a run without an export as COMPLETED only from it.
+FINAL_EVAL_FILE = "final_eval.json"
+
 def device_peak_flops() -> Optional[float]:
     """Peak FLOP/s of this rank's device, or None where unknown (CPUs, unlisted GPUs)."""
     import torch

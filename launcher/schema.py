@@ -191,6 +191,9 @@ class TrackingConfig:
     tags: List[str] = field(default_factory=list)
     api_key: Optional[str] = None  # prefer the WANDB_API_KEY environment variable
     init_timeout_s: float = 60.0  # online: a W&B server that does not answer in this time -> offline
+    # At the end of a segment W&B waits at most this long for its upload, then leaves the rest on
+    # disk for `sft-jobs sync`. A stopped segment requeues after it: the plan's stop window counts it.
+    finish_timeout_s: float = 10.0
 
 
 @dataclass

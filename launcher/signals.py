@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import signal
 import threading
+from typing import Callable, Optional
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; start it again to resume
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -27,6 +28,9 @@ class StopFlag:
         self.signum = 0  # the first stop signal
         self.requeue = False  # a USR2 came: the time limit is near and the job should requeue itself
         self.agreed_requeue = False  # what all ranks agreed at the stop (set by the trainer)
+        # Set by the Slurm task on rank 0: requeues the job if the stop asks for it (True: requeued).
+        # The trainer calls it after the stop's save and W&B's bounded finish.
+        self.requeue_job: Optional[Callable[[], bool]] = None
         self._installed = False
 
     def install(self) -> "StopFlag":
@@ -55,19 +59,21 @@ class StopFlag:
         kernel hands a process signal to any thread that has not blocked it (torch, OpenBLAS and
         Arrow start threads) and Python runs the handler in the main thread at once. So the
         handlers are swapped for one that only notes the signal; when the block ends the previous
-        handlers are back and each noted signal goes to its handler, in the order they came."""
+        handlers are back and each noted signal goes to its handler, in the order they came.
+        Yields those handlers (signal -> handler): set one to SIG_DFL and a stop that came inside
+        the block, or comes later, ends the process. A nested block yields {}: the outermost decides."""
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if _held.depth or threading.current_thread() is not threading.main_thread():
             # Nested, the outer block holds them; another thread cannot swap handlers: its mask only.
             try:
-                yield
+                yield {}
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
             return
         previous = {sig: signal.signal(sig, _hold) for sig in STOP_SIGNALS}
         _held.depth = 1
         try:
-            yield
+            yield previous
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

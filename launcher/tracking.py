@@ -171,7 +171,8 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         # console="off": stdout is the trainer's, and wrapping it would interfere with its own logging.
         # A server that does not answer costs at most init_timeout_s, then the run goes on offline.
         settings=wandb.Settings(api_key=api_key if mode == "online" else None, console="off",
-                                init_timeout=float(getattr(tracking_cfg, "init_timeout_s", 60.0))),
+                                init_timeout=float(getattr(tracking_cfg, "init_timeout_s", 60.0)),
+                                finish_timeout=float(getattr(tracking_cfg, "finish_timeout_s", 10.0))),
     )
 
     def open_run(mode: str = mode):

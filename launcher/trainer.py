@@ -1,4 +1,4 @@
-"""The SFT recipe every rank runs, in run order: setup -> train -> evaluate -> checkpoint -> export -> cleanup.
+"""The SFT recipe every rank runs, in run order: setup -> train -> last checkpoint -> final eval -> export -> cleanup.
 
 Features: DeepSpeed ZeRO 0-3 with the model partitioned at load; gradient accumulation with the loss
 normalised by the trained tokens of the whole global batch (so micro 2 x accum 1 == micro 1 x accum 2);
@@ -31,12 +31,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
 from launcher import bundled, checkpoint, ops, rendezvous, universal
+from launcher.atomic import write_text_atomic
 from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
 from launcher.log_window import LogWindow
 from launcher.loss import install_loss_head, token_loss_sum
-from launcher.metrics import MetricsFile, device_peak_flops
+from launcher.metrics import FINAL_EVAL_FILE, MetricsFile, device_peak_flops
 from launcher.resume import refused_changes
 from launcher.signals import EXIT_STOPPED, STOP
 from launcher.sweep.rungs import END_FILE, SweepMetricError, TrialRungs, trial_end
@@ -47,6 +48,14 @@ log = logging.getLogger(__name__)
 
 class ResumeError(Exception):
     """The checkpoint to continue was written with settings that would make the resume inexact."""
+
+
+class StopAgreed(Exception):
+    """Every rank has the same answer: a stop signal came (`requeue`: a USR2 asked to start again)."""
+
+    def __init__(self, requeue: bool) -> None:
+        super().__init__("stop agreed")
+        self.requeue = requeue
 
 
 @dataclass
@@ -87,6 +96,7 @@ class SFTTrainer:
         self.device = torch.device("cuda", env.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
         self.global_step = 0
         self.last_saved_step = None  # in memory: every rank must agree on whether to save (a collective)
+        self.eval_due = False  # an eval of this step has not finished: a checkpoint saved now says so
         self.engine = None
         self.tracker = None
         self.metrics_file = None
@@ -236,6 +246,7 @@ class SFTTrainer:
         start = time.perf_counter()
         state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.universal)
         self.global_step = self.last_saved_step = state["global_step"]
+        self.eval_due = bool(state.get("eval_due"))
         log.info("resumed from %s at step %d in %.2f s", self.resumed_from, self.global_step, time.perf_counter() - start)
 
     def _setup_tracking(self) -> None:
@@ -285,18 +296,31 @@ class SFTTrainer:
 
     # ---------------------------------------------------------------- train
     def train(self) -> int:
-        """Steps until the end of the run or an agreed stop; eval, checkpoint and export at their cadence."""
+        """Steps until the end of the run or an agreed stop; eval, checkpoint and export at their cadence.
+        Every rank checks for a stop at the same points: before each step, before and between eval
+        batches, and after the last step's save (before the final eval and the export)."""
+        try:
+            return self._train()
+        except StopAgreed as stop:
+            return self._stop_for_signal(requeue=stop.requeue)
+
+    def _train(self) -> int:
         cfg = self.cfg
         peak = device_peak_flops()
         self.engine.train()
         # A stop that came during start-up (imports, compiling, tokenising, loading) ends the run
         # here, before the first eval and step, the way a stop at a step boundary does.
-        agree = self._sum_over_ranks(torch.tensor([bool(self.stop), self.stop.requeue], dtype=torch.float64))
-        if agree[0] > 0:
-            return self._stop_for_signal(requeue=agree[1] > 0)
+        self._check_stop()
         progress = self._progress()
         if self.global_step == 0 and cfg.eval.every_steps:
-            self._log_eval(self.evaluate())
+            self._eval_this_step()
+        elif self.eval_due and self.global_step < self.total_steps:  # the last segment stopped in this step's eval
+            log.info("running step %d's eval, which the last segment gave up for a stop", self.global_step)
+            self._eval_this_step()
+            if self.trial is not None and self.trial.is_rung(self.global_step) and self._judge_rung():
+                return self._stop_at_rung()
+        if self.is_main and self.global_step < self.total_steps:  # steps to train: an earlier final eval is not of these weights
+            (self.run_dir / FINAL_EVAL_FILE).unlink(missing_ok=True)
         window = LogWindow(self.device, self.env.world_size)
         comms_at_start, steps_at_start = None, self.global_step
         while self.global_step < self.total_steps:
@@ -308,7 +332,7 @@ class SFTTrainer:
             agree = self._sum_over_ranks(torch.tensor(
                 [sum(b["trained"] for b in batches), bool(self.stop), self.stop.requeue], dtype=torch.float64))
             if agree[1] > 0:
-                return self._stop_for_signal(requeue=agree[2] > 0)
+                raise StopAgreed(agree[2] > 0)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             window.begin_step()
             self._train_step(batches, agree[0].item(), window)
@@ -324,7 +348,7 @@ class SFTTrainer:
                 window.reset()
             every = cfg.eval.every_steps
             if ((every and self.global_step % every == 0) or rung) and self.global_step < self.total_steps:
-                self._log_eval(self.evaluate())
+                self._eval_this_step()
             if rung and self.global_step < self.total_steps and self._judge_rung():
                 return self._stop_at_rung()
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
@@ -359,15 +383,15 @@ class SFTTrainer:
             progress.update(progress.task_ids[0], description=f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s")
 
     def _finish(self) -> int:
-        """The end of a completed run: final eval, last checkpoint, export, tracker summary."""
+        """The end of a completed run: last checkpoint first (a stop in what follows loses no step),
+        then final eval, export, tracker summary. A stop agreed before the eval or the export ends
+        the segment as stopped; the next one finds the run trained to the end and does what is left."""
         cfg = self.cfg
-        final = self.evaluate()
-        self._log_eval(final)
-        if self.trial is not None and self.trial.is_rung(self.global_step):
-            self._judge_rung()  # the end: reported, never pruned
         if self.last_saved_step != self.global_step:
             self.save_checkpoint()
+        final = self._final_eval()
         if cfg.checkpoint.export:
+            self._check_stop()
             self.export()
         if self.is_main:
             export = str(self.run_dir / "export") if cfg.checkpoint.export else None
@@ -376,6 +400,36 @@ class SFTTrainer:
         if self.stop:  # after the last step: the run is complete, whatever the signal asked
             log.warning("a stop signal arrived after the last step: the run is complete, not stopped")
         return 0
+
+    def _final_eval(self) -> Dict[str, float]:
+        """The final eval (and the last rung's report), or its result from the segment that ran it."""
+        done = self.run_dir / FINAL_EVAL_FILE
+        earlier = json.loads(done.read_text()) if self.is_main and done.is_file() else {}
+        # Rank 0 alone reads it (it alone writes the summary) and tells the others.
+        ran = self._sum_over_ranks(torch.tensor([float(earlier.get("step") == self.global_step)], dtype=torch.float64))
+        if ran[0] > 0:
+            log.info("the final eval of step %d ran in an earlier segment", self.global_step)
+            return earlier.get("result", {})
+        final = self._eval_this_step()
+        if self.trial is not None and self.trial.is_rung(self.global_step):
+            self._judge_rung()  # the end: reported, never pruned
+        if self.is_main:
+            write_text_atomic(done, json.dumps({"step": self.global_step, "result": final}) + "\n")
+        return final
+
+    def _eval_this_step(self) -> Dict[str, float]:
+        """Evaluate and log; a checkpoint saved while it runs (a stop gave it up) records it as due."""
+        self.eval_due = True
+        result = self.evaluate()
+        self._log_eval(result)
+        self.eval_due = False
+        return result
+
+    def _check_stop(self) -> None:
+        """A collective: every rank raises StopAgreed when any rank got a stop signal."""
+        agree = self._sum_over_ranks(torch.tensor([bool(self.stop), self.stop.requeue], dtype=torch.float64))
+        if agree[0] > 0:
+            raise StopAgreed(agree[1] > 0)
 
     def _stop_for_signal(self, requeue: bool) -> int:
         self.stop.agreed_requeue = requeue
@@ -387,11 +441,19 @@ class SFTTrainer:
         self.tracker.summary({"end_reason": "stopped", "stop_signal": signame, "stopped_at_step": self.global_step})
         if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
             log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
+        elif self.last_saved_step == self.global_step:
+            log.warning("stop signal received: step %d is saved already; exiting (%d)", self.global_step, EXIT_STOPPED)
         else:
             log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
-            if self.last_saved_step != self.global_step:
-                self.save_checkpoint()
+            self.save_checkpoint()
+        # W&B first, then the requeue: the requeue's SIGTERM reaches W&B's service too, and a service
+        # killed mid-write loses the segment. The wait is bounded (tracking.finish_timeout_s), and the
+        # plan's stop window counts it.
         self.tracker.finish(exit_code=EXIT_STOPPED)
+        if self.stop.requeue_job is not None:
+            with STOP.blocked() as after:
+                if self.stop.requeue_job():  # Slurm's SIGTERM, as the job goes back to the queue, ends this rank
+                    after[signal.SIGTERM] = signal.SIG_DFL
         return EXIT_STOPPED
 
     def _judge_rung(self) -> bool:
@@ -444,6 +506,7 @@ class SFTTrainer:
             batches = batches[:self.cfg.eval.max_batches]
         loss_sum, trained = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for chunk in batches:
+            self._check_stop()  # the same count of batches on every rank: they agree at the same points
             items = []
             for i in chunk:
                 row = dict(self.data.eval[i % n])
@@ -470,6 +533,7 @@ class SFTTrainer:
         tok = self.tokenizer
         correct = 0
         for start in range(0, len(mine), 16):
+            self._check_stop()
             chunk = mine[start:start + 16]
             texts = [tok.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True) for _, p in chunk]
             tok.padding_side = "left"
@@ -494,7 +558,7 @@ class SFTTrainer:
         start = time.perf_counter()
         path = checkpoint.save(
             self.engine, self.run_dir, self.global_step, self.env.rank, self.env.world_size,
-            {"global_step": self.global_step},
+            {"global_step": self.global_step, "eval_due": self.eval_due},
             {**self.fingerprint, "world_size": self.env.world_size, "micro_batch_size": self.micro_batch},
         )
         self.last_saved_step = self.global_step

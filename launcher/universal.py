@@ -17,16 +17,25 @@ from typing import Any, Callable
 
 from launcher.atomic import FAILED, build_once, is_complete
 from launcher.checkpoint import UNIVERSAL
+from launcher.signals import STOP, StoppedDuringStartup
 
 WAIT_MIN = 120  # how long other ranks wait for rank 0's conversion
 
 
 def convert(checkpoint_dir: Path, out: Path) -> None:
-    """ds_to_universal in a child process: it starts worker pools and keeps no state we want."""
+    """ds_to_universal in a child process: it starts worker pools and keeps no state we want.
+    Shielded like the op compiler: Slurm signals every process of the step, and the converter and
+    its workers start with the stop signals blocked, so a stop lets it finish and the run stops at
+    its first step boundary; one that still ends it is a stop, not a failure."""
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint_dir),
            "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
            "--inject_missing_state"]  # ZeRO-1/2 checkpoints lack the info the converter wants
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    stopped_before = bool(STOP)
+    with STOP.blocked():
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    if proc.returncode != 0 and STOP and not stopped_before:
+        raise StoppedDuringStartup(f"a stop signal ended the conversion of {checkpoint_dir} (exit {proc.returncode})")
     if proc.returncode != 0:
         raise RuntimeError(f"converting {checkpoint_dir} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
 
@@ -36,6 +45,8 @@ def prepare(checkpoint_dir: Path, env: Any, log: Callable[[str], Any]) -> Path:
     final = Path(checkpoint_dir) / UNIVERSAL
     if env.rank == 0:
         start = time.perf_counter()
+        if not is_complete(final):
+            log(f"converting {checkpoint_dir} to a universal checkpoint (once; a stop waits until it is done)")
         if not build_once(final, lambda tmp: convert(checkpoint_dir, tmp)):
             log(f"converted {checkpoint_dir} to a universal checkpoint in {time.perf_counter() - start:.1f} s")
         return final
@@ -43,6 +54,8 @@ def prepare(checkpoint_dir: Path, env: Any, log: Callable[[str], Any]) -> Path:
     started, deadline = time.time(), time.monotonic() + WAIT_MIN * 60
     while not is_complete(final):
         if failed.exists() and failed.stat().st_mtime >= started - 5:  # not an earlier attempt's
+            if STOP:  # the signal that stopped rank 0's conversion reached this rank too
+                raise StoppedDuringStartup(f"rank 0's conversion of {checkpoint_dir} was stopped")
             raise RuntimeError(f"rank 0 failed to convert {checkpoint_dir}: {failed.read_text()}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"waited {WAIT_MIN} min for rank 0 to convert {checkpoint_dir} to a universal checkpoint")

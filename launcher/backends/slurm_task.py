@@ -4,11 +4,13 @@ It maps Slurm's task environment to RANK/WORLD_SIZE/MASTER_ADDR and runs the sam
 the local backend. How the job ends says how the run ended:
 - trained to the end: exit 0 (COMPLETED);
 - a USR2 (the time limit is near) that every rank agreed on: all ranks checkpoint, rank 0 requeues
-  the job, and the restarted job resumes from the newest complete checkpoint (at most
-  cluster.max_requeues times);
+  the job (after W&B's finish, which waits at most tracking.finish_timeout_s), and the restarted
+  job resumes from the newest complete checkpoint (at most cluster.max_requeues times);
 - a SIGTERM: all ranks checkpoint and exit. A preempted job (Slurm has set its PreemptTime) is
   requeued by rank 0, as a USR2 would be: Slurm itself requeues only a job that outlives its grace
   time. `scontrol requeue` requeues the job in Slurm, `scancel` ends it;
+- a trial of a search paused at a rung: exit 75 and no requeue, even when preempted (its search
+  resumes it if it is promoted);
 - stopped and not requeued by us: rank 0 exits EXIT_STOPPED (75), so Slurm records the job as
   ended with exit code 75 (sft-jobs status: STOPPED, resumable), never as COMPLETED.
 """
@@ -19,6 +21,8 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ class SlurmTask:
         import submitit
 
         from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
+        from launcher.sweep.rungs import trial_end
         from launcher.task import run_rank
 
         env = submitit.JobEnvironment()
@@ -47,32 +52,55 @@ class SlurmTask:
             **{RENDEZVOUS_ENV: slurm_attempt_id()},
         )
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        requeue = Requeue(env.job_id, self.max_requeues, self.run_dir)
+        if env.global_rank == 0:  # rank 0 alone decides how the job ends
+            STOP.requeue_job = requeue
         code = run_rank(self.run_dir)
         if code != EXIT_STOPPED:
             return code
         if env.global_rank != 0:
-            # Rank 0 alone decides how the job ends; exiting 0 does not trip srun's --kill-on-bad-exit.
+            # Exiting 0 does not trip srun's --kill-on-bad-exit.
             return 0
+        # A stop the trainer did not end (one during start-up) is decided here; a trial paused at a
+        # rung waits for its search, never for a requeue (a preemption then would train it past the rung).
+        if requeue.done is None and trial_end(Path(self.run_dir)).get("state") != "paused":
+            with STOP.blocked() as after:
+                if requeue():
+                    after[signal.SIGTERM] = signal.SIG_DFL
+        if requeue.done:
+            time.sleep(600)  # Slurm's SIGTERM ends the task as the job goes back to the queue
+            return code
+        raise SystemExit(EXIT_STOPPED)  # the job's exit code; submitit would record a returned value as success
+
+
+class Requeue:
+    """Rank 0's decision at a stop, made once: requeue the job (True) or let it end stopped."""
+
+    def __init__(self, job_id: str, max_requeues: int, run_dir: str):
+        self.job_id, self.max_requeues, self.run_dir = job_id, max_requeues, run_dir
+        self.done: Optional[bool] = None  # None: not decided yet
+
+    def __call__(self) -> bool:
+        """Call with the stop signals held back (STOP.blocked): Slurm ends the task with a SIGTERM
+        as the job goes back to the queue, and caught by the stop flag it would leave the task
+        lingering until KillWait's SIGKILL (30 s by default), the requeued job unable to start."""
+        from launcher.signals import STOP
+
+        if self.done is not None:
+            return self.done
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         # USR2 (agreed by all ranks): the time limit is near. SIGTERM with a preemption under way:
         # Slurm would requeue only a job still running when the grace time ends, and this one has
         # already saved. Any other SIGTERM (scancel --signal=TERM) stops without a requeue.
-        wanted = STOP.agreed_requeue or being_preempted(env.job_id)
-        if wanted and restarts < self.max_requeues:
-            # Slurm ends this task as the job goes back to the queue, with a SIGTERM that must end
-            # it: caught (the stop flag), the step would linger until SIGKILL, KillWait later (30 s
-            # by default), and the requeued job could not start before. Held back until then.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            subprocess.run(["scontrol", "requeue", env.job_id], check=True)
-            log.warning("requeued job %s (restart %d of at most %d)", env.job_id, restarts + 1, self.max_requeues)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-            time.sleep(600)
-            return code
-        if wanted:
+        wanted = STOP.agreed_requeue or being_preempted(self.job_id)
+        self.done = bool(wanted and restarts < self.max_requeues)
+        if self.done:
+            subprocess.run(["scontrol", "requeue", self.job_id], check=True)
+            log.warning("requeued job %s (restart %d of at most %d)", self.job_id, restarts + 1, self.max_requeues)
+        elif wanted:
             log.warning("stopped after %d requeues (cluster.max_requeues=%d): not requeued again; "
                         "resume with sft run_dir=%s", restarts, self.max_requeues, self.run_dir)
-        raise SystemExit(EXIT_STOPPED)  # the job's exit code; submitit would record a returned value as success
+        return self.done
 
 
 def being_preempted(job_id: str) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from launcher.jobs.errors import JobsError
-from launcher.metrics import read_metrics
+from launcher.metrics import FINAL_EVAL_FILE, read_metrics
 
 RECENT_S = 300  # a local run seen from another host counts as running if its files changed this recently
 TAIL_BYTES = 1 << 20  # how much of each rank log is scanned for the last attempt's outcome
@@ -211,9 +211,21 @@ def state_from_files(run_dir: Path, progress: Progress) -> Tuple[str, str]:
     outcome = log_outcome(run_dir)
     if outcome:
         return outcome, "logs"
-    if progress.finished:
-        return "COMPLETED", "metrics"
+    # Every step trained is not enough: a run killed in its final eval or export has trained them all.
+    if progress.finished and (run_dir / FINAL_EVAL_FILE).is_file() and not export_asked(run_dir):
+        return "COMPLETED", FINAL_EVAL_FILE
     return "UNKNOWN", "files"
+
+
+def export_asked(run_dir: Path) -> bool:
+    """checkpoint.export of the run's config (true unless it says false)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(read_text(run_dir / "config.yaml")) or {}
+    except yaml.YAMLError:
+        return True
+    return (cfg.get("checkpoint") or {}).get("export", True) is not False
 
 
 def local_state(run_dir: Path, progress: Progress) -> Tuple[str, str]:

@@ -9,7 +9,8 @@ How a run's state is read (the `from` column of `status` says which rule answere
   decide as for a finished local run (export/ -> COMPLETED, an error in the logs -> FAILED ...).
 - Local runs: a live `launcher.task RUN_DIR` process on this host -> RUNNING; export/ -> COMPLETED;
   cancelled.json -> CANCELLED; a rank log whose last attempt ends in "rank N failed" -> FAILED or in
-  "stop signal received" -> STOPPED (resumable); every step trained -> COMPLETED; a run from another
+  "stop signal received" -> STOPPED (resumable); every step trained, the final eval recorded and no
+  export asked -> COMPLETED; a run from another
   host whose files changed in the last 5 minutes -> RUNNING; otherwise STOPPED (ended without a
   trace, e.g. killed).
 """
@@ -168,3 +169,11 @@ def describe(dirs: List[Path]) -> Tuple[List[Task], List[SlurmError]]:
 
 def is_terminal(task: Task) -> bool:
     return task.state in SLURM_TERMINAL if task.job_id != LOCAL else task.state != "RUNNING"
+
+
+def live_tasks(run_dir: Path) -> List[Task]:
+    """The jobs (or local ranks) still queued or running on a run dir; none when Slurm cannot say."""
+    if not (run_dir / "submission.json").is_file():
+        return []
+    tasks, _ = describe([run_dir])
+    return [t for t in tasks if not is_terminal(t) and t.state != "NOT SUBMITTED" and t.source != "files"]

@@ -200,9 +200,10 @@ def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[f
     if speed is None and cfg.run_dir:
         speed, source = measured_write_speed(cfg.run_dir), "measured by this run's saves"
     if cfg.cluster.backend == "slurm":  # only Slurm warns before it kills
+        tracked = cfg.tracking.backend != "none" and cfg.tracking.mode != "disabled"
         plan.stop_window = stop_window.estimate(facts.params, plan.nodes, cfg.deepspeed.stage, plan.precision,
                                                 cfg.cluster.signal_delay_s, traffic.step_s if traffic else None,
-                                                speed, source).to_dict()
+                                                speed, source, cfg.tracking.finish_timeout_s if tracked else 0.0).to_dict()
     if cfg.plan.scaling:
         counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= cfg.plan.max_nodes} | {plan.nodes})
         for nodes in counts:

@@ -64,6 +64,10 @@ def submit(tmp: Path, overrides, name: str, env=None):
     return run_dir, job_id
 
 
+def job_ids_of(run_dir: Path) -> list:
+    return [j["job_id"] for j in json.loads((run_dir / "submission.json").read_text())["jobs"]]
+
+
 def wait_for_line(path: Path, text: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not (path.exists() and text in path.read_text(errors="replace")):
@@ -364,16 +368,9 @@ def test_a_stop_during_start_up_requeues_and_the_run_completes(slurm_cluster, tm
     assert sorted(losses(run_dir)) == list(range(1, 7))
 
 
-def test_a_stop_after_the_last_step_leaves_the_run_completed(slurm_cluster, tmp_path):
-    """USR2 after the last step (final eval, export, teardown, exit): the finished run ends COMPLETED.
-    The ranks are frozen (SIGSTOP) once the last step is logged, so the signal reaches live processes
-    in that window, whatever the machine's speed; SIGCONT lets them handle it."""
-    overrides = [*TINY, *SLURM, "trainer.max_steps=4", "checkpoint.every_steps=0", "tracking=none"]
-    run_dir, job_id = submit(tmp_path, overrides, "end_of_run")
-    deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").exists() and 4 in losses(run_dir)):
-        assert time.monotonic() < deadline, "the run did not reach its last step"
-        time.sleep(0.05)
+def signal_frozen_ranks(run_dir: Path, job_id: str) -> None:
+    """USR2 to a job whose ranks are frozen (SIGSTOP) meanwhile: the signal reaches them where they
+    were when frozen, whatever the machine's speed; SIGCONT lets them handle it."""
     pids = rank_pids(run_dir)
     assert len(pids) == 2, pids
     for pid in pids:
@@ -384,10 +381,60 @@ def test_a_stop_after_the_last_step_leaves_the_run_completed(slurm_cluster, tmp_
     finally:
         for pid in pids:
             os.kill(pid, signal.SIGCONT)
-    assert wait_for_state(job_id) == "COMPLETED"
-    assert status_row(run_dir)[1:4] == ["COMPLETED", "sacct", "0"]
+
+
+def rows_of(run_dir: Path, kind: str) -> list:
+    return [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+# A generation eval of a few seconds: two chunks of prompts per rank, the stop checked between them.
+LONG_EVAL = ["eval.generate_samples=64", "eval.max_new_tokens=48", "checkpoint.every_steps=0", "tracking=none"]
+
+
+@pytest.fixture(scope="module")
+def eval_stops(slurm_cluster, tmp_path_factory):
+    """USR2 during the final eval of one run and during a cadence eval (step 3) of another."""
+    tmp = tmp_path_factory.mktemp("eval_stops")
+    final = submit(tmp, [*TINY, *SLURM, *LONG_EVAL, "trainer.max_steps=4"], "final_eval")
+    cadence = submit(tmp, [*TINY, *SLURM, *LONG_EVAL, "trainer.max_steps=6", "eval.every_steps=3"], "cadence_eval")
+    # The final eval starts once the last checkpoint is saved; the cadence eval once step 3 is logged.
+    ready = {final: lambda d: (d / "checkpoints" / "step-000004").is_dir(),
+             cadence: lambda d: (d / "metrics.jsonl").exists() and 3 in losses(d)}
+    deadline = time.monotonic() + 300
+    while ready:
+        for (run_dir, job_id), is_ready in list(ready.items()):
+            if is_ready(run_dir):
+                signal_frozen_ranks(run_dir, job_id)
+                del ready[(run_dir, job_id)]
+        assert time.monotonic() < deadline, f"never reached the eval: {[d for d, _ in ready]}"
+        time.sleep(0.02)
+    for _, job_id in (final, cadence):
+        assert wait_for_state(job_id) == "COMPLETED"
+    return {"final": final, "cadence": cadence}
+
+
+def test_a_stop_during_the_final_eval_saves_first_and_the_requeued_job_evaluates_and_exports(eval_stops):
+    run_dir, job_id = eval_stops["final"]
+    assert restarts(job_id) == 1
+    assert status_row(run_dir)[1:4] == ["COMPLETED", "sacct", "1"]
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "stop signal received: step 4 is saved already" in log  # saved before the eval, not again
+    assert log.count(" saved in ") == 1
+    assert log.index("resumed from") < log.index("eval step 4")  # the eval ran in the requeued job, once
+    assert rows_of(run_dir, "train") == [1, 2, 3, 4] and rows_of(run_dir, "eval") == [4]  # no step trained twice
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000004"]
     assert (run_dir / "export" / "model.safetensors").is_file()
-    assert "stop signal received:" not in (run_dir / "logs" / "rank-0.log").read_text()
+    assert json.loads((run_dir / "final_eval.json").read_text())["step"] == 4
+
+
+def test_a_stop_during_a_cadence_eval_saves_it_as_due_and_the_requeued_job_runs_it_first(eval_stops):
+    run_dir, job_id = eval_stops["cadence"]
+    assert restarts(job_id) == 1
+    assert stopped_and_resumed_at(run_dir) == (3, 3)
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert "running step 3's eval, which the last segment gave up for a stop" in log
+    assert rows_of(run_dir, "train") == [1, 2, 3, 4, 5, 6] and rows_of(run_dir, "eval") == [0, 3, 6]  # each once
+    assert (run_dir / "export" / "model.safetensors").is_file()
 
 
 def test_partition_max_nodes_is_checked(slurm_cluster, tmp_path):
@@ -398,8 +445,22 @@ def test_partition_max_nodes_is_checked(slurm_cluster, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_scancel_cancels_and_does_not_requeue(slurm_cluster, tmp_path):
-    run_dir, job_id = submit(tmp_path, [*TINY, *SLURM, "trainer.max_steps=2000", "tracking=none"], "cancelled")
+def files_of(run_dir: Path) -> dict:
+    """What a submission writes: the run's files, the code snapshot and the batch scripts."""
+    written = [run_dir / n for n in ("submission.json", "config.yaml", "plan.json", "overrides.yaml", "ds_config.json")]
+    written += [*(run_dir / "code").rglob("*.py"), *(run_dir / "submitit").glob("*.sh")]
+    return {str(p): p.read_bytes() for p in written if p.is_file()}
+
+
+def test_a_second_start_on_a_live_run_is_refused_and_scancel_cancels_without_requeue(slurm_cluster, tmp_path):
+    overrides = [*TINY, *SLURM, "trainer.max_steps=2000", "tracking=none"]
+    run_dir, job_id = submit(tmp_path, overrides, "cancelled")
+    before = files_of(run_dir)
+    second = run_sft([*overrides, f"run_dir={run_dir}"], cwd=tmp_path)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"run_dir={str(run_dir)!r}: job {job_id} is still" in " ".join(second.stderr.split())
+    assert f"sft-jobs cancel {run_dir}" in " ".join(second.stderr.split())
+    assert files_of(run_dir) == before and job_ids_of(run_dir) == [job_id]
     deadline = time.monotonic() + 300
     while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 2):
         assert time.monotonic() < deadline, "the run did not start"

@@ -351,11 +351,30 @@ def test_sigterm_while_ops_compile_ends_as_a_stop(tmp_path):
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_and_continues_the_same_run(tmp_path, reference_run):
     """The checkpoint of step 4 of the 2-rank reference, resumed on 1 rank (4 accumulation steps instead
-    of 2): converted once to DeepSpeed's universal form, it continues with the reference's losses."""
+    of 2): converted once to DeepSpeed's universal form, it continues with the reference's losses.
+    A SIGTERM to the rank and its converter during the conversion lets it finish and ends the start
+    as stopped (75), not failed; the next start loads the conversion and trains."""
     source = tmp_path / "two-ranks" / "checkpoints" / "step-000004"
     shutil.copytree(reference_run / "checkpoints" / "step-000004", source)
-    run_dir = train(tmp_path, [*SHORT, "cluster.procs_per_node=1", f"resume={source}", "checkpoint.export=false"], "one-rank")
-    log = (run_dir / "logs" / "rank-0.log").read_text()
+    overrides = [*SHORT, "cluster.procs_per_node=1", f"resume={source}", "checkpoint.export=false"]
+    run_dir = tmp_path / "one-rank"
+    proc = subprocess.Popen([SFT, *overrides, "tracking=none", f"run_dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank_log = run_dir / "logs" / "rank-0.log"
+    deadline = time.monotonic() + 300
+    while not (rank_log.exists() and "to a universal checkpoint (once" in rank_log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the conversion did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # forwarded to the rank's process group: the converter too, as under Slurm
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    stopped = rank_log.read_text()
+    assert f"converted {source} to a universal checkpoint in" in stopped and "rank 0 failed" not in stopped
+    assert (source / "universal" / "COMPLETE").is_file() and not (run_dir / "metrics.jsonl").exists() or not losses(run_dir)
+
+    run_dir = train(tmp_path, overrides, "one-rank")
+    log = rank_log.read_text()[len(stopped):]
+    assert "converting" not in log  # converted once
     assert f"{source} was written by 2 ranks; this run has 1: loading its universal form" in log
     assert f"resumed from {source} at step 4" in log
     assert (source / "universal" / "COMPLETE").is_file()

@@ -29,11 +29,14 @@ def eval_row(step, loss, accuracy=None):
 
 
 def make_run(root: Path, rel: str, *, backend="local", rows=(), jobs_=(), total=100, world=2, overrides=("recipe=tiny_sft",),
-             logs=None, checkpoints=(), incomplete=(), export=False, host=None) -> Path:
+             logs=None, checkpoints=(), incomplete=(), export=False, host=None, final_eval=False,
+             config="name: x\n") -> Path:
     """A run directory as `sft` and the trainer leave it."""
     run = root / rel
     (run / "logs").mkdir(parents=True)
-    (run / "config.yaml").write_text("name: x\n")
+    (run / "config.yaml").write_text(config)
+    if final_eval:
+        (run / "final_eval.json").write_text(json.dumps({"step": total, "result": {"loss": 1.0}}))
     (run / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     (run / "plan.json").write_text(json.dumps({"world_size": world, "total_steps": total}))
     submission = {"backend": backend, "argv": ["sft", *overrides], "host": host or os.uname().nodename,
@@ -158,7 +161,11 @@ def test_status_names_the_slowest_rank_of_the_last_log_step(root, capsys):
     (dict(export=True), "COMPLETED", "export/"),
     (dict(logs={1: "x INFO launcher.trainer: steps: 10 per epoch, 100 in total\nx ERROR launcher: rank 1 failed\n"}), "FAILED", "logs"),
     (dict(logs={0: "x ERROR launcher: rank 0 failed\nx INFO launcher.trainer: steps: 10 per epoch, 100 in total\n"}), "STOPPED", "no process"),
-    (dict(rows=[train_row(100, 1.0)], total=None), "COMPLETED", "metrics"),
+    (dict(rows=[train_row(100, 1.0)], total=None, final_eval=True, config="checkpoint: {export: false}\n"),
+     "COMPLETED", "final_eval.json"),
+    # Every step trained, killed in the final eval, or in the export it asked for: resumable, not done.
+    (dict(rows=[train_row(100, 1.0)], total=None), "STOPPED", "no process"),
+    (dict(rows=[train_row(100, 1.0)], total=None, final_eval=True), "STOPPED", "no process"),
     (dict(host="elsewhere"), "RUNNING", "recent writes"),
 ])
 def test_local_state_rules(tmp_path, setup, state, source):

@@ -107,6 +107,9 @@ def test_stop_window_needs_and_verdicts():
     fast = stop_window(70_553_706_496, 8, 3, "bf16", 300, 20.0, 2.0, "checkpoint.write_gb_s")
     assert (slow.fits, fast.fits) == (False, True) and fast.save_s == pytest.approx(52.9, abs=0.1)
     assert stop_window(8e9, 1, 3, "bf16", 10, 20.0, 2.0, "x").needs_gb_s is None  # the step alone outlasts the window
+    # W&B's finish comes before the requeue: a finish timeout longer than the margin shortens the window.
+    waits = stop_window(70_553_706_496, 8, 3, "bf16", 300, 20.0, None, "x", finish_s=60.0)
+    assert waits.needs_gb_s == pytest.approx(105.83 / (300 - 20 - 60 - 5), abs=0.001)
     # Below stage 3 node 0 also writes the whole 16-bit model: 2 bytes per parameter more.
     assert stop_window(8e9, 2, 2, "bf16", 300, 0.0, None, "x").per_node_gb == pytest.approx(8 * 12 / 2 + 16)
 

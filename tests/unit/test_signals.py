@@ -86,3 +86,22 @@ def test_the_flag_remembers_a_requeue_request_through_a_later_sigterm():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_sigterm_held_in_a_block_that_restores_its_default_ends_the_process_after_the_block():
+    """The requeue: Slurm's SIGTERM comes while W&B finishes (held back), and ends the task after."""
+    script = (
+        "import os, signal, threading, time\n"
+        "from launcher.signals import STOP\n"
+        "STOP.install()\n"
+        "worker = threading.Thread(target=time.sleep, args=(5,), daemon=True); worker.start()\n"
+        "with STOP.blocked() as after:\n"
+        "    after[signal.SIGTERM] = signal.SIG_DFL\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.3)\n"
+        "    print('finished inside', bool(STOP), flush=True)\n"
+        "print('after the block', flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.stdout == "finished inside False\n"  # the stop flag never saw it; the process ended on it

@@ -223,3 +223,14 @@ def test_an_unreachable_server_falls_back_to_offline_within_the_init_timeout(tmp
     assert "W&B did not start online" in caplog.text and f"wandb sync {run_dir / 'wandb'}" in caplog.text
     [run] = [read_run(p) for p in find_runs(run_dir)]
     assert run["exit_code"] == 0 and [r["train/loss"] for r in run["history"]] == [1.0]
+
+
+def test_wandb_waits_at_most_tracking_finish_timeout_s_at_the_end_of_a_segment(tmp_path):
+    """A stopped segment requeues once W&B has finished, before the time limit: the upload must
+    give up in time (what it leaves stays on disk for `sft-jobs sync`)."""
+    tracker = start_tracking(tracking_cfg(finish_timeout_s=7), tmp_path / "run", rank=0, config={}, resume=False)
+    assert tracker._run.settings.finish_timeout == 7.0
+    tracker.finish()
+    default = start_tracking(tracking_cfg(), tmp_path / "run2", rank=0, config={}, resume=False)
+    assert default._run.settings.finish_timeout == 10.0  # inside the plan's exit margin (launcher.plan.stop_window)
+    default.finish()
