@@ -3,6 +3,7 @@ study, W&B offline runs read back from their files, and the errors a search give
 during its first rung."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -100,3 +101,58 @@ def test_a_bad_space_is_refused_before_anything_is_written(tmp_path, overrides, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in " ".join(result.stderr.split())
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_controller_requeued_during_prepare_leaves_its_trial_running_and_submits_it_once_when_started_again(
+        tmp_path, monkeypatch):
+    """submitit's USR2 handler requeues the controller and raises SystemExit(-1): when that lands
+    inside a trial's `prepare` (which reads every data row), the trial is not a failed point. A
+    real signal, delivered in the real prepare, to a handler that does what submitit's does."""
+    import signal
+
+    from omegaconf import OmegaConf
+    from optuna.trial import TrialState
+
+    import launcher.cli
+    from launcher.sweep.controller import Controller
+    from launcher.sweep.space import split_overrides
+    from launcher.sweep.study import BASE_FILE, SearchSpec, open_study, trial_dir
+    from tests.conftest import compose_config
+
+    fixed, dims = split_overrides([*BASE[2:], "tracking=none", "trainer.max_steps=2", "optim.lr=tag(log,interval(1e-4,1e-2))",
+                                   f"runs_root={tmp_path}/runs"])
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / BASE_FILE).write_text(OmegaConf.to_yaml(compose_config(fixed)))
+    spec = SearchSpec(dims=dims, fixed=fixed, trials=1, parallel=1, metric="eval/loss", direction="minimize", rungs=[2],
+                      reduction=3, sampler_seed=42, poll_s=1.0, backend="local", name="tiny_sft")
+    spec.save(sweep_dir)
+    open_study(sweep_dir, spec, create=True)
+
+    real_prepare = launcher.cli.prepare
+
+    def prepare_under_a_time_limit(cfg):
+        os.kill(os.getpid(), signal.SIGUSR2)  # Slurm's warning, in the middle of the prepare
+        return real_prepare(cfg)
+
+    def submitit_requeues(signum, frame):
+        raise SystemExit(-1)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_requeues)
+    monkeypatch.setattr(launcher.cli, "prepare", prepare_under_a_time_limit)
+    try:
+        with pytest.raises(SystemExit):
+            Controller(sweep_dir).run()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+        monkeypatch.setattr(launcher.cli, "prepare", real_prepare)
+    [trial] = open_study(sweep_dir, spec).get_trials(deepcopy=False)
+    assert trial.state == TrialState.RUNNING  # not FAILED: the exit was the controller's own
+    assert not (trial_dir(sweep_dir, 0) / "submission.json").exists()
+
+    assert Controller(sweep_dir).run() == 0  # the requeued controller: the same trial, started once
+    [trial] = open_study(sweep_dir, spec).get_trials(deepcopy=False)
+    assert trial.state == TrialState.COMPLETE
+    rows = [json.loads(line) for line in (trial_dir(sweep_dir, 0) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [2]  # log_every=2
+    assert (trial_dir(sweep_dir, 0) / "logs" / "rank-0.log").read_text().count(" in total") == 1  # one start
