@@ -6,7 +6,8 @@ EXIT_STOPPED, so the run resumes from that checkpoint when started again. The fl
 strongest request: a USR2 asks the job to requeue itself, and a SIGTERM after it (the time limit
 itself, during a slow save) does not take that back. Slurm requeues a preempted job itself. A flag raised before
 the first step (imports, compiling ops, tokenising, loading) stops the run at its first step
-boundary; one raised after the last step changes nothing: the run is complete.
+boundary; one raised after the last step is agreed after the last save, before the final eval and
+before the export (the next start does what is left); one raised during the export changes nothing.
 
 Slurm signals every process of the step, children included. A child that keeps the mask it
 inherits (W&B's service) is started with the stop signals blocked; ninja resets its compilers'

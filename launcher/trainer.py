@@ -397,8 +397,8 @@ class SFTTrainer:
             export = str(self.run_dir / "export") if cfg.checkpoint.export else None
             self.tracker.summary({**{f"final/{k}": v for k, v in final.items()}, "end_reason": "completed", "export_path": export})
         self.tracker.finish(exit_code=0)
-        if self.stop:  # after the last step: the run is complete, whatever the signal asked
-            log.warning("a stop signal arrived after the last step: the run is complete, not stopped")
+        if self.stop:  # during the export or W&B's finish: the run is complete, whatever the signal asked
+            log.warning("a stop signal arrived during the export: the run is complete, not stopped")
         return 0
 
     def _final_eval(self) -> Dict[str, float]:
