@@ -3,6 +3,7 @@ queued, the controller is requeued mid-search, and the search still ends with ev
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -104,3 +105,68 @@ def test_a_search_prunes_and_survives_a_controller_requeue(slurm_cluster, tmp_pa
     assert rows[0][0] == str(best.number) and f"best: trial {best.number}" in board.stdout
     assert f"controller: job {job_id} COMPLETED, requeued 1 time(s)" in board.stdout
     assert "search completed" in board.stdout
+
+
+def array_task_pids(job: str) -> list:
+    """The rank processes of one array task (`ARRAY_TASK`) on this host: the local cluster's nodes share it."""
+    array, task = job.split("_")
+    want = {f"SLURM_ARRAY_JOB_ID={array}".encode(), f"SLURM_ARRAY_TASK_ID={task}".encode()}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if (proc.name.isdigit() and Path(argv[0].decode()).name.startswith("python") and b"submitit.core._submit" in argv
+                    and want <= set((proc / "environ").read_bytes().split(b"\0"))):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_a_trial_preempted_while_it_pauses_at_a_rung_is_not_requeued_past_it(slurm_cluster, tmp_path):
+    """Preempted between its rung verdict and its exit, a paused trial exits stopped (75) and waits
+    for its search: a requeue would train it past its rung without a promotion. Its ranks are
+    frozen (SIGSTOP) from the moment trial_end.json says paused until Slurm has set the job's
+    PreemptTime, so the preemption lands in that window whatever the machine's speed."""
+    search = [a for a in SEARCH if a != "tracking=none" and not a.startswith(("sweep.trials=", "sweep.rungs="))]
+    # Two trials, both pause at step 8 (fewer than sweep.reduction there); W&B on makes the exit take a while.
+    result = run_sft([*search, "sweep.trials=2", "sweep.rungs=[8,72]", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    controller = result.stdout.split("submitted search controller job ")[1].split()[0]
+    sweep_dir = Path(result.stdout.split("sweep directory: ")[1].split()[0])
+    try:
+        deadline = time.monotonic() + 300
+        paused = []
+        while not paused:
+            assert time.monotonic() < deadline, "no trial paused at its rung"
+            paused = [p.parent for p in sweep_dir.glob("*/trial_end.json") if "paused" in p.read_text()]
+            time.sleep(0.01)
+        run_dir = paused[0]
+        job = json.loads((run_dir / "submission.json").read_text())["jobs"][-1]["job_id"]
+        pids = array_task_pids(job)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert pids, f"trial {run_dir.name}'s ranks exited before they could be frozen"
+            node = subprocess.run(["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+            subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "--exclusive", "-n", "1", "-t", "1",
+                            "-o", "/dev/null", "--wrap", "sleep 5"], capture_output=True, text=True, check=True)
+            deadline = time.monotonic() + 120
+            while "PreemptTime=None" in subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True,
+                                                        text=True).stdout:
+                assert time.monotonic() < deadline, f"job {job} was never chosen for preemption"
+                time.sleep(0.2)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 120
+        while sacct_states(job)[-1:] not in (["FAILED"], ["COMPLETED"], ["CANCELLED"]):
+            assert time.monotonic() < deadline, f"trial job {job}: {sacct_states(job)}"
+            time.sleep(1)
+        log = (run_dir / "logs" / "rank-0.log").read_text()
+        assert sacct_states(job) == ["FAILED"], sacct_states(job)  # exit 75: stopped, never requeued
+        assert "requeued job" not in log and log.count("INFO launcher: code: ") == 1
+        assert trained_steps(run_dir) == 8
+    finally:
+        jobs = [j["job_id"] for p in sweep_dir.glob("*/submission.json") for j in json.loads(p.read_text())["jobs"]]
+        subprocess.run(["scancel", controller, *jobs], check=False)
