@@ -451,9 +451,7 @@ class SFTTrainer:
         # plan's stop window counts it.
         self.tracker.finish(exit_code=EXIT_STOPPED)
         if self.stop.requeue_job is not None:
-            with STOP.blocked() as after:
-                if self.stop.requeue_job():  # Slurm's SIGTERM, as the job goes back to the queue, ends this rank
-                    after[signal.SIGTERM] = signal.SIG_DFL
+            self.stop.requeue_job()
         return EXIT_STOPPED
 
     def _judge_rung(self) -> bool:

@@ -41,7 +41,6 @@ class SlurmTask:
         import submitit
 
         from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
-        from launcher.sweep.rungs import trial_end
         from launcher.task import run_rank
 
         env = submitit.JobEnvironment()
@@ -61,13 +60,7 @@ class SlurmTask:
         if env.global_rank != 0:
             # Exiting 0 does not trip srun's --kill-on-bad-exit.
             return 0
-        # A stop the trainer did not end (one during start-up) is decided here; a trial paused at a
-        # rung waits for its search, never for a requeue (a preemption then would train it past the rung).
-        if requeue.done is None and trial_end(Path(self.run_dir)).get("state") != "paused":
-            with STOP.blocked() as after:
-                if requeue():
-                    after[signal.SIGTERM] = signal.SIG_DFL
-        if requeue.done:
+        if requeue():  # decided by the trainer already, or here for a stop it did not end (during start-up)
             time.sleep(600)  # Slurm's SIGTERM ends the task as the job goes back to the queue
             return code
         raise SystemExit(EXIT_STOPPED)  # the job's exit code; submitit would record a returned value as success
@@ -81,21 +74,26 @@ class Requeue:
         self.done: Optional[bool] = None  # None: not decided yet
 
     def __call__(self) -> bool:
-        """Call with the stop signals held back (STOP.blocked): Slurm ends the task with a SIGTERM
-        as the job goes back to the queue, and caught by the stop flag it would leave the task
-        lingering until KillWait's SIGKILL (30 s by default), the requeued job unable to start."""
+        """Slurm ends the task with a SIGTERM as the job goes back to the queue. Caught by the stop
+        flag, it would leave the task lingering until KillWait's SIGKILL (30 s by default), the
+        requeued job unable to start: held back until the requeue is issued, then fatal."""
         from launcher.signals import STOP
+        from launcher.sweep.rungs import trial_end
 
         if self.done is not None:
             return self.done
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         # USR2 (agreed by all ranks): the time limit is near. SIGTERM with a preemption under way:
         # Slurm would requeue only a job still running when the grace time ends, and this one has
-        # already saved. Any other SIGTERM (scancel --signal=TERM) stops without a requeue.
-        wanted = STOP.agreed_requeue or being_preempted(self.job_id)
+        # already saved. Any other SIGTERM (scancel --signal=TERM) stops without a requeue. A trial
+        # paused at a rung waits for its search: requeued, it would train past the rung unpromoted.
+        paused = trial_end(Path(self.run_dir)).get("state") == "paused"
+        wanted = not paused and (STOP.agreed_requeue or being_preempted(self.job_id))
         self.done = bool(wanted and restarts < self.max_requeues)
         if self.done:
-            subprocess.run(["scontrol", "requeue", self.job_id], check=True)
+            with STOP.blocked() as after:
+                subprocess.run(["scontrol", "requeue", self.job_id], check=True)
+                after[signal.SIGTERM] = signal.SIG_DFL
             log.warning("requeued job %s (restart %d of at most %d)", self.job_id, restarts + 1, self.max_requeues)
         elif wanted:
             log.warning("stopped after %d requeues (cluster.max_requeues=%d): not requeued again; "
