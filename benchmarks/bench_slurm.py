@@ -144,7 +144,7 @@ def main() -> None:
     script.write_text(f"""#!/bin/bash
 #SBATCH --nodes=1 --ntasks-per-node=1 --cpus-per-task=2 --time=10 --partition=debug --output={peer_dir}/slurm-%j.out
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu PYTHONPATH={REPO}
-srun {BIN}/torchrun --nproc_per_node=2 --master_port=29533 -m launcher.task {peer_dir}
+srun {BIN}/torchrun --nproc_per_node=2 --master_port=29533 -m launcher.rank {peer_dir}
 """)
     start = time.time()
     subprocess.run(["sbatch", str(script)], env=env, check=True, capture_output=True)

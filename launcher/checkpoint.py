@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 # torch and numpy are imported where used: `sft` reads checkpoints on the login node without them.
-from launcher.atomic import fsync_path, rename_over, write_text_atomic
+from launcher.atomic import MARKER, fsync_path, rename_over, write_text_atomic
+from launcher.rundir import CHECKPOINTS
 
 log = logging.getLogger(__name__)
-MARKER = "COMPLETE"
 PARTIAL = ".partial"  # saves in progress, or killed half-way
 STEP_DIR = re.compile(r"step-(\d+)")
 RANK_IN_NAME = re.compile(r"(?:zero_pp_rank_|rng_rank)0*(\d+)")  # who wrote a file: its writer flushes it
@@ -28,7 +28,7 @@ UNIVERSAL = "universal"  # inside a checkpoint: its world-size-free form (DeepSp
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -1,15 +1,14 @@
-"""Training metrics: throughput, MFU against a table of device peaks, peak memory, metrics.jsonl."""
+"""Training metrics: throughput, MFU against a table of device peaks, peak memory, the metrics file."""
 
 import json
 import resource
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-# torch is imported where used: sft-jobs reads metrics.jsonl through this module and stays light.
+from launcher.rundir import METRICS
 
-# The final eval's result, written once it ran: a requeued segment does not run it again, and
-# sft-jobs reads a run without an export as COMPLETED only from it.
-FINAL_EVAL_FILE = "final_eval.json"
+# torch is imported where used: sft-jobs reads the metrics file through this module and stays light.
+
 
 def device_peak_flops() -> Optional[float]:
     """Peak FLOP/s of this rank's device, or None where unknown (CPUs, unlisted GPUs)."""
@@ -37,9 +36,9 @@ def peak_memory_gib() -> float:
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
-    """metrics.jsonl rows in step order. A resumed run appends from its checkpoint on: rows of the
+    """The run's metrics rows in step order. A resumed run appends from its checkpoint on: rows of the
     abandoned attempt past that point are dropped, and the last row of a (kind, step) wins."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     rows: List[dict] = []
     for line in (path.read_text(errors="replace") if path.is_file() else "").splitlines():
         try:
@@ -58,7 +57,7 @@ def read_metrics(run_dir: Path) -> List[dict]:
 
 
 class MetricsFile:
-    """Rank 0's metrics.jsonl: one JSON object per logged step or eval, appended and flushed."""
+    """Rank 0's metrics file: one JSON object per logged step or eval, appended and flushed."""
 
     def __init__(self, path: Path):
         self.file = open(path, "a", buffering=1)

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from launcher.atomic import write_text_atomic
+from launcher.rundir import RENDEZVOUS as RENDEZVOUS_FILE
+from launcher.rundir import START_FAILED as START_FAILED_FILE  # a rank that could not meet its peers says why
 
 RENDEZVOUS_ENV = "SFT_RENDEZVOUS"  # the attempt id every rank of one start shares
-RENDEZVOUS_FILE = "rendezvous.json"
-START_FAILED_FILE = "start_failed.json"  # a rank that could not meet its peers says why (the search starts the trial again)
 MASTER_PORT_RANGE = 64  # cluster.master_port=P: the ports P .. P+63 are tried in turn
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ def launcher_version() -> str:
 
 def data_fingerprint(data_cfg) -> str:
     """The train files by content (not by path: a copied data set is the same data) and the row settings."""
-    from launcher.data.cache import cache_key, cache_root, file_digest
+    from launcher.data.token_cache import cache_key, cache_root, file_digest
     from launcher.data.files import HUB, sources
 
     root = cache_root(data_cfg.cache_dir)

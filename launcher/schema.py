@@ -143,7 +143,7 @@ class CheckpointConfig:
     export_dtype: Optional[Precision] = None  # None: bf16 on GPU, fp32 on CPU
     allow_changes: List[ResumeChange] = field(default_factory=list)  # resume despite a change of these
     # Write speed of one node's checkpoint shards, GB/s (the plan's stop-window check). None: the
-    # speed this run's own earlier saves measured (metrics.jsonl), else unknown.
+    # speed this run's own earlier saves measured (their metrics rows), else unknown.
     write_gb_s: Optional[float] = None
 
 
@@ -209,7 +209,7 @@ class SweepConfig:
 
     trials: int = 16  # trials sampled in all
     parallel: int = 4  # trials training at once (Slurm; a local search runs one at a time)
-    metric: str = "eval/loss"  # <kind>/<key> of metrics.jsonl rows: eval/loss, eval/accuracy, train/loss
+    metric: str = "eval/loss"  # <kind>/<key> of the run's metrics rows: eval/loss, eval/accuracy, train/loss
     direction: Direction = Direction.minimize
     rungs: Optional[List[int]] = None  # steps at which trials are compared; None: max_steps/reduction^2, /reduction, max_steps
     reduction: int = 3  # at each rung a trial goes on only if it is in the best 1/reduction seen there

@@ -20,7 +20,6 @@ import signal
 import threading
 from typing import Callable, Optional
 
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; start it again to resume
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 

@@ -13,12 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Dict
 
+from launcher.rundir import CODE
+
 PACKAGE = Path(__file__).resolve().parent
 
 
 def snapshot_code(dest: Path) -> Path:
     """Copy the launcher package to dest/code/launcher (replacing an older copy); returns dest/code."""
-    code = Path(dest) / "code"
+    code = Path(dest) / CODE
     code.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".launcher.tmp-", dir=code))
     shutil.copytree(PACKAGE, tmp / "launcher", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

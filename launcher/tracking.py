@@ -14,12 +14,13 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from launcher.errors import problem
+from launcher import rundir
 from launcher.rundir import versions_changed
 from launcher.schema import Choice, TrackingBackend, TrackingMode, one_of, plain
 
 log = logging.getLogger(__name__)
 STEP_METRIC = "trainer/global_step"
-RUN_ID_FILE = "wandb_run_id"
+RUN_ID_FILE = rundir.WANDB_RUN_ID
 
 
 class TrackingError(RuntimeError):
@@ -27,7 +28,7 @@ class TrackingError(RuntimeError):
 
 
 def wandb_row(row: dict) -> dict:
-    """A metrics.jsonl row as W&B keys: train/loss, eval/accuracy, ... (empty values left out)."""
+    """A metrics row as W&B keys: train/loss, eval/accuracy, ... (empty values left out)."""
     return {f"{row['kind']}/{k}": v for k, v in row.items() if k not in ("kind", "step") and v is not None}
 
 
@@ -38,7 +39,7 @@ class Tracker:
     included, and the service exits on SIGTERM without writing what it buffered (measured: an
     offline segment of 13 steps left a 7-byte .wandb file). When a call fails, the run goes on;
     at finish the segment is rebuilt in a new service from the rows this process appended to
-    metrics.jsonl, which holds every row.
+    the metrics file, which holds every row.
     """
 
     def __init__(self, run: Any = None, reopen: Optional[Callable[[], Any]] = None,
@@ -94,7 +95,7 @@ class Tracker:
             call()
         except Exception as error:  # noqa: BLE001 - whatever W&B raises, the run goes on
             log.warning("W&B %s failed (%s: %s): its service is gone; this segment is rebuilt from "
-                        "metrics.jsonl when the run ends or stops", what, type(error).__name__, error)
+                        "%s when the run ends or stops", what, type(error).__name__, error, rundir.METRICS)
             self._lost = True
 
     def _rebuild(self, dead: Any, exit_code: int) -> None:
@@ -122,9 +123,9 @@ class Tracker:
             run.summary.update(self._summary)
             run.finish(exit_code=exit_code)
             wandb.teardown()
-            log.warning("W&B: rebuilt this segment from metrics.jsonl (%d rows) in a new service", len(rows))
+            log.warning("W&B: rebuilt this segment from %s (%d rows) in a new service", rundir.METRICS, len(rows))
         except Exception as error:  # noqa: BLE001
-            log.warning("W&B could not be reopened (%s: %s): metrics.jsonl has every row", type(error).__name__, error)
+            log.warning("W&B could not be reopened (%s: %s): %s has every row", type(error).__name__, error, rundir.METRICS)
 
 
 def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, resume: bool,
@@ -210,10 +211,7 @@ def _choice(key: str, value: Any, choice: type[Choice]) -> str:
 def run_metadata(run_dir: Path, world_size: int, launcher: Optional[str]) -> dict:
     """Where and what ran: the Slurm job (array task, requeues, nodes), world size, code version."""
     env = os.environ
-    try:
-        submission = json.loads((Path(run_dir) / "submission.json").read_text())
-    except (OSError, ValueError):
-        submission = {}
+    submission = rundir.submission(run_dir)
     git = submission.get("git") or {}
     array = env.get("SLURM_ARRAY_JOB_ID")
     job = f"{array}_{env.get('SLURM_ARRAY_TASK_ID')}" if array else env.get("SLURM_JOB_ID")

@@ -6,7 +6,7 @@ clipping; activation checkpointing; bf16/fp16/fp32; micro-batches laid out for t
 (launcher.attention, launcher.data.collate); a loss without full-vocabulary logits (launcher.loss);
 losses read back from the device only at log steps (launcher.log_window); warmup then cosine/linear decay; periodic and
 signal-triggered checkpoints with exact resume (model, optimizer, scheduler, RNG, data position);
-eval loss, perplexity and greedy-generation accuracy; metrics to metrics.jsonl and W&B from rank 0;
+eval loss, perplexity and greedy-generation accuracy; metrics to the run's metrics file and W&B from rank 0;
 a Hugging Face export at the end.
 
     global batch = micro_batch_size x world_size x grad_accum_steps
@@ -37,11 +37,13 @@ from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
 from launcher.log_window import LogWindow
 from launcher.loss import install_loss_head, token_loss_sum
-from launcher.metrics import FINAL_EVAL_FILE, MetricsFile, device_peak_flops
+from launcher.metrics import MetricsFile, device_peak_flops
 from launcher.resume import refused_changes
-from launcher.signals import EXIT_STOPPED, STOP
-from launcher.sweep.rungs import END_FILE, SweepMetricError, TrialRungs, trial_end
+from launcher.exit_codes import EXIT_STOPPED
+from launcher.signals import STOP
+from launcher.trial.rungs import END_FILE, SweepMetricError, TrialRungs, trial_end
 from launcher.tracking import run_metadata, run_tags, start_tracking, wandb_row
+from launcher import rundir
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +109,7 @@ class SFTTrainer:
             # Training again (promoted, or requeued by a preemption while stopping at a rung): no longer waiting.
             (self.run_dir / END_FILE).unlink(missing_ok=True)
         # What a checkpoint of this run records and a resume is checked against (written by `sft`).
-        self.fingerprint = json.loads((self.run_dir / "plan.json").read_text()).get("fingerprint") or {}
+        self.fingerprint = rundir.plan(self.run_dir).get("fingerprint") or {}
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -163,6 +165,8 @@ class SFTTrainer:
         self._epoch_cache: Dict[int, List[int]] = {}
         log.info("data: %s", self.data.stats)
         log.info("steps: %d per epoch, %d in total", self.steps_per_epoch, self.total_steps)
+        rundir.append_event(self.run_dir, rundir.STARTED, rank=env.rank, restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                            total_steps=self.total_steps)
 
     def _setup_model(self) -> None:
         from transformers import AutoModelForCausalLM
@@ -263,10 +267,10 @@ class SFTTrainer:
             requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
             self.tracker = start_tracking(
                 OmegaConf.create(tracking), self.run_dir, self.env.rank, config,
-                resume=self.resumed_from is not None or requeued, metrics=self.run_dir / "metrics.jsonl",
+                resume=self.resumed_from is not None or requeued, metrics=self.run_dir / rundir.METRICS,
             )
         if self.is_main:
-            self.metrics_file = MetricsFile(self.run_dir / "metrics.jsonl")
+            self.metrics_file = MetricsFile(self.run_dir / rundir.METRICS)
             self.tracker.summary({f"data/{k}": v for k, v in self.data.stats.items()})
 
     # ---------------------------------------------------------------- data order
@@ -320,7 +324,7 @@ class SFTTrainer:
             if self.trial is not None and self.trial.is_rung(self.global_step) and self._judge_rung():
                 return self._stop_at_rung()
         if self.is_main and self.global_step < self.total_steps:  # steps to train: an earlier final eval is not of these weights
-            (self.run_dir / FINAL_EVAL_FILE).unlink(missing_ok=True)
+            (self.run_dir / rundir.FINAL_EVAL).unlink(missing_ok=True)
         window = LogWindow(self.device, self.env.world_size)
         comms_at_start, steps_at_start = None, self.global_step
         while self.global_step < self.total_steps:
@@ -394,16 +398,18 @@ class SFTTrainer:
             self._check_stop()
             self.export()
         if self.is_main:
-            export = str(self.run_dir / "export") if cfg.checkpoint.export else None
+            export = str(self.run_dir / rundir.EXPORT) if cfg.checkpoint.export else None
             self.tracker.summary({**{f"final/{k}": v for k, v in final.items()}, "end_reason": "completed", "export_path": export})
         self.tracker.finish(exit_code=0)
+        if self.is_main:
+            rundir.append_event(self.run_dir, rundir.COMPLETED, step=self.global_step)
         if self.stop:  # during the export or W&B's finish: the run is complete, whatever the signal asked
             log.warning("a stop signal arrived during the export: the run is complete, not stopped")
         return 0
 
     def _final_eval(self) -> Dict[str, float]:
         """The final eval (and the last rung's report), or its result from the segment that ran it."""
-        done = self.run_dir / FINAL_EVAL_FILE
+        done = self.run_dir / rundir.FINAL_EVAL
         earlier = json.loads(done.read_text()) if self.is_main and done.is_file() else {}
         # Rank 0 alone reads it (it alone writes the summary) and tells the others.
         ran = self._sum_over_ranks(torch.tensor([float(earlier.get("step") == self.global_step)], dtype=torch.float64))
@@ -446,6 +452,8 @@ class SFTTrainer:
         else:
             log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
             self.save_checkpoint()
+        rundir.append_event(self.run_dir, rundir.STOPPED, rank=self.env.rank, signal=signame, step=self.global_step,
+                            saved=self.last_saved_step == self.global_step)
         # W&B first, then the requeue: the requeue's SIGTERM reaches W&B's service too, and a service
         # killed mid-write loses the segment. The wait is bounded (tracking.finish_timeout_s), and the
         # plan's stop window counts it.
@@ -468,7 +476,7 @@ class SFTTrainer:
         verdict = self._sum_over_ranks(torch.tensor([verdict], dtype=torch.float64))[0].item()
         if verdict == 2:
             raise SweepMetricError(f"sweep.metric={self.trial.metric!r} is not logged at rung step {self.global_step} "
-                                   f"(see {self.run_dir / 'trial_end.json'})")
+                                   f"(see {self.run_dir / rundir.TRIAL_END})")
         if verdict == 3:
             raise RuntimeError(f"the search's study could not judge rung step {self.global_step} (rank 0's log says why)")
         return verdict == 1
@@ -485,6 +493,8 @@ class SFTTrainer:
         self.tracker.add_tags(["pruned"])
         self.tracker.summary({"end_reason": "pruned", "stopped_at_rung": self.global_step})
         self.tracker.finish(exit_code=0)
+        if self.is_main:
+            rundir.append_event(self.run_dir, rundir.PAUSED, step=self.global_step, trial=self.trial.number)
         return EXIT_STOPPED
 
     # ---------------------------------------------------------------- evaluate
@@ -572,7 +582,7 @@ class SFTTrainer:
 
     def export(self) -> Optional[Path]:
         dtype = export_dtype(self.cfg.checkpoint.export_dtype)
-        return export_model(self.engine, self.tokenizer, self.run_dir / "export", dtype, self.env.rank)
+        return export_model(self.engine, self.tokenizer, self.run_dir / rundir.EXPORT, dtype, self.env.rank)
 
     # ---------------------------------------------------------------- logging, cleanup
     def _write_comms(self, at_start: Optional[Dict[str, int]], steps: int) -> None:

@@ -12,12 +12,13 @@ from typing import List, Optional
 from launcher.bundled import is_bundled
 from launcher.data.check import check_files
 from launcher.data.files import HUB, count_rows, expand_files, file_specs
-from launcher.devices import GPUS
+from launcher.devices import GPUS, local_gpu_count
 from launcher.errors import ConfigError, problem
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.attention import attention_problems, loss_problems
 from launcher.plan import accelerator, batch_math, default_procs_per_node
 from launcher.schema import MIN_SEQ_LEN
+from launcher.rundir import COMPLETE
 
 
 @dataclass
@@ -82,7 +83,7 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("trainer.loss_chunk_tokens", trainer.loss_chunk_tokens, "must be >= 1"))
     if not trainer.dist_timeout_min > 0:
         problems.append(problem("trainer.dist_timeout_min", trainer.dist_timeout_min, "must be > 0 minutes"))
-    device_type = accelerator(cfg.cluster)
+    device_type = accelerator(cfg.cluster, local_gpu_count())
     problems += attention_problems(str(cfg.model.attn_implementation), device_type, str(trainer.precision))
     problems += loss_problems(str(trainer.loss), device_type)
 
@@ -102,7 +103,7 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
             problems.append(problem(key, value, "must be > 0"))
     if cfg.plan.max_nodes < 1:
         problems.append(problem("plan.max_nodes", cfg.plan.max_nodes, "must be >= 1"))
-    procs = default_procs_per_node(cluster)
+    procs = default_procs_per_node(cluster, local_gpu_count())
     if procs < 1:
         problems.append(problem("cluster.procs_per_node", procs, "must be >= 1"))
     world = max(1, cluster.nodes) * max(1, procs)
@@ -170,7 +171,7 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     if total is not None and optim.warmup_steps > total:
         problems.append(problem("optim.warmup_steps", optim.warmup_steps, f"must be <= total steps ({total})"))
 
-    if cfg.resume not in ("auto", "never") and not os.path.isfile(os.path.join(os.path.expanduser(cfg.resume), "COMPLETE")):
+    if cfg.resume not in ("auto", "never") and not os.path.isfile(os.path.join(os.path.expanduser(cfg.resume), COMPLETE)):
         problems.append(problem("resume", cfg.resume, "must be auto, never or a complete checkpoint directory (with its COMPLETE marker)"))
     if cfg.tracking.backend == "wandb" and cfg.tracking.mode == "online" and not cfg.tracking.api_key:
         from launcher.tracking import have_credentials

@@ -46,7 +46,7 @@ class SlurmSweepLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from launcher.backends.slurm import offline_wandb, submit_runs
-        from launcher.cli import create_run, print_dry_run
+        from launcher.service import create_run, print_dry_run
 
         setup_globals()
         console = Console(stderr=True, soft_wrap=True)
@@ -105,7 +105,8 @@ class SlurmSweepLauncher(Launcher):
 
     def _prepare_points(self, job_overrides, initial_job_idx: int, console: Console) -> list:
         """Validate and plan every point before writing anything: one bad point submits nothing."""
-        from launcher.cli import fail, prepare
+        from launcher.cli import fail
+        from launcher.service import prepare
         from launcher.errors import ConfigError
 
         points, cache = [], {}

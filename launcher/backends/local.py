@@ -1,4 +1,4 @@
-"""The local backend: N rank processes on this machine running launcher.task, watched together.
+"""The local backend: N rank processes on this machine running launcher.rank, watched together.
 
 Rank 0 inherits the terminal (progress bar); every rank's output also lands in logs/rank-N.log.
 If a rank fails, the others are stopped and the failing rank's traceback is shown. Ctrl-C (or
@@ -15,13 +15,13 @@ from typing import Dict, List, Optional, Tuple
 
 from rich.console import Console
 
+from launcher import rundir
 from launcher.devices import local_gpu_count
 from launcher.rendezvous import RENDEZVOUS_ENV, new_attempt_id
-from launcher.report import eval_summary
-from launcher.signals import EXIT_STOPPED
+from launcher.plan_report import eval_summary
+from launcher.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
 from launcher.snapshot import import_env, snapshot_code
-from launcher.sweep.rungs import trial_end
-from launcher.task import EXIT_DATA
+from launcher.trial.rungs import trial_end
 
 GRACE_S = 60  # after a failure or Ctrl-C, how long ranks get to exit before SIGKILL
 
@@ -45,12 +45,12 @@ def rank_env(rank: int, world: int, attempt: str, procs: int, code: Optional[Pat
 def start_ranks(run_dir: Path, world: int) -> List[subprocess.Popen]:
     attempt = new_attempt_id()
     code = snapshot_code(run_dir)  # the ranks run the code `sft` was started with
-    (run_dir / "logs").mkdir(exist_ok=True)
+    rundir.rank_log(run_dir, 0).parent.mkdir(exist_ok=True)
     procs = []
     for rank in range(world):
-        out = None if rank == 0 else open(run_dir / "logs" / f"rank-{rank}.out", "w")
+        out = None if rank == 0 else open(rundir.rank_output(run_dir, rank), "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "launcher.task", str(run_dir)],
+            [sys.executable, "-m", "launcher.rank", str(run_dir)],
             env=rank_env(rank, world, attempt, world, code), stdout=out, stderr=subprocess.STDOUT if out else None,
             start_new_session=True,  # the terminal's Ctrl-C reaches us, and we decide what ranks get
         ))
@@ -84,7 +84,7 @@ def last_traceback(log_file: Path, max_lines: int = 80) -> Tuple[str, bool]:
 
 def describe_exit(rank: int, code: int) -> str:
     """How a rank ended, in words: a signal by name (SIGKILL: most often the out-of-memory killer)."""
-    if code == EXIT_DATA:
+    if code == EXIT_BAD_INPUT:
         return f"rank {rank} stopped on a data problem (exit {code})"
     if code >= 0:
         return f"rank {rank} failed (exit {code})"
@@ -125,11 +125,11 @@ def run_local(cfg, run_dir: Path, plan) -> int:
                 rank = failed[0]
                 console.print(f"[bold red]{describe_exit(rank, codes[rank])}[/]; other ranks stopped", highlight=False, markup=True)
                 if rank != 0:  # rank 0's output is on this terminal already
-                    text, is_traceback = last_traceback(run_dir / "logs" / f"rank-{rank}.out")
+                    text, is_traceback = last_traceback(rundir.rank_output(run_dir, rank))
                     if not is_traceback:
                         console.print(f"rank {rank} left no traceback; the last lines of its output:", highlight=False)
                     console.print(text, highlight=False, markup=False)
-                console.print(f"logs: {run_dir / 'logs'}", highlight=False)
+                console.print(f"logs: {run_dir / rundir.LOGS}", highlight=False)
                 return 1
             if all(c is not None for c in codes):
                 break
@@ -142,7 +142,7 @@ def run_local(cfg, run_dir: Path, plan) -> int:
         console.print("stopped at a rung by the search: it resumes if later trials rank it among the best" if at_rung else
                       f"stopped; resume with: sft run_dir={run_dir} (and the same overrides)", highlight=False)
         return EXIT_STOPPED
-    export = run_dir / "export"
+    export = run_dir / rundir.EXPORT
     console.print(f"done: {run_dir}", highlight=False)
     console.print(eval_summary(run_dir), highlight=False)
     if export.is_dir():

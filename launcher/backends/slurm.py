@@ -1,6 +1,6 @@
 """The Slurm backend: submit through submitit and return at once.
 
-Each run's tasks run launcher.backends.slurm_task.SlurmTask; the login-node partition checks are in
+Each run's tasks run launcher.backends.slurm_rank.SlurmTask; the login-node partition checks are in
 launcher.backends.slurm_partitions.
 """
 
@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from launcher import snapshot
+from launcher import rundir
 from launcher.atomic import write_text_atomic
 from launcher.backends.slurm_partitions import check_partition, read_partitions
-from launcher.backends.slurm_task import SlurmTask
+from launcher.backends.slurm_rank import SlurmTask
 
 
 def preflight(cfg) -> None:
@@ -55,14 +56,14 @@ def sbatch_preview(cfg, plan, run_dir: Path) -> str:
 
     params = executor_parameters(cfg, plan, cfg.name)
     params.pop("array_parallelism")
-    params["setup"] = [*snapshot.setup_lines(run_dir / "code"), *params["setup"]]
+    params["setup"] = [*snapshot.setup_lines(run_dir / rundir.CODE), *params["setup"]]
     command = f"{sys.executable} -u -m submitit.core._submit {run_dir}/submitit"
     return _make_sbatch_string(command=command, folder=str(run_dir / "submitit"), **params)
 
 
 def record_jobs(run_dir: Path, jobs: List[Dict[str, Any]]) -> None:
     """Append: a run submitted again (sft run_dir=...) keeps its earlier jobs in its history."""
-    path = run_dir / "submission.json"
+    path = run_dir / rundir.SUBMISSION
     record = json.loads(path.read_text())
     record["jobs"] = [*record.get("jobs", []), *jobs]
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")

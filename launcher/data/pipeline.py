@@ -14,7 +14,7 @@ import numpy as np
 
 from launcher import caches
 from launcher.atomic import build_once
-from launcher.data import cache
+from launcher.data import token_cache as cache
 from launcher.data.errors import BAD_ROW_REASONS, DataError
 from launcher.data.examples import BLANK, LENGTH_STATUSES, ExampleBuilder, example_features
 from launcher.data.files import Source, sources

@@ -18,12 +18,12 @@ from rich.table import Table
 
 from launcher.atomic import write_text_atomic
 from launcher.jobs.errors import JobsError, SlurmError
-from launcher.jobs.rundirs import (
-    Progress, discover, is_sweep, rank_pids, read_json, read_text, rel, resolve_run, run_dirs, started_key, sweep_points,
-)
-from launcher.jobs.slurm_state import LOCAL, Task, describe, is_terminal, query_jobs, slurm
+from launcher.jobs.runs import discover, is_sweep, rel, resolve_run, run_dirs, started_key, sweep_points
+from launcher.backends.slurm_queue import cancel, query_jobs
+from launcher.run_state import LOCAL, Progress, RunJob, describe, is_terminal, rank_pids
 from launcher.metrics import read_metrics
-from launcher.rundir import versions_changed
+from launcher import rundir
+from launcher.rundir import CANCELLED, EXPORT, OVERRIDES, read_text, versions_changed
 
 POLL_S = 3.0  # how often `logs -f` asks whether the job has ended
 
@@ -50,7 +50,7 @@ def step_cell(p: Progress) -> str:
 
 def read_overrides(run_dir: Path) -> List[str]:
     try:
-        data = yaml.safe_load((run_dir / "overrides.yaml").read_text())
+        data = yaml.safe_load((run_dir / OVERRIDES).read_text())
     except (OSError, yaml.YAMLError):
         return []
     return [str(o) for o in data] if isinstance(data, list) else []
@@ -74,17 +74,17 @@ def add_row(table: Table, *cells) -> None:
     table.add_row(*(escape(str(c)) for c in cells))  # job ids like 12_[0-3] are not markup
 
 
-def summarize_states(tasks: List[Task]) -> str:
+def summarize_states(tasks: List[RunJob]) -> str:
     return ", ".join(f"{n} {state}" for state, n in Counter(t.state for t in tasks).most_common())
 
 
 # ------------------------------------------------------------------ commands
-def task_row(task: Task, name: str) -> List[str]:
+def task_row(task: RunJob, name: str) -> List[str]:
     p = task.progress
     return [name, task.backend, task.job_id, task.state, step_cell(p), fmt(p.loss), fmt(p.checkpoint)]
 
 
-def list_rows(entry: Path, by_dir: Dict[Path, List[Task]], root: Path) -> List[List[str]]:
+def list_rows(entry: Path, by_dir: Dict[Path, List[RunJob]], root: Path) -> List[List[str]]:
     """A run's rows, or a sweep's summary row followed by its points' rows."""
     if not is_sweep(entry):
         return [task_row(t, rel(entry, root)) for t in by_dir.get(entry, [])]
@@ -102,7 +102,7 @@ def cmd_list(args, out: Console) -> int:
         out.print(f"no runs under {root}", markup=False)
         return 0
     tasks, errors = describe([d for e in entries for d in run_dirs(e)])
-    by_dir: Dict[Path, List[Task]] = {}
+    by_dir: Dict[Path, List[RunJob]] = {}
     for task in tasks:
         by_dir.setdefault(task.run_dir, []).append(task)
     table = new_table(f"runs under {root} (newest first)", ("run", "backend", "job", "state", "step", "loss", "checkpoint"))
@@ -120,7 +120,7 @@ def cmd_status(args, out: Console) -> int:
     if not dirs:
         raise JobsError(f"{target}: a sweep with no points yet")
     tasks, errors = describe(dirs)
-    submission = read_json(dirs[0] / "submission.json")
+    submission = rundir.submission(dirs[0])
     out.print(f"run        {target}", highlight=False, markup=False, soft_wrap=True)
     out.print(f"backend    {submission.get('backend', '?')}   submitted {submission.get('submitted_at', '?')}", markup=False)
     out.print(f"command    {' '.join(submission.get('argv', []))}", highlight=False, markup=False, soft_wrap=True)
@@ -152,14 +152,14 @@ def single_run(args) -> Path:
     return target
 
 
-def task_state(run_dir: Path) -> Task:
+def task_state(run_dir: Path) -> RunJob:
     tasks, _ = describe([run_dir])
     return tasks[0]
 
 
 def submitit_logs(run_dir: Path, rank: int) -> List[Path]:
     """submitit's stdout/stderr of this rank: where a job that died before training left its words."""
-    jobs = read_json(run_dir / "submission.json").get("jobs") or []
+    jobs = rundir.submission(run_dir).get("jobs") or []
     paths = [Path(j.get("submitit_folder", run_dir / "submitit")) / f"{j['job_id']}_{rank}_log.{ext}"
              for j in jobs for ext in ("out", "err")]
     return [p for p in paths if p.is_file()]
@@ -167,10 +167,10 @@ def submitit_logs(run_dir: Path, rank: int) -> List[Path]:
 
 def cmd_logs(args, out: Console) -> int:
     run_dir = single_run(args)
-    world = read_json(run_dir / "plan.json").get("world_size")
+    world = rundir.plan(run_dir).get("world_size")
     if args.rank < 0 or (world and args.rank >= world):
         raise JobsError(f"--rank {args.rank}: the run has ranks 0..{(world or 1) - 1}")
-    log = run_dir / "logs" / f"rank-{args.rank}.log"
+    log = rundir.rank_log(run_dir, args.rank)
     if not args.follow:
         if not log.exists():
             task = task_state(run_dir)
@@ -211,22 +211,22 @@ def follow(run_dir: Path, log: Path) -> int:
 
 def record_cancelled(run_dir: Path, what: List[str]) -> None:
     record = {"state": "CANCELLED", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": what}
-    write_text_atomic(run_dir / "cancelled.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(run_dir / CANCELLED, json.dumps(record, indent=2) + "\n")
 
 
-def cancel_slurm(tasks: List[Task], root: Path, out: Console) -> None:
+def cancel_slurm(tasks: List[RunJob], root: Path, out: Console) -> None:
     """One scancel for every job that has not ended (raises SlurmError, recording nothing, if it fails)."""
     live = [t for t in tasks if t.job_id != "-" and not is_terminal(t)]
     for task in (t for t in tasks if t not in live):
         out.print(f"job {task.job_id} ({rel(task.run_dir, root)}) already {task.state}: not cancelled", markup=False)
     if live:
-        slurm(["scancel", *(t.job_id for t in live)])
+        cancel([t.job_id for t in live])
     for task in live:
         record_cancelled(task.run_dir, [task.job_id])
         out.print(f"cancelled job {task.job_id} ({rel(task.run_dir, root)})", markup=False)
 
 
-def cancel_local(task: Task, root: Path, out: Console) -> None:
+def cancel_local(task: RunJob, root: Path, out: Console) -> None:
     """SIGTERM to the run's ranks, as a first Ctrl-C would send: they save a checkpoint and exit."""
     pids = rank_pids(task.run_dir)
     for pid in pids:
@@ -243,12 +243,12 @@ def cancel_local(task: Task, root: Path, out: Console) -> None:
 
 
 def cmd_cancel(args, out: Console) -> int:
-    from launcher.sweep.leaderboard import controller_jobs
+    from launcher.jobs.leaderboard import controller_jobs
 
     target = resolve_run(args.run, args.root)
     controller = controller_jobs(target)
     if controller:  # a search: its controller first, or it would start trials in place of those cancelled
-        slurm(["scancel", controller[-1]])
+        cancel([controller[-1]])
         out.print(f"cancelled the search's controller job {controller[-1]}")
     tasks, errors = describe(run_dirs(target))
     show_errors(errors)  # states only spare jobs that have ended: the others are cancelled regardless
@@ -259,7 +259,7 @@ def cmd_cancel(args, out: Console) -> int:
 
 
 def cmd_report(args, out: Console) -> int:
-    from launcher.jobs.report import plot_runs
+    from launcher.jobs.plots import plot_runs
 
     root = args.root
     target = resolve_run(args.run, root)
@@ -291,8 +291,8 @@ def cmd_sync(args, out: Console) -> int:
 
 
 def cmd_sweep(args, out: Console) -> int:
-    from launcher.sweep import leaderboard as lb
-    from launcher.sweep.study import is_search
+    from launcher.jobs import leaderboard as lb
+    from launcher.trial.study import is_search
 
     target = resolve_run(args.run, args.root)
     if not is_search(target):
@@ -326,7 +326,7 @@ def cmd_sweep(args, out: Console) -> int:
         out.print(f"search {end['state']}" + (f": {escape(end['message'])}" if end.get("message") else ""))
     top = lb.best(rows)
     if top:
-        export = Path(top.run_dir) / "export"
+        export = Path(top.run_dir) / EXPORT
         out.print(f"best: trial {top.trial} ({spec.metric} {fmt(top.value)}), run dir {top.run_dir}"
                   f"\nexport: {export if export.is_dir() else 'none (checkpoint.export=false)'}")
     return code
@@ -383,6 +383,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         # COLUMNS, else the terminal, else 120 for pipes (rich's own default of 80 wraps run names).
         return COMMANDS[args.command](args, Console(highlight=False, width=shutil.get_terminal_size((120, 24)).columns))
-    except JobsError as error:
+    except (JobsError, SlurmError) as error:
         print(f"sft-jobs: error: {error}", file=sys.stderr)
         return error.code

@@ -6,9 +6,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher import ops
 from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
-from launcher.devices import GPUS, by_device_name, local_gpu_count
+from launcher.devices import GPUS, by_device_name
 from launcher.plan import comm, memory, stop_window
 from launcher.plan.memory import MemoryEstimate, Workload
 from launcher.errors import problem
@@ -16,6 +15,18 @@ from launcher.errors import problem
 # Share of GPU memory a run may plan to use: the CUDA context, NCCL's buffers and the caching
 # allocator's fragmentation are not modelled and take the rest.
 USABLE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Found:
+    """What was found outside the config, handed to the plan by its caller (launcher.facts reads
+    Slurm, CUDA, the ops cache and the run's metrics): the plan itself reads nothing."""
+
+    local_gpus: int = 0  # GPUs a local run's ranks would see
+    partition_gpu: Optional[str] = None  # the Slurm partition's GPU (its GRES), asked when cluster.gpu is unset
+    local_device: Optional[Tuple[str, float]] = None  # this machine's GPU: its name and memory in GiB
+    write_gb_s: Optional[float] = None  # median write speed per node of this run's earlier checkpoint saves
+    compiled_ops: Dict[str, str] = field(default_factory=dict)  # DeepSpeed ops the run compiles -> built here or not
 
 
 @dataclass
@@ -47,19 +58,19 @@ class Plan:
         return asdict(self)
 
 
-def default_procs_per_node(cluster) -> int:
+def default_procs_per_node(cluster, local_gpus: int = 0) -> int:
     if cluster.procs_per_node is not None:
         return cluster.procs_per_node
     if cluster.backend == "slurm":
         return cluster.gpus_per_node or 1
-    return local_gpu_count() or 2  # CPU: 2 ranks exercise real sharding
+    return local_gpus or 2  # CPU: 2 ranks exercise real sharding
 
 
-def accelerator(cluster) -> str:
-    """What the ranks will train on: 'cuda' or 'cpu'."""
+def accelerator(cluster, local_gpus: int = 0) -> str:
+    """What the ranks will train on: 'cuda' or 'cpu' (local_gpus: what this machine has, for a local run)."""
     if cluster.backend == "slurm":
         return "cuda" if cluster.gpus_per_node else "cpu"
-    return "cuda" if local_gpu_count() else "cpu"
+    return "cuda" if local_gpus else "cpu"
 
 
 def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
@@ -94,8 +105,11 @@ def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
     return gb // per_step, gb, []
 
 
-def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
-    procs = default_procs_per_node(cfg.cluster)
+def make_plan(cfg, facts, train_examples: Optional[int], found: Optional[Found] = None) -> Plan:
+    """The plan of a validated config: facts are the model's (launcher.model_info), found what the
+    caller found outside the config (nothing, when None)."""
+    found = found or Found()
+    procs = default_procs_per_node(cfg.cluster, found.local_gpus)
     world = cfg.cluster.nodes * procs
     accum, gb, _ = batch_math(cfg.trainer, world)
     steps_per_epoch = math.ceil(train_examples / gb) if train_examples else None
@@ -116,37 +130,33 @@ def make_plan(cfg, facts, train_examples: Optional[int]) -> Plan:
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         params=facts.params,
-        attention=attention_summary(cfg),
+        attention=attention_summary(cfg, found.local_gpus),
         model_facts_source=facts.source,
         zero_stage=cfg.deepspeed.stage,
         precision=cfg.trainer.precision,
-        compiled_ops=ops.plan(cfg.optim.name, accelerator(cfg.cluster)),
+        compiled_ops=dict(found.compiled_ops),
     )
-    mem_gib, tflops, plan.device = device_budget(cfg.cluster)
+    mem_gib, tflops, plan.device = device_budget(cfg.cluster, found)
     if facts.params is not None:
-        predict(cfg, plan, facts, mem_gib, tflops)
+        predict(cfg, plan, facts, mem_gib, tflops, found)
     return plan
 
 
-def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
+def device_budget(cluster, found: "Found") -> Tuple[Optional[float], Optional[float], str]:
     """(memory GiB, peak TFLOP/s, description) of the device the ranks will train on, where known."""
     mem, tflops, source = cluster.gpu_mem_gib, cluster.gpu_tflops, []
     gpu, origin = cluster.gpu, "cluster.gpu"
-    if gpu is None and cluster.backend == "slurm" and (mem is None or tflops is None):
-        from launcher.backends.slurm_partitions import partition_gpu
-
-        gpu, origin = partition_gpu(cluster), "the partition's GRES"
+    if gpu is None and found.partition_gpu:
+        gpu, origin = found.partition_gpu, "the partition's GRES"
     if gpu:
         known = GPUS.get(str(gpu).lower())  # validate.py names the valid ones
         if known:
             mem, tflops = mem or known.mem_gib, tflops or known.tflops
         source.append(f"{gpu} ({origin})")
-    elif cluster.backend == "local" and accelerator(cluster) == "cuda" and (mem is None or tflops is None):
-        import torch
-
-        name = torch.cuda.get_device_name()
+    elif found.local_device is not None:
+        name, device_mem = found.local_device
         known = by_device_name(name)
-        mem = mem or torch.cuda.get_device_properties(0).total_memory / 2**30
+        mem = mem or device_mem
         tflops = tflops or (known.tflops if known else None)
         source.append(f"this machine's {name}")
     if cluster.gpu_mem_gib is not None:
@@ -156,22 +166,22 @@ def device_budget(cluster) -> Tuple[Optional[float], Optional[float], str]:
     return mem, tflops, ", ".join(source) or "unknown: set cluster.gpu (or cluster.gpu_mem_gib, cluster.gpu_tflops)"
 
 
-def attention_summary(cfg) -> str:
+def attention_summary(cfg, local_gpus: int) -> str:
     name = str(cfg.model.attn_implementation)
-    kernel = resolve_attn_implementation(name, accelerator(cfg.cluster), str(cfg.trainer.precision))
+    kernel = resolve_attn_implementation(name, accelerator(cfg.cluster, local_gpus), str(cfg.trainer.precision))
     layout = "one row per micro-batch with its sequence boundaries" if kernel in ONE_ROW_KERNELS else "one row per sequence"
     loss = str(cfg.trainer.loss) + (f" ({cfg.trainer.loss_chunk_tokens} tokens per chunk)" if str(cfg.trainer.loss) == "chunked" else "")
     return f"{kernel}{' (auto)' if name == 'auto' else ''}, {layout}; loss: {loss}"
 
 
-def workload(cfg) -> Workload:
-    kernel = resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster), str(cfg.trainer.precision))
+def workload(cfg, local_gpus: int) -> Workload:
+    kernel = resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster, local_gpus), str(cfg.trainer.precision))
     return Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
                     cfg.trainer.activation_checkpointing, kernel, cfg.data.packing,
                     str(cfg.trainer.loss), cfg.trainer.loss_chunk_tokens)
 
 
-def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops) -> Tuple[Optional[MemoryEstimate], Optional[comm.CommEstimate], Optional[Plan]]:
+def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops, local_gpus: int = 0) -> Tuple[Optional[MemoryEstimate], Optional[comm.CommEstimate], Optional[Plan]]:
     """Memory and communication for the run on `nodes` nodes, with the same global batch."""
     world = nodes * plan.procs_per_node
     accum, gb, problems = batch_math(cfg.trainer, world)
@@ -180,7 +190,7 @@ def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops) -> Tuple[Opt
     at = Plan(**{**plan.to_dict(), "world_size": world, "nodes": nodes, "grad_accum_steps": accum, "global_batch_size": gb,
                  "memory": None, "comm": None, "stop_window": None, "scaling": []})
     ds_json = deepspeed_config(cfg, at)
-    work = workload(cfg)
+    work = workload(cfg, local_gpus)
     mem = memory.estimate(facts.shape, facts.params, work, ds_json, world, nodes)
     budget = mem_gib * USABLE_FRACTION if mem_gib else None
     mem = memory.check_fit(mem, budget, facts.shape, work, world, nodes, ds_json, facts.params,
@@ -191,14 +201,14 @@ def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops) -> Tuple[Opt
     return mem, traffic, at
 
 
-def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[float]) -> None:
+def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[float], found: Found) -> None:
     """Fill the plan's memory, communication, stop-window (Slurm) and (plan.scaling) per-node-count predictions."""
-    mem, traffic, _ = predict_at(cfg, plan, facts, plan.nodes, mem_gib, tflops)
+    mem, traffic, _ = predict_at(cfg, plan, facts, plan.nodes, mem_gib, tflops, found.local_gpus)
     if mem is not None:
         plan.memory, plan.comm = mem.to_dict(), traffic.to_dict()
     speed, source = cfg.checkpoint.write_gb_s, "checkpoint.write_gb_s"
     if speed is None and cfg.run_dir:
-        speed, source = measured_write_speed(cfg.run_dir), "measured by this run's saves"
+        speed, source = found.write_gb_s, "measured by this run's saves"
     if cfg.cluster.backend == "slurm":  # only Slurm warns before it kills
         tracked = cfg.tracking.backend != "none" and cfg.tracking.mode != "disabled"
         plan.stop_window = stop_window.estimate(facts.params, plan.nodes, cfg.deepspeed.stage, plan.precision,
@@ -207,21 +217,13 @@ def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[f
     if cfg.plan.scaling:
         counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if n <= cfg.plan.max_nodes} | {plan.nodes})
         for nodes in counts:
-            m, t, at = predict_at(cfg, plan, facts, nodes, mem_gib, tflops)
+            m, t, at = predict_at(cfg, plan, facts, nodes, mem_gib, tflops, found.local_gpus)
             row = {"nodes": nodes, "gpus": nodes * plan.procs_per_node, "divides": at is not None}
             if at is not None:
                 row.update(accum=at.grad_accum_steps, global_batch=at.global_batch_size, peak_gib=m.peak_gib, fits=m.fits,
                            comm_s=t.comm_s, compute_s=t.compute_s, step_s=t.step_s, tokens_per_s=t.tokens_per_s,
                            mfu_ceiling=t.mfu_ceiling)
             plan.scaling.append(row)
-
-
-def measured_write_speed(run_dir: str) -> Optional[float]:
-    """Median write speed per node of this run's earlier checkpoint saves (metrics.jsonl), GB/s."""
-    from launcher.metrics import read_metrics
-
-    speeds = sorted(r["write_gb_s_per_node"] for r in read_metrics(run_dir) if r.get("kind") == "checkpoint")
-    return speeds[len(speeds) // 2] if speeds else None
 
 
 def deepspeed_config(cfg, plan: Plan) -> Dict[str, Any]:

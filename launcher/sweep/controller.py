@@ -3,7 +3,7 @@
 On Slurm it is one small requeueable job (SweepController) that submits trials through the same
 submitit path as a sweep (one array when several start at once) and polls their jobs; locally it
 runs in the foreground and trains one trial at a time. Everything it knows is in the sweep dir
-(launcher.sweep.study), so a requeued or restarted controller continues where it was:
+(launcher.trial.study), so a requeued or restarted controller continues where it was:
 - a trial the study holds as running, with a job recorded in its run dir, is waited for, never
   submitted again;
 - one without a job (the controller stopped between asking and submitting) is submitted now,
@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,10 +32,13 @@ from launcher.atomic import write_text_atomic
 from launcher.backends.local import run_local
 from launcher.backends.slurm import submit_runs
 from launcher.rendezvous import START_FAILED_FILE, start_failure
-from launcher.signals import EXIT_STOPPED, STOP
-from launcher.sweep.rungs import END_FILE, TrialRungs, trial_end, write_end
-from launcher.sweep.space import as_overrides, with_params
-from launcher.sweep.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable, trial_dir
+from launcher.exit_codes import EXIT_STOPPED
+from launcher import rundir
+from launcher.rundir import LOGS, METRICS
+from launcher.signals import STOP
+from launcher.trial.rungs import END_FILE, TrialRungs, trial_end, write_end
+from launcher.trial.space import as_overrides, with_params
+from launcher.trial.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable, trial_dir
 
 log = logging.getLogger("launcher.sweep")
 SAMPLER_FILE = "sampler.pkl"
@@ -199,7 +201,7 @@ class Controller:
             self._launch(prepared)
 
     def _has_job(self, trial) -> bool:
-        from launcher.jobs.slurm_state import job_ids
+        from launcher.run_state import job_ids
 
         return self.spec.backend == "slurm" and bool(job_ids(trial_dir(self.sweep_dir, trial.number)))
 
@@ -207,7 +209,7 @@ class Controller:
         """The trial's config and run dir; None (the trial failed) when it cannot start."""
         import optuna
 
-        from launcher.cli import create_run, prepare
+        from launcher.service import create_run, prepare
         from launcher.errors import ConfigError
 
         trial = optuna.trial.Trial(self.study, trial_id)
@@ -319,6 +321,7 @@ class Controller:
             with STOP.blocked():  # told first: a trial whose end file says pruned is pruned in the study too
                 self.study.tell(t.number, state=TrialState.PRUNED)
                 write_end(trial_dir(self.sweep_dir, t.number), "pruned", step, t.intermediate_values.get(step))
+                rundir.append_event(trial_dir(self.sweep_dir, t.number), rundir.PRUNED, step=step, trial=t.number)
             log.info("trial %d pruned at step %d (%s %.6g)", t.number, step, self.spec.metric, t.intermediate_values[step])
 
     # ------------------------------------------------------------------ how trials ended
@@ -333,7 +336,8 @@ class Controller:
 
     def _settle(self) -> None:
         """Slurm: record each running trial whose job has ended (one query for all of them)."""
-        from launcher.jobs.slurm_state import SLURM_TERMINAL, job_ids, query_jobs
+        from launcher.backends.slurm_queue import SLURM_TERMINAL, query_jobs
+        from launcher.run_state import job_ids
 
         self.ended = {}
         if self.spec.backend != "slurm":
@@ -364,7 +368,7 @@ class Controller:
             value = final_value(run_dir, self.spec.metric)
             if value is None:
                 raise SearchFailed(f"trial {number} completed but logged no {self.spec.metric!r}: set sweep.metric to a "
-                                   f"<kind>/<key> of its metrics.jsonl rows")
+                                   f"<kind>/<key> of its {METRICS} rows")
             if math.isfinite(value):
                 self.study.tell(number, value)
             else:  # diverged: no value to rank
@@ -386,17 +390,21 @@ class Controller:
             self._resume(number)
             return
         self.study.tell(number, state=TrialState.FAIL)
-        log.error("trial %d ended %s: see %s", number, state, run_dir / "logs")
+        log.error("trial %d ended %s: see %s", number, state, run_dir / LOGS)
 
     def _cancel_running(self) -> None:
         """A failed search leaves no trial training: its running trials' jobs are cancelled."""
-        from launcher.jobs.slurm_state import job_ids
+        from launcher.backends.slurm_queue import SlurmError, cancel
+        from launcher.run_state import job_ids
 
         if self.spec.backend != "slurm":
             return
         for t in self.study.get_trials(deepcopy=False):
             if t.state == TrialState.RUNNING and self._has_job(t):
-                subprocess.run(["scancel", job_ids(trial_dir(self.sweep_dir, t.number))[-1]], check=False)
+                try:
+                    cancel([job_ids(trial_dir(self.sweep_dir, t.number))[-1]])
+                except SlurmError as error:  # the search fails anyway: say it, and go on
+                    log.warning("%s", error)
                 self.study.tell(t.number, state=TrialState.FAIL)
 
 

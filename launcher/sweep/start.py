@@ -18,8 +18,8 @@ from rich.markup import escape
 
 from launcher.errors import ConfigError, problem
 from launcher.schema import plain
-from launcher.sweep.space import Dimension, as_overrides, corner_points, split_overrides, with_params
-from launcher.sweep.study import BASE_FILE, SearchSpec, default_rungs, open_study
+from launcher.trial.space import Dimension, as_overrides, corner_points, split_overrides, with_params
+from launcher.trial.study import BASE_FILE, SearchSpec, default_rungs, open_study
 
 # Keys a search may not vary: the trials of one search share their cluster shape (one array), their
 # sweep settings and their place on disk.
@@ -73,7 +73,8 @@ def rung_steps(cfg, total_steps) -> List[int]:
 def check_space(base, dims: List[Dimension], console: Console):
     """Compose, validate and plan every corner of the space; exits (2) naming the first bad point.
     Returns the first point's preparation."""
-    from launcher.cli import fail, prepare
+    from launcher.cli import fail
+    from launcher.service import prepare
 
     preps = []
     for point in corner_points(dims):
@@ -93,8 +94,9 @@ def check_space(base, dims: List[Dimension], console: Console):
 
 
 def start_search(config, hydra_context, arguments: List[str]) -> None:
-    from launcher.cli import fail, print_dry_run
-    from launcher.rundir import mask_secrets, secret_values
+    from launcher.cli import fail
+    from launcher.service import print_dry_run
+    from launcher.secret_mask import mask_secrets, secret_values
 
     console = Console(stderr=True, soft_wrap=True)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from launcher.sweep.study import SearchSpec, open_study
+from launcher.trial.study import SearchSpec, open_study
 from tests.conftest import SFT_JOBS, run_sft
 
 pytestmark = pytest.mark.slurm

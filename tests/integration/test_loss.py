@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from launcher.backends.local import rank_env
 from launcher.rendezvous import new_attempt_id
-from launcher.cli import write_run_files
+from launcher.service import write_run_files
+from launcher.facts import find
 from launcher.plan import deepspeed_config, make_plan
 from launcher.resume import fingerprint
 from launcher.validate import check_config
@@ -23,7 +24,7 @@ def first_step_gradients(run_dir: Path, loss: str, chunk_tokens: int) -> dict:
                  "trainer.global_batch_size=32", f"trainer.loss={loss}", f"trainer.loss_chunk_tokens={chunk_tokens}"]
     cfg = compose_config(overrides)
     checked = check_config(cfg)
-    plan = make_plan(cfg, checked.model, checked.train_examples)
+    plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
     write_run_files(run_dir, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan,
                     deepspeed_config(cfg, plan), fingerprint(cfg, plan))
     attempt = new_attempt_id()

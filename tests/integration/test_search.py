@@ -113,10 +113,10 @@ def test_a_controller_requeued_during_prepare_leaves_its_trial_running_and_submi
     from omegaconf import OmegaConf
     from optuna.trial import TrialState
 
-    import launcher.cli
+    import launcher.service
     from launcher.sweep.controller import Controller
-    from launcher.sweep.space import split_overrides
-    from launcher.sweep.study import BASE_FILE, SearchSpec, open_study, trial_dir
+    from launcher.trial.space import split_overrides
+    from launcher.trial.study import BASE_FILE, SearchSpec, open_study, trial_dir
     from tests.conftest import compose_config
 
     fixed, dims = split_overrides([*BASE[2:], "tracking=none", "trainer.max_steps=2", "optim.lr=tag(log,interval(1e-4,1e-2))",
@@ -129,7 +129,7 @@ def test_a_controller_requeued_during_prepare_leaves_its_trial_running_and_submi
     spec.save(sweep_dir)
     open_study(sweep_dir, spec, create=True)
 
-    real_prepare = launcher.cli.prepare
+    real_prepare = launcher.service.prepare
 
     def prepare_under_a_time_limit(cfg):
         os.kill(os.getpid(), signal.SIGUSR2)  # Slurm's warning, in the middle of the prepare
@@ -139,13 +139,13 @@ def test_a_controller_requeued_during_prepare_leaves_its_trial_running_and_submi
         raise SystemExit(-1)
 
     previous = signal.signal(signal.SIGUSR2, submitit_requeues)
-    monkeypatch.setattr(launcher.cli, "prepare", prepare_under_a_time_limit)
+    monkeypatch.setattr(launcher.service, "prepare", prepare_under_a_time_limit)
     try:
         with pytest.raises(SystemExit):
             Controller(sweep_dir).run()
     finally:
         signal.signal(signal.SIGUSR2, previous)
-        monkeypatch.setattr(launcher.cli, "prepare", real_prepare)
+        monkeypatch.setattr(launcher.service, "prepare", real_prepare)
     [trial] = open_study(sweep_dir, spec).get_trials(deepcopy=False)
     assert trial.state == TrialState.RUNNING  # not FAILED: the exit was the controller's own
     assert not (trial_dir(sweep_dir, 0) / "submission.json").exists()

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from launcher.facts import find
 from launcher.plan import make_plan
 from launcher.validate import check_config
 from tests.conftest import SFT, run_sft
@@ -302,7 +303,7 @@ def _parent(pid: int) -> int:
 
 def _is_rank(proc: Path, run_dir: Path, rank: int) -> bool:
     try:
-        return (b"launcher.task\0" + str(run_dir).encode() in (proc / "cmdline").read_bytes()
+        return (b"launcher.rank\0" + str(run_dir).encode() in (proc / "cmdline").read_bytes()
                 and f"\0RANK={rank}\0".encode() in b"\0" + (proc / "environ").read_bytes())
     except OSError:
         return False
@@ -460,6 +461,6 @@ def test_checkpoint_saves_record_their_write_speed_and_the_next_plan_uses_it(ref
     on_disk = sum(f.stat().st_size for f in (reference_run / "checkpoints" / "step-000012").rglob("*") if f.is_file())
     assert saves[-1]["gb"] == pytest.approx(on_disk / 1e9, rel=1e-6) and all(r["write_gb_s_per_node"] > 0 for r in saves)
     cfg = compose_cfg([*SHORT, f"run_dir={reference_run}", "cluster=slurm", "cluster.gpus_per_node=2", "cluster.signal_delay_s=60"])
-    window = make_plan(cfg, check_config(cfg, dry_run=True).model, None).stop_window
+    window = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg)).stop_window
     assert window["write_source"] == "measured by this run's saves"
     assert window["write_gb_s"] == sorted(r["write_gb_s_per_node"] for r in saves)[1] and window["fits"] is True

@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from launcher.backends.local import rank_env
 from launcher.rendezvous import new_attempt_id
-from launcher.cli import write_run_files
+from launcher.service import write_run_files
+from launcher.facts import find
 from launcher.plan import deepspeed_config, make_plan
 from launcher.resume import fingerprint
 from launcher.validate import check_config
@@ -21,7 +22,7 @@ def test_every_parameter_is_sharded_across_ranks(tmp_path):
     overrides = ["recipe=tiny_sft", "tracking=none", f"run_dir={tmp_path}"]
     cfg = compose_config(overrides)
     checked = check_config(cfg)
-    plan = make_plan(cfg, checked.model, checked.train_examples)
+    plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
     write_run_files(tmp_path, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
     attempt = new_attempt_id()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("zero3_probe.py")), str(tmp_path)],

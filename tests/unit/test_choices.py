@@ -9,10 +9,11 @@ import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from launcher.cli import write_run_files
+from launcher.service import write_run_files
 from launcher.data.pipeline import prepare_data
 from launcher.errors import ConfigError, problem
 from launcher.overrides import override_problems
+from launcher.facts import find
 from launcher.plan import deepspeed_config, make_plan
 from launcher.resume import data_fingerprint, fingerprint
 from launcher.schema import (
@@ -123,8 +124,8 @@ def test_run_files_hold_plain_strings(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sft", *overrides])
     cfg = compose_config(overrides)
     checked = check_config(cfg)
-    plan = make_plan(cfg, checked.model, checked.train_examples)
-    resolved = OmegaConf.to_container(cfg, resolve=True)  # as launcher.cli.prepare makes it: Choice members
+    plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # as launcher.service.prepare makes it: Choice members
     assert isinstance(resolved["trainer"]["precision"], Choice)
     write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
 
@@ -138,7 +139,7 @@ def test_run_files_hold_plain_strings(tmp_path, monkeypatch):
         items = value if isinstance(value, list) else [value]
         assert all(type(item) is str for item in items if item is not None), key
     assert config["checkpoint"]["allow_changes"] == ["data"] and config["checkpoint"]["export_dtype"] == "bf16"
-    # The ranks read config.yaml back (launcher.task); the schema takes it again unchanged.
+    # The ranks read config.yaml back (launcher.rank); the schema takes it again unchanged.
     again = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(tmp_path / "config.yaml"))
     assert again.trainer.precision is Precision.fp16
     ds = json.loads((tmp_path / "ds_config.json").read_text())

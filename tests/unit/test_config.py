@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from launcher.errors import ConfigError
 from launcher.overrides import override_problems
+from launcher.facts import find
 from launcher.plan import batch_math, make_plan
 from launcher.validate import check_config
 from tests.conftest import RECIPES, compose_config, run_sft
@@ -130,7 +131,7 @@ def test_batch_math(mb, accum, gb, world, expected):
 def test_tiny_plan_counts_the_bundled_data():
     cfg = compose_config([])
     checked = check_config(cfg)
-    plan = make_plan(cfg, checked.model, checked.train_examples)
+    plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
     assert checked.train_examples >= 2000 and plan.steps_per_epoch == -(-checked.train_examples // 32)
     assert plan.total_steps == 300 and plan.params == checked.model.params
 

@@ -243,8 +243,8 @@ def test_logs_prints_a_rank_and_refuses_sweeps(root, capsys):
 
 def test_cancel_a_running_local_run(root, capsys):
     run = make_run(root, "r/20261124-210300")
-    # Stands in for a rank: its command line names launcher.task and the run dir, as the local backend's do.
-    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "launcher.task", str(run)])
+    # Stands in for a rank: its command line names launcher.rank and the run dir, as the local backend's do.
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "launcher.rank", str(run)])
     try:
         time.sleep(0.2)
         assert cells(sft_jobs(capsys, root, "status", "r")[1], "local")[:3] == ["local", "RUNNING", "processes"]
@@ -289,7 +289,7 @@ def test_report_of_a_sweep_overlays_points(root, capsys, tmp_path):
 
 
 def test_a_sweeps_report_has_one_legend_beside_the_panels_and_single_points_show():
-    from launcher.jobs.report import draw
+    from launcher.jobs.plots import draw
 
     series = [(f"optim.lr={i}e-5", [train_row(10, 2.0 - i / 10), train_row(20, 1.5 - i / 10), eval_row(20, 1.6)]) for i in range(12)]
     series.append(("optim.lr=9e-4", [train_row(10, 3.0)]))  # a run that logged one step so far
@@ -370,7 +370,7 @@ def test_sync_follow_follows_the_live_segment(root):
 
 
 def test_squeue_gives_the_reason_a_job_waits():
-    from launcher.jobs.slurm_state import parse_squeue
+    from launcher.backends.slurm_queue import parse_squeue
 
     infos = parse_squeue("5|PENDING|ReqNodeNotAvail, UnavailableNodes:node1\n6|RUNNING|None\n7|PENDING|None\n")
     assert {k: v.state for k, v in infos.items()} == {

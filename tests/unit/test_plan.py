@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from launcher.model_info import count_params_on_meta, read_config_json
+from launcher.facts import find
 from launcher.plan import make_plan
 from launcher.plan.shape import ModelShape
 from launcher.plan.stop_window import estimate as stop_window
@@ -39,7 +40,7 @@ def test_another_architecture_is_counted_on_the_meta_device_and_gets_no_memory_v
     (tmp_path / "config.json").write_text(json.dumps(gpt2))
     cfg = compose_config([f"model.path={tmp_path}", "cluster.gpu_mem_gib=80"])
     facts = check_config(cfg, dry_run=True).model
-    plan = make_plan(cfg, facts, None)
+    plan = make_plan(cfg, facts, None, find(cfg))
     assert facts.shape is None and plan.params == count_params_on_meta(gpt2, trust_remote_code=False)
     assert plan.memory["fits"] is None and "activations" not in plan.memory["parts_gib"]
 
@@ -58,7 +59,7 @@ def test_the_refusal_names_the_change_that_would_make_it_fit():
     # Llama 3.1 8B on one 80 GB GPU with 16k tokens and no checkpointing: activations overflow.
     cfg = compose_config(["recipe=llama3_8b_sft", "cluster.gpu=h100", "data.seq_len=16384", "trainer.micro_batch_size=1",
                           "trainer.activation_checkpointing=false"])
-    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None)
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
     mem = plan.memory
     assert mem["fits"] is False and mem["peak_gib"] > mem["gpu_mem_gib"]
     assert mem["advice"][0].startswith("trainer.activation_checkpointing=true (predicted ")
@@ -76,7 +77,7 @@ def test_forcing_a_run_that_does_not_fit_passes_the_check(tmp_path):
 def test_advice_follows_the_setup():
     def advice(overrides):
         cfg = compose_config(["recipe=llama3_70b_sft", "cluster.gpu=a100_40g", *overrides])
-        return make_plan(cfg, check_config(cfg, dry_run=True).model, None).memory["advice"]
+        return make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg)).memory["advice"]
 
     # ZeRO-2 on 8 nodes keeps the whole 70B model on every GPU: ZeRO-3 is the fix.
     assert [a.split(" (")[0] for a in advice(["deepspeed=zero2"])] == ["deepspeed=zero3"]
@@ -90,7 +91,7 @@ def test_advice_follows_the_setup():
 def test_param_offload_alone_keeps_gradients_and_optimizer_states_on_the_gpu():
     def states(offload_param):
         cfg = compose_config(["recipe=llama3_8b_sft", "deepspeed.offload_param=" + offload_param])
-        return make_plan(cfg, check_config(cfg, dry_run=True).model, None).memory["parts_gib"]["model states"]
+        return make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg)).memory["parts_gib"]["model states"]
 
     on_gpu, offloaded = states("none"), states("cpu")
     assert set(on_gpu) - set(offloaded) == {"params (16-bit shard)"}
@@ -116,7 +117,7 @@ def test_stop_window_needs_and_verdicts():
 
 def test_the_70b_recipe_leaves_a_margin_at_a_parallel_file_systems_speed():
     cfg = compose_config(["recipe=llama3_70b_sft", "cluster.gpu=h100", "checkpoint.write_gb_s=1.0"])
-    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None)
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
     assert plan.stop_window["fits"] is True and plan.stop_window["save_s"] < 0.6 * plan.stop_window["window_s"]
 
 

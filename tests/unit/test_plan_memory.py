@@ -8,6 +8,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from launcher.facts import find
 from launcher.plan import make_plan
 from launcher.plan.memory import Workload, activation_bytes, backward_transients
 from launcher.plan.shape import ModelShape
@@ -21,7 +22,7 @@ GIB = 2**30
 
 def planned(overrides):
     cfg = compose_config(["recipe=llama3_8b_sft", *overrides])
-    return make_plan(cfg, check_config(cfg, dry_run=True).model, None)
+    return make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
 
 
 @pytest.mark.parametrize("nodes, deepspeed, offload_optimizer, offload_params", [

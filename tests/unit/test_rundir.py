@@ -6,10 +6,12 @@ import sys
 import yaml
 from omegaconf import OmegaConf
 
-from launcher.cli import write_run_files
+from launcher.service import write_run_files
+from launcher.facts import find
 from launcher.plan import deepspeed_config, make_plan
 from launcher.resume import fingerprint
-from launcher.rundir import is_secret_name, mask_secrets, new_run_dir, secret_values
+from launcher.rundir import new_run_dir
+from launcher.secret_mask import is_secret_name, mask_secrets, secret_values
 from launcher.validate import check_config
 from tests.conftest import compose_config
 
@@ -21,7 +23,7 @@ def test_saved_files_hold_no_secret(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sft", *overrides])
     cfg = compose_config(overrides)
     checked = check_config(cfg)
-    plan = make_plan(cfg, checked.model, checked.train_examples)
+    plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
 
@@ -70,7 +72,7 @@ def test_a_run_submitted_again_keeps_its_earlier_jobs(tmp_path):
     overrides = ["optim.lr=1e-3"]
     cfg = compose_config(overrides)
     checked = check_config(cfg)
-    plan = make_plan(cfg, checked.model, checked.train_examples)
+    plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     write_run_files(tmp_path, resolved, overrides, checked, plan, deepspeed_config(cfg, plan), fingerprint(cfg, plan))
     record_jobs(tmp_path, [{"job_id": "41"}])

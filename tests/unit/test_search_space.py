@@ -5,8 +5,8 @@ import optuna
 import pytest
 
 from launcher.errors import ConfigError
-from launcher.sweep.space import as_overrides, corner_points, split_overrides
-from launcher.sweep.study import RungPruner, default_rungs, is_promoted, promotable
+from launcher.trial.space import as_overrides, corner_points, split_overrides
+from launcher.trial.study import RungPruner, default_rungs, is_promoted, promotable
 
 
 def test_hydra_sweep_grammar_becomes_distributions():

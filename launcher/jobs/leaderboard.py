@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from launcher.jobs.rundirs import read_json
-from launcher.sweep.rungs import TrialRungs, trial_end
-from launcher.sweep.study import SearchSpec, open_study, trial_dir
+from launcher.rundir import read_json
+from launcher.trial.rungs import TrialRungs, trial_end
+from launcher.trial.study import SearchSpec, open_study, trial_dir
 
 STATES = {"COMPLETE": "completed", "PRUNED": "pruned", "RUNNING": "running", "FAIL": "failed", "WAITING": "waiting"}
 

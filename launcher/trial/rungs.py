@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from launcher.atomic import write_text_atomic
+from launcher.rundir import TRIAL as TRIAL_FILE
+from launcher.rundir import TRIAL_END as END_FILE  # why the trial stopped: paused at a rung, pruned, metric missing
 
 log = logging.getLogger(__name__)
-TRIAL_FILE = "trial.json"
-END_FILE = "trial_end.json"  # why the trial stopped: paused at a rung, pruned (by the controller), metric missing
 
 
 class SweepMetricError(RuntimeError):
@@ -73,7 +73,7 @@ class TrialRungs:
         """Report the rung's value; True when the trial stops at this rung (recorded in trial_end.json)."""
         import optuna
 
-        from launcher.sweep.study import SearchSpec, open_study
+        from launcher.trial.study import SearchSpec, open_study
 
         value = self.metric_value(step, rows)
         study = open_study(Path(self.sweep_dir), SearchSpec.load(Path(self.sweep_dir)))

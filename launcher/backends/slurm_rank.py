@@ -35,13 +35,14 @@ class SlurmTask:
         self.max_requeues = max_requeues
 
     def __call__(self) -> int:
-        from launcher.signals import EXIT_STOPPED, STOP
+        from launcher.exit_codes import EXIT_STOPPED
+        from launcher.signals import STOP
 
         STOP.install()  # before anything slow: submitit's USR2 handler would exit without a checkpoint
         import submitit
 
         from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
-        from launcher.task import run_rank
+        from launcher.rank import run_rank
 
         env = submitit.JobEnvironment()
         os.environ.update(
@@ -77,8 +78,9 @@ class Requeue:
         """Slurm ends the task with a SIGTERM as the job goes back to the queue. Caught by the stop
         flag, it would leave the task lingering until KillWait's SIGKILL (30 s by default), the
         requeued job unable to start: held back until the requeue is issued, then fatal."""
+        from launcher import rundir
         from launcher.signals import STOP
-        from launcher.sweep.rungs import trial_end
+        from launcher.trial.rungs import trial_end
 
         if self.done is not None:
             return self.done
@@ -95,6 +97,7 @@ class Requeue:
                 subprocess.run(["scontrol", "requeue", self.job_id], check=True)
                 after[signal.SIGTERM] = signal.SIG_DFL
             log.warning("requeued job %s (restart %d of at most %d)", self.job_id, restarts + 1, self.max_requeues)
+            rundir.append_event(Path(self.run_dir), rundir.REQUEUED, job=self.job_id, restart=restarts + 1)
         elif wanted:
             log.warning("stopped after %d requeues (cluster.max_requeues=%d): not requeued again; "
                         "resume with sft run_dir=%s", restarts, self.max_requeues, self.run_dir)

@@ -6,7 +6,7 @@ The sweep directory holds everything a controller (or its requeue) continues fro
     study.journal   the Optuna study (journal file storage: no database server, works on a shared
                     file system); each trial's run dir is <sweep dir>/<trial number>
 A trial's own rank 0 reports its metric to the study at each rung and asks whether to go on
-(launcher.sweep.rungs), so a promoted trial never waits for the controller.
+(launcher.trial.rungs), so a promoted trial never waits for the controller.
 """
 
 import json
@@ -18,7 +18,7 @@ from typing import List
 import optuna
 
 from launcher.atomic import write_text_atomic
-from launcher.sweep.space import Dimension
+from launcher.trial.space import Dimension
 
 SPEC_FILE = "search.json"
 BASE_FILE = "base.yaml"

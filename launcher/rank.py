@@ -8,14 +8,17 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from launcher import rundir
+from launcher.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
+
 log = logging.getLogger("launcher")
-EXIT_DATA = 2  # as `sft` exits for a bad config or bad data found before the run
 
 
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Every rank logs to logs/rank-N.log; rank 0 also speaks on stderr."""
-    (run_dir / "logs").mkdir(exist_ok=True)
-    handlers = [logging.FileHandler(run_dir / "logs" / f"rank-{rank}.log")]
+    log_file = rundir.rank_log(run_dir, rank)
+    log_file.parent.mkdir(exist_ok=True)
+    handlers = [logging.FileHandler(log_file)]
     if rank == 0:
         handlers.append(logging.StreamHandler(sys.stderr))
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
@@ -28,7 +31,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def run_rank(run_dir: str) -> int:
     """Train one rank of the run whose files are in run_dir. Returns the process exit code."""
-    from launcher.signals import EXIT_STOPPED, STOP, StoppedDuringStartup
+    from launcher.signals import STOP, StoppedDuringStartup
 
     STOP.install()  # before the slow imports: a stop during them must not kill the rank
     from launcher.data import DataError
@@ -38,8 +41,8 @@ def run_rank(run_dir: str) -> int:
     env = RankEnv.from_environ()
     setup_logging(run_dir, env.rank)
     log.info("code: %s", Path(__file__).resolve().parent)  # the run's snapshot (launcher.snapshot)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    cfg = OmegaConf.load(run_dir / rundir.CONFIG)
+    ds_config = json.loads((run_dir / rundir.DS_CONFIG).read_text())
     trainer = SFTTrainer(cfg, run_dir, ds_config, env)
     try:
         trainer.setup()
@@ -47,17 +50,20 @@ def run_rank(run_dir: str) -> int:
     except StoppedDuringStartup as stop:
         STOP.agreed_requeue = STOP.requeue  # no collective yet: Slurm signals every rank alike
         log.warning("stop signal received before the first step: %s; exiting without a checkpoint (%d)", stop, EXIT_STOPPED)
+        rundir.append_event(run_dir, rundir.STOPPED, rank=env.rank, signal=str(stop), step=None, saved=False)
         return EXIT_STOPPED
     except (DataError, ResumeError) as error:
         # The message names the file, the line and the fix: a traceback would only hide it.
         what = "a data problem" if isinstance(error, DataError) else "a resume it refused"
         log.error("rank %d stopped on %s: %s", env.rank, what, error)
+        rundir.append_event(run_dir, rundir.FAILED, rank=env.rank, reason=f"{what}: {error}"[:500], exit_code=EXIT_BAD_INPUT)
         if trainer.tracker is not None:
             trainer.tracker.summary({"end_reason": "failed", "error": str(error)[:500]})
-            trainer.tracker.finish(exit_code=EXIT_DATA)
-        raise SystemExit(EXIT_DATA) from None  # a failed task under Slurm; locally the launcher names it
+            trainer.tracker.finish(exit_code=EXIT_BAD_INPUT)
+        raise SystemExit(EXIT_BAD_INPUT) from None  # a failed task under Slurm; locally the launcher names it
     except BaseException as error:
         log.exception("rank %d failed", env.rank)
+        rundir.append_event(run_dir, rundir.FAILED, rank=env.rank, reason=f"{type(error).__name__}: {error}"[:500])
         if trainer.tracker is not None:
             trainer.tracker.summary({"end_reason": "failed", "error": f"{type(error).__name__}: {error}"[:500]})
             trainer.tracker.alert("run failed", f"{run_dir}: rank {env.rank} failed: {type(error).__name__}: {error}"[:1000])
