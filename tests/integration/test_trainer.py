@@ -42,6 +42,16 @@ def train(tmp: Path, overrides, name: str) -> Path:
     return run_dir
 
 
+def state_with_log_lines_reworded(run_dir: Path):
+    """`sft-jobs status`'s (state, source) of a run after every line of its logs is reworded: the
+    state comes from the run's events and files, never from what a log line says."""
+    from launcher import jobs
+
+    for log in (run_dir / "logs").iterdir():
+        log.write_text("".join(f"{i}: a line reworded\n" for i, _ in enumerate(log.read_text().splitlines())))
+    return jobs.local_state(run_dir, jobs.Progress.of(run_dir))
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
@@ -79,6 +89,10 @@ def test_run_directory_holds_the_contract(reference_run):
         assert marker["world_size"] == 2 and marker["fingerprint"] == plan["fingerprint"]
     assert plan["fingerprint"]["global_batch_size"] == 16 and plan["fingerprint"]["micro_batch_size"] == 4
     assert not (reference_run / "checkpoints" / ".partial").exists()
+    # What happened, as events: both ranks started (the total known), then rank 0 completed.
+    events = [json.loads(l) for l in (reference_run / "events.jsonl").read_text().splitlines()]
+    assert sorted((e["event"], e.get("rank"), e.get("total_steps")) for e in events[:-1]) == [("started", 0, 12), ("started", 1, 12)]
+    assert (events[-1]["event"], events[-1]["step"]) == ("completed", 12)
     rows = [json.loads(l) for l in (reference_run / "metrics.jsonl").read_text().splitlines()]
     train_row = next(r for r in rows if r["kind"] == "train")
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_rank", "trained_tokens_per_s",
@@ -159,6 +173,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, reference_r
     partial.mkdir()
     ckpts[-1].rename(partial / ckpts[-1].name)
     first_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert state_with_log_lines_reworded(run_dir) == ("STOPPED", "events")
 
     result = run_sft([*SHORT, f"run_dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -255,6 +270,8 @@ def test_a_failing_rank_stops_all_and_shows_its_traceback(tmp_path):
     assert "Traceback (most recent call last)" in result.stderr
     assert "AssertionError: Check batch related parameters" in result.stderr
     assert "rank 0 failed" in result.stderr or "rank 1 failed" in result.stderr
+    run_dir = next((tmp_path / "runs").glob("*/*"))
+    assert state_with_log_lines_reworded(run_dir) == ("FAILED", "events")
 
 
 def test_demo_learns_the_bundled_task(tmp_path):
@@ -322,6 +339,7 @@ def test_a_data_problem_found_by_the_ranks_is_one_clean_message(tmp_path):
     assert "rank 0 stopped on a data problem: no training example is left" in err
     assert f"{path}: 1 row(s) dropped for length (line 1: no trained token in the first data.seq_len=32 tokens)" in err
     assert "Traceback" not in result.stderr
+    assert state_with_log_lines_reworded(tmp_path / "run") == ("FAILED", "events")  # exit 2: fix the data
 
 
 def test_sigterm_while_ops_compile_ends_as_a_stop(tmp_path):

@@ -173,6 +173,45 @@ def test_local_state_rules(tmp_path, setup, state, source):
     assert jobs.local_state(run, jobs.Progress.of(run)) == (state, source)
 
 
+def events(run: Path, *rows) -> None:
+    """Appends events as the ranks, the Slurm task and the controller do (launcher.rundir)."""
+    from launcher import rundir
+
+    for event, fields in rows:
+        rundir.append_event(run, event, **fields)
+
+
+# What the logs say (legacy wording, or none) does not count once a run has events: the events decide.
+@pytest.mark.parametrize("rows, state, source", [
+    ([("started", dict(rank=0, total_steps=100)), ("started", dict(rank=1, total_steps=100)),
+      ("failed", dict(rank=1, reason="RuntimeError: x"))], "FAILED", "events"),
+    # A rank that failed in an earlier start and started again: that start has not ended.
+    ([("started", dict(rank=0)), ("failed", dict(rank=0, reason="x")), ("started", dict(rank=0))], "STOPPED", "no process"),
+    ([("started", dict(rank=0)), ("stopped", dict(rank=0, signal="SIGUSR2", step=30))], "STOPPED", "events"),
+    ([("started", dict(rank=0)), ("stopped", dict(rank=0, signal="SIGTERM", step=None))], "STOPPED", "events"),
+    ([("started", dict(rank=0)), ("started", dict(rank=1)), ("stopped", dict(rank=1, signal="SIGUSR2", step=3)),
+      ("failed", dict(rank=0, reason="x"))], "FAILED", "events"),
+    ([("started", dict(rank=0)), ("completed", dict(step=100))], "COMPLETED", "events"),
+    ([("started", dict(rank=0)), ("paused", dict(step=20, trial=3))], "STOPPED", "no process"),
+])
+def test_local_state_from_events_not_log_words(tmp_path, rows, state, source):
+    run = make_run(tmp_path, "r", logs={0: "x ERROR launcher: rank 0 failed\nx WARNING stop signal received\n"})
+    events(run, *rows)
+    assert jobs.local_state(run, jobs.Progress.of(run)) == (state, source)
+
+
+def test_total_steps_and_requeues_come_from_events(tmp_path):
+    from launcher.run_state import requeues
+
+    run = make_run(tmp_path, "r", total=None, logs={0: "steps: 10 per epoch, 999 in total\nrequeued job 7 (restart 9 of\n"})
+    assert requeues(run) == 9 and jobs.Progress.of(run).total == 999  # no events: the logs, as before events
+    events(run, ("started", dict(rank=0, restart=0, total_steps=40)), ("requeued", dict(job="7", restart=1)),
+           ("started", dict(rank=0, restart=1, total_steps=40)), ("requeued", dict(job="7", restart=2)))
+    assert requeues(run) == 2 and jobs.Progress.of(run).total == 40
+    (run / "events.jsonl").write_text((run / "events.jsonl").read_text() + '{"event": "started", "ra')  # cut mid-write
+    assert requeues(run) == 2
+
+
 def test_list_newest_first_with_sweep_points_and_limit(root, capsys):
     make_run(root, "old/20261101-090000", rows=[train_row(50, 2.5)], export=True)
     make_run(root, "tiny_sft/20261124-210300", rows=[train_row(10, 4.0)], total=None,
