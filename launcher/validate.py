@@ -83,7 +83,9 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         problems.append(problem("trainer.loss_chunk_tokens", trainer.loss_chunk_tokens, "must be >= 1"))
     if not trainer.dist_timeout_min > 0:
         problems.append(problem("trainer.dist_timeout_min", trainer.dist_timeout_min, "must be > 0 minutes"))
-    device_type = accelerator(cfg.cluster, local_gpu_count())
+    # This machine's GPUs matter to a local run only (counting them can import torch: 1.5 s).
+    local_gpus = local_gpu_count() if cfg.cluster.backend == "local" else 0
+    device_type = accelerator(cfg.cluster, local_gpus)
     problems += attention_problems(str(cfg.model.attn_implementation), device_type, str(trainer.precision))
     problems += loss_problems(str(trainer.loss), device_type)
 
@@ -103,7 +105,7 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
             problems.append(problem(key, value, "must be > 0"))
     if cfg.plan.max_nodes < 1:
         problems.append(problem("plan.max_nodes", cfg.plan.max_nodes, "must be >= 1"))
-    procs = default_procs_per_node(cluster, local_gpu_count())
+    procs = default_procs_per_node(cluster, local_gpus)
     if procs < 1:
         problems.append(problem("cluster.procs_per_node", procs, "must be >= 1"))
     world = max(1, cluster.nodes) * max(1, procs)
