@@ -2,8 +2,10 @@
 
 On Slurm it is one small requeueable job (SweepController) that submits trials through the same
 submitit path as a sweep (one array when several start at once) and polls their jobs; locally it
-runs in the foreground and trains one trial at a time. Everything it knows is in the sweep dir
-(launcher.trial.study), so a requeued or restarted controller continues where it was:
+runs in the foreground and trains one trial at a time. It asks only launcher.sweep.trials (Trials:
+LocalTrials or SlurmTrials, picked once) how trials start, end and are cancelled. Everything it
+knows is in the sweep dir (launcher.trial.study), so a requeued or restarted controller continues
+where it was:
 - a trial the study holds as running, with a job recorded in its run dir, is waited for, never
   submitted again;
 - one without a job (the controller stopped between asking and submitting) is submitted now,
@@ -14,14 +16,12 @@ runs in the foreground and trains one trial at a time. Everything it knows is in
   is submitted again, up to START_RETRIES times; the reasons stay in its trial.json and the leaderboard.
 """
 
-import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -29,16 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from launcher.atomic import write_text_atomic
-from launcher.backends.local import run_local
-from launcher.backends.slurm import submit_runs
 from launcher.rendezvous import START_FAILED_FILE, start_failure
 from launcher.exit_codes import EXIT_STOPPED
 from launcher import rundir
 from launcher.rundir import LOGS, METRICS
 from launcher.signals import STOP
-from launcher.trial.rungs import END_FILE, TrialRungs, trial_end, write_end
+from launcher.trial.rungs import TrialRungs, trial_end, write_end
 from launcher.trial.space import as_overrides, with_params
 from launcher.trial.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable, trial_dir
+from launcher.sweep.trials import INTERRUPTED, make_trials
 
 log = logging.getLogger("launcher.sweep")
 SAMPLER_FILE = "sampler.pkl"
@@ -109,18 +108,6 @@ def sample(trial, dims) -> Dict[str, Any]:
     return params
 
 
-@contextlib.contextmanager
-def without_job_env():
-    """For an sbatch from inside a job: the trials' jobs must not inherit this job's allocation
-    (srun reads SLURM_MEM_PER_NODE, SLURM_CPUS_PER_TASK, ... as input); SLURM_CONF stays."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 class Controller:
     def __init__(self, sweep_dir: Path):
         self.sweep_dir = Path(sweep_dir).resolve()
@@ -129,7 +116,7 @@ class Controller:
         self.group = f"{self.sweep_dir.parent.name}/{self.sweep_dir.name}"
         self.stop_signal = 0
         self.study = None
-        self.ended: Dict[int, str] = {}  # Slurm: trial number -> how its latest job ended (this poll)
+        self.trials = make_trials(self.sweep_dir, self.spec)  # where trials run: asked, never the backend
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -170,17 +157,13 @@ class Controller:
 
     @property
     def parallel(self) -> int:
-        return 1 if self.spec.backend == "local" else self.spec.parallel
+        return self.trials.parallel
 
     def _on_term(self, signum, frame) -> None:
         self.stop_signal = signum
 
     def _sleep(self) -> None:
-        if self.spec.backend == "local":
-            return
-        deadline = time.monotonic() + self.spec.poll_s
-        while not self.stop_signal and time.monotonic() < deadline:
-            time.sleep(min(1.0, self.spec.poll_s))
+        self.trials.wait(lambda: bool(self.stop_signal))
 
     def _write_end(self, state: str, message: str = "") -> None:
         write_text_atomic(self.sweep_dir / "search_end.json", json.dumps({"state": state, "message": message}) + "\n")
@@ -201,9 +184,7 @@ class Controller:
             self._launch(prepared)
 
     def _has_job(self, trial) -> bool:
-        from launcher.run_state import job_ids
-
-        return self.spec.backend == "slurm" and bool(job_ids(trial_dir(self.sweep_dir, trial.number)))
+        return self.trials.has_job(trial.number)
 
     def _prepare_trial(self, trial_id: int):
         """The trial's config and run dir; None (the trial failed) when it cannot start."""
@@ -242,27 +223,7 @@ class Controller:
         """Start prepared trials; `clear_end`: they resume after waiting (their trial_end.json goes)."""
         for prep in prepared:  # a start failure on file is the last start's: this one is judged on its own
             (Path(prep.cfg.run_dir) / START_FAILED_FILE).unlink(missing_ok=True)
-        if self.spec.backend == "local":
-            for prep in prepared:  # one at a time, in the foreground (parallel is 1 locally)
-                run_dir = Path(prep.cfg.run_dir)
-                if clear_end:
-                    (run_dir / END_FILE).unlink(missing_ok=True)
-                self._settle_local(run_dir, run_local(prep.cfg, run_dir, prep.plan))
-            return
-        run_dirs = [Path(p.cfg.run_dir) for p in prepared]
-        with STOP.blocked():  # a SIGTERM waits until the jobs are submitted and recorded
-            if clear_end:  # stopped before the sbatch below, the trial reads as stopped: it is resumed then
-                for run_dir in run_dirs:
-                    (run_dir / END_FILE).unlink(missing_ok=True)
-            try:
-                with without_job_env():
-                    ids = submit_runs(prepared[0].cfg, prepared[0].plan, run_dirs, self.sweep_dir / "submitit",
-                                      self.spec.name, code=self.sweep_dir / "code")
-            except Exception as error:  # noqa: BLE001 - sbatch refused or timed out: the next poll tries again
-                log.error("submitting trials %s failed, trying again at the next poll: %s",
-                          ", ".join(d.name for d in run_dirs), error)
-                return
-        log.info("submitted %s", ", ".join(ids))
+        self.trials.start(prepared, clear_end, self._ended)  # a run in the foreground ends in there
 
     def _resume(self, number: int, after_stop: bool = False) -> None:
         """Start a trial again in its run dir: it continues from its newest checkpoint."""
@@ -282,7 +243,7 @@ class Controller:
         end = trial_end(trial_dir(self.sweep_dir, trial.number))
         if end.get("state") != "paused":
             return None
-        if self.spec.backend == "slurm" and self.ended.get(trial.number) != "STOPPED":
+        if not self.trials.has_stopped(trial.number):
             return None  # still saving its checkpoint (or requeued by a preemption and training on)
         return end.get("step")
 
@@ -325,38 +286,21 @@ class Controller:
             log.info("trial %d pruned at step %d (%s %.6g)", t.number, step, self.spec.metric, t.intermediate_values[step])
 
     # ------------------------------------------------------------------ how trials ended
-    def _settle_local(self, run_dir: Path, code: int) -> None:
-        trial = TrialRungs.load(run_dir)
-        if code == EXIT_STOPPED and trial_end(run_dir).get("state") == "paused":
+    def _ended(self, run_dir: Path, state: str, number: Optional[int] = None) -> None:
+        """A trial's run ended `state` (a Slurm job state; a foreground run's exit code read as one)."""
+        if state in ("STOPPED", INTERRUPTED) and trial_end(run_dir).get("state") == "paused":
             return  # waits at its rung
-        if code == EXIT_STOPPED:
+        if state == INTERRUPTED:
             self.stop_signal = signal.SIGINT  # interrupted: the trial stays running in the study
             return
-        self._tell(trial.number, run_dir, "COMPLETED" if code == 0 else "FAILED")
+        self._tell(TrialRungs.load(run_dir).number if number is None else number, run_dir, state)
 
     def _settle(self) -> None:
-        """Slurm: record each running trial whose job has ended (one query for all of them)."""
-        from launcher.backends.slurm_queue import SLURM_TERMINAL, query_jobs
-        from launcher.run_state import job_ids
-
-        self.ended = {}
-        if self.spec.backend != "slurm":
-            return
-        running = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-        latest = {t.number: job_ids(trial_dir(self.sweep_dir, t.number))[-1] for t in running if self._has_job(t)}
-        if not latest:
-            return
-        infos, errors = query_jobs(sorted(set(latest.values())))
-        for error in errors:
-            log.warning("slurm: %s", error)
-        for t in running:
-            info = infos.get(latest.get(t.number, ""))
-            if info is None or info.state.split()[0] not in SLURM_TERMINAL:
-                continue
-            state = self.ended[t.number] = info.state.split()[0]
-            run_dir = trial_dir(self.sweep_dir, t.number)
-            if not (state == "STOPPED" and trial_end(run_dir).get("state") == "paused"):
-                self._tell(t.number, run_dir, state)
+        """Record each running trial whose run has ended since the last poll (on Slurm, one query for
+        all of them; a run in the foreground was recorded as it ended)."""
+        running = [t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        for number, state in self.trials.ended(running).items():
+            self._ended(trial_dir(self.sweep_dir, number), state, number)
 
     def _tell(self, number: int, run_dir: Path, state: str) -> None:
         end = trial_end(run_dir)
@@ -394,17 +338,9 @@ class Controller:
 
     def _cancel_running(self) -> None:
         """A failed search leaves no trial training: its running trials' jobs are cancelled."""
-        from launcher.backends.slurm_queue import SlurmError, cancel
-        from launcher.run_state import job_ids
-
-        if self.spec.backend != "slurm":
-            return
         for t in self.study.get_trials(deepcopy=False):
             if t.state == TrialState.RUNNING and self._has_job(t):
-                try:
-                    cancel([job_ids(trial_dir(self.sweep_dir, t.number))[-1]])
-                except SlurmError as error:  # the search fails anyway: say it, and go on
-                    log.warning("%s", error)
+                self.trials.cancel(t.number)
                 self.study.tell(t.number, state=TrialState.FAIL)
 
 
