@@ -241,7 +241,7 @@ class Check:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        # The trainer's layout for this kernel (SFTTrainer._setup_model and _batch).
+        # The trainer's layout for this kernel (SFTTrainer._attention_layout and _batch).
         one_row = impl in ONE_ROW_KERNELS
         pad_to = args.micro_batch * args.seq_len if impl == "flex_attention" else None
         batches = [self.collate(self.rows[i:i + args.micro_batch], 0, one_row=one_row, pad_to=pad_to)

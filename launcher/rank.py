@@ -35,7 +35,8 @@ def run_rank(run_dir: str) -> int:
 
     STOP.install()  # before the slow imports: a stop during them must not kill the rank
     from launcher.data import DataError
-    from launcher.trainer import RankEnv, ResumeError, SFTTrainer
+    from launcher.rank_env import RankEnv
+    from launcher.trainer import ResumeError, SFTTrainer
 
     run_dir = Path(run_dir)
     env = RankEnv.from_environ()

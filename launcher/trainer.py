@@ -13,15 +13,15 @@ a Hugging Face export at the end.
 """
 
 import datetime
+import enum
 import json
 import logging
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import deepspeed
 import torch
@@ -38,6 +38,8 @@ from launcher.export import DTYPES, export_dtype, export_model
 from launcher.log_window import LogWindow
 from launcher.loss import install_loss_head, token_loss_sum
 from launcher.metrics import MetricsFile, device_peak_flops
+from launcher.optim import build_optimizer
+from launcher.rank_env import RankEnv  # re-exported: the integration probes import it from here
 from launcher.resume import refused_changes
 from launcher.exit_codes import EXIT_STOPPED
 from launcher.signals import STOP
@@ -60,15 +62,22 @@ class StopAgreed(Exception):
         self.requeue = requeue
 
 
-@dataclass
-class RankEnv:
-    rank: int
-    local_rank: int
-    world_size: int
+class RungVerdict(enum.IntEnum):
+    """What every rank learns at a search's rung: rank 0's code, summed over the ranks as a float
+    (the others add 0), so every rank leaves the collective with the same answer."""
 
-    @classmethod
-    def from_environ(cls) -> "RankEnv":
-        return cls(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    TRAIN_ON = 0  # in the best 1/reduction so far
+    STOP = 1  # not (yet) in the best: stop at this rung
+    NO_METRIC = 2  # sweep.metric is not logged at this step
+    NO_STUDY = 3  # the search's study could not be reached
+
+
+# How each ending closes a segment: W&B's end_reason, W&B's exit code, the process's exit code.
+ENDINGS = {
+    rundir.COMPLETED: ("completed", 0, 0),
+    rundir.STOPPED: ("stopped", EXIT_STOPPED, EXIT_STOPPED),
+    rundir.PAUSED: ("pruned", 0, EXIT_STOPPED),  # W&B shows it pruned; the search may resume it
+}
 
 
 def lr_lambda(scheduler: str, warmup: int, total: int, min_ratio: float):
@@ -103,6 +112,7 @@ class SFTTrainer:
         self.tracker = None
         self.metrics_file = None
         self._alerted_nonfinite = False
+        self._epoch_cache: Dict[int, List[int]] = {}  # epoch -> this rank's row order (the current epoch only)
         self.last_rows: Dict[str, Dict[str, Any]] = {}  # kind -> the newest row logged (rank 0)
         self.trial = TrialRungs.load(self.run_dir)  # a search's trial: judged at its rungs
         if self.trial and self.is_main and trial_end(self.run_dir).get("state") == "paused":
@@ -111,16 +121,43 @@ class SFTTrainer:
         # What a checkpoint of this run records and a resume is checked against (written by `sft`).
         self.fingerprint = rundir.plan(self.run_dir).get("fingerprint") or {}
 
+    # The batch geometry, from the config (the resume point's ds_config keeps it).
+    @property
+    def micro_batch(self) -> int:
+        return self.cfg.trainer.micro_batch_size
+
+    @property
+    def accum(self) -> int:
+        return self.ds_config["gradient_accumulation_steps"]
+
+    @property
+    def rows_per_step(self) -> int:
+        """This rank's rows per optimizer step."""
+        return self.micro_batch * self.accum
+
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
+        """The run's parts in the order they are built, each step given what the steps before it built."""
         self._setup_distributed()
-        self._setup_tokenizer()
-        self._setup_data()
-        self._find_resume_point()  # before the model loads: a refused resume costs nothing
-        self._setup_model()
-        self._setup_optimizer_and_engine()
-        self._resume()
-        self._setup_tracking()
+        self.model_path, self.tokenizer = self._load_tokenizer()
+        self.pad_id = self.tokenizer.pad_token_id
+        self.data, self.steps_per_epoch, self.total_steps = self._load_data(self.tokenizer)
+        self._record_start()
+        # Before the model loads: a refused resume costs nothing.
+        self.resumed_from, self.universal = self._find_resume_point()
+        if self.universal:
+            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
+        self._hf_ds_config = self._partition_at_load()  # held for the model's lifetime
+        self.attn, self.one_row, self.row_tokens = self._attention_layout()
+        self.model, self.loss_head, self.n_params = self._load_model(self.model_path, self.attn)
+        self.engine, self.optimizer, self.scheduler = self._build_engine(self.model, self.total_steps)
+        if self.resumed_from is not None:
+            self.global_step, self.eval_due = self._load_checkpoint(self.resumed_from, self.universal)
+            self.last_saved_step = self.global_step
+        self.tracker = self._start_tracking(resumed=self.resumed_from is not None)
+        if self.is_main:
+            self.metrics_file = MetricsFile(self.run_dir / rundir.METRICS)
+            self.tracker.summary({f"data/{k}": v for k, v in self.data.stats.items()})
 
     def _setup_distributed(self) -> None:
         if self.device.type == "cuda":
@@ -136,124 +173,116 @@ class SFTTrainer:
                                     self.cfg.cluster.get("master_port"))
         torch.manual_seed(self.cfg.seed)
 
-    def _setup_tokenizer(self) -> None:
+    def _load_tokenizer(self) -> Tuple[str, Any]:
+        """The model's path (a bundled model resolved) and its tokenizer, padding with EOS when it has no pad token."""
         from transformers import AutoTokenizer
 
-        self.model_path = bundled.resolve(self.cfg.model.path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.pad_id = self.tokenizer.pad_token_id
+        model_path = bundled.resolve(self.cfg.model.path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model_path, tokenizer
 
-    def _setup_data(self) -> None:
+    def _load_data(self, tokenizer) -> Tuple[Any, int, int]:
+        """The tokenised splits, the optimizer steps per epoch and in total."""
         cfg, env = self.cfg, self.env
-        self.data = prepare_data(cfg.data, self.tokenizer, local_rank=env.local_rank, log=log.info)
-        self.micro_batch = cfg.trainer.micro_batch_size
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.rows_per_step = self.micro_batch * self.accum
-        rows_per_rank = len(self.data.train) // env.world_size
-        self.steps_per_epoch = rows_per_rank // self.rows_per_step
-        if self.steps_per_epoch == 0:
+        data = prepare_data(cfg.data, tokenizer, local_rank=env.local_rank, log=log.info)
+        steps_per_epoch = len(data.train) // env.world_size // self.rows_per_step
+        if steps_per_epoch == 0:
             raise ValueError(
-                f"the train split has {len(self.data.train)} sequences, fewer than one global batch "
+                f"the train split has {len(data.train)} sequences, fewer than one global batch "
                 f"({self.ds_config['train_batch_size']}): lower trainer.global_batch_size or add data"
             )
         t = cfg.trainer
-        self.total_steps = t.max_steps if t.max_steps is not None else t.epochs * self.steps_per_epoch
-        if cfg.optim.warmup_steps > self.total_steps:
-            raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps}: must be <= total steps ({self.total_steps})")
-        self._epoch_cache: Dict[int, List[int]] = {}
-        log.info("data: %s", self.data.stats)
-        log.info("steps: %d per epoch, %d in total", self.steps_per_epoch, self.total_steps)
-        rundir.append_event(self.run_dir, rundir.STARTED, rank=env.rank, restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+        total_steps = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+        if cfg.optim.warmup_steps > total_steps:
+            raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps}: must be <= total steps ({total_steps})")
+        log.info("data: %s", data.stats)
+        log.info("steps: %d per epoch, %d in total", steps_per_epoch, total_steps)
+        return data, steps_per_epoch, total_steps
+
+    def _record_start(self) -> None:
+        rundir.append_event(self.run_dir, rundir.STARTED, rank=self.env.rank, restart=self.env.restarts,
                             total_steps=self.total_steps)
 
-    def _setup_model(self) -> None:
-        from transformers import AutoModelForCausalLM
-        from transformers.integrations import HfDeepSpeedConfig
-
-        # Held for the model's lifetime: from_pretrained partitions each layer as it loads (ZeRO-3).
-        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
-        model_cfg = self.cfg.model
-        self.attn = resolve_attn_implementation(str(model_cfg.attn_implementation), self.device.type, str(self.cfg.trainer.precision))
-        # Varlen kernels get each micro-batch as one row with explicit sequence boundaries; flex
-        # compiles per shape, so its rows are padded to one length.
-        self.one_row = self.attn in ONE_ROW_KERNELS
-        self.row_tokens = self.micro_batch * self.cfg.data.seq_len if self.attn == "flex_attention" else None
-        log.info("attention: %s (%s)", self.attn, "one row per micro-batch" if self.one_row else "one row per sequence")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_path,
-            dtype=DTYPES[self.cfg.trainer.precision],
-            attn_implementation=self.attn,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
-        if self.cfg.trainer.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
-        self.model.config.use_cache = False
-        self.loss_head = install_loss_head(self.model, str(self.cfg.trainer.loss), self.cfg.trainer.loss_chunk_tokens)
-        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-
-    def _setup_optimizer_and_engine(self) -> None:
-        o = self.cfg.optim
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            (no_decay if name.endswith("bias") or "norm" in name else decay).append(param)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        if o.name == "fused_adam":
-            from deepspeed.ops.adam import FusedAdam
-
-            optimizer = FusedAdam(groups, adam_w_mode=True, **kwargs)
-        elif o.name == "cpu_adam":
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-        else:
-            optimizer = torch.optim.AdamW(groups, **kwargs)
-        schedule = lr_lambda(o.scheduler, o.warmup_steps, self.total_steps, o.min_lr_ratio)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=self.ds_config,
-        )
-
-    def _find_resume_point(self) -> None:
-        """The checkpoint to continue, checked against this run's fingerprint; converted to DeepSpeed's
-        universal form when it was written by another number of ranks."""
+    def _find_resume_point(self) -> Tuple[Optional[Path], bool]:
+        """The checkpoint to continue (None: none), checked against this run's fingerprint, and whether it
+        loads in DeepSpeed's universal form (converted here: it was written by another number of ranks)."""
         if self.is_main:
             checkpoint.discard_partial(self.run_dir)
         resume = self.cfg.resume
         # A requeued job continues its own run, whatever resume= said for the first start.
-        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and checkpoint.latest_complete(self.run_dir):
+        if self.env.requeued and checkpoint.latest_complete(self.run_dir):
             resume = "auto"
-        self.resumed_from = checkpoint.find_resume_point(resume, self.run_dir)
-        self.universal = False
-        if self.resumed_from is None:
-            return
-        info = checkpoint.marker_info(self.resumed_from)
+        resumed_from = checkpoint.find_resume_point(resume, self.run_dir)
+        if resumed_from is None:
+            return None, False
+        info = checkpoint.marker_info(resumed_from)
         refused = refused_changes(info.get("fingerprint") or {}, self.fingerprint, list(self.cfg.checkpoint.allow_changes))
         if refused:
-            raise ResumeError(f"{self.resumed_from} was written with other settings: " + "; ".join(
+            raise ResumeError(f"{resumed_from} was written with other settings: " + "; ".join(
                 f"{k}: {info['fingerprint'][k]!r} then, {self.fingerprint[k]!r} now" for k in refused))
         saved_world = info.get("world_size", self.env.world_size)
-        if saved_world != self.env.world_size:
-            self.universal = True
-            log.info("%s was written by %d ranks; this run has %d: loading its universal form",
-                     self.resumed_from, saved_world, self.env.world_size)
-            universal.prepare(self.resumed_from, self.env, log.info)
-            self.ds_config = {**self.ds_config, "checkpoint": {**self.ds_config.get("checkpoint", {}), "load_universal": True}}
+        if saved_world == self.env.world_size:
+            return resumed_from, False
+        log.info("%s was written by %d ranks; this run has %d: loading its universal form",
+                 resumed_from, saved_world, self.env.world_size)
+        universal.prepare(resumed_from, self.env, log.info)
+        return resumed_from, True
 
-    def _resume(self) -> None:
-        if self.resumed_from is None:
-            return
+    def _partition_at_load(self):
+        """Under ZeRO-3, the config from_pretrained partitions each layer by as it loads (else None)."""
+        from transformers.integrations import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(self.ds_config) if self.ds_config["zero_optimization"]["stage"] == 3 else None
+
+    def _attention_layout(self) -> Tuple[str, bool, Optional[int]]:
+        """The attention kernel, whether a micro-batch is one row, and the tokens each row is padded to."""
+        attn = resolve_attn_implementation(str(self.cfg.model.attn_implementation), self.device.type, str(self.cfg.trainer.precision))
+        # Varlen kernels get each micro-batch as one row with explicit sequence boundaries; flex
+        # compiles per shape, so its rows are padded to one length.
+        one_row = attn in ONE_ROW_KERNELS
+        row_tokens = self.micro_batch * self.cfg.data.seq_len if attn == "flex_attention" else None
+        log.info("attention: %s (%s)", attn, "one row per micro-batch" if one_row else "one row per sequence")
+        return attn, one_row, row_tokens
+
+    def _load_model(self, model_path: str, attn: str) -> Tuple[Any, Any, int]:
+        """The pretrained model, its loss head and its parameter count (whole, when ZeRO-3 partitions it)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=DTYPES[self.cfg.trainer.precision],
+            attn_implementation=attn,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+        )
+        if self.cfg.trainer.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        model.config.use_cache = False
+        loss_head = install_loss_head(model, str(self.cfg.trainer.loss), self.cfg.trainer.loss_chunk_tokens)
+        return model, loss_head, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+    def _build_engine(self, model, total_steps: int) -> Tuple[Any, Any, Any]:
+        """DeepSpeed's engine over the model, with the optimizer (launcher.optim) and the LR schedule."""
+        o = self.cfg.optim
+        schedule = lr_lambda(o.scheduler, o.warmup_steps, total_steps, o.min_lr_ratio)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=build_optimizer(o, model.named_parameters()),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.ds_config,
+        )
+        return engine, optimizer, scheduler
+
+    def _load_checkpoint(self, resumed_from: Path, universal_form: bool) -> Tuple[int, bool]:
+        """Load the resume point into the engine: the step it saved and whether that step's eval was due."""
         start = time.perf_counter()
-        state = checkpoint.load(self.engine, self.resumed_from, self.env.rank, self.universal)
-        self.global_step = self.last_saved_step = state["global_step"]
-        self.eval_due = bool(state.get("eval_due"))
-        log.info("resumed from %s at step %d in %.2f s", self.resumed_from, self.global_step, time.perf_counter() - start)
+        state = checkpoint.load(self.engine, resumed_from, self.env.rank, universal_form)
+        log.info("resumed from %s at step %d in %.2f s", resumed_from, state["global_step"], time.perf_counter() - start)
+        return state["global_step"], bool(state.get("eval_due"))
 
-    def _setup_tracking(self) -> None:
+    def _start_tracking(self, resumed: bool):
+        """The run's tracker (W&B on rank 0, a no-op elsewhere), continuing the W&B run of a resumed run."""
         config = OmegaConf.to_container(self.cfg, resolve=True)
         tracking = OmegaConf.to_container(self.cfg.tracking, resolve=True)
         tracking["api_key"] = None  # masked on disk; wandb reads WANDB_API_KEY from the environment
@@ -264,14 +293,10 @@ class SFTTrainer:
         tracking["tags"] = [*tracking["tags"], *run_tags(config["run"])]
         with STOP.blocked():  # W&B's service process inherits the mask: Slurm's stop signals miss it
             # A requeued job continues its W&B run even when it stopped before its first checkpoint.
-            requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
-            self.tracker = start_tracking(
+            return start_tracking(
                 OmegaConf.create(tracking), self.run_dir, self.env.rank, config,
-                resume=self.resumed_from is not None or requeued, metrics=self.run_dir / rundir.METRICS,
+                resume=resumed or self.env.requeued, metrics=self.run_dir / rundir.METRICS,
             )
-        if self.is_main:
-            self.metrics_file = MetricsFile(self.run_dir / rundir.METRICS)
-            self.tracker.summary({f"data/{k}": v for k, v in self.data.stats.items()})
 
     # ---------------------------------------------------------------- data order
     def _epoch_indices(self, epoch: int) -> List[int]:
@@ -306,7 +331,7 @@ class SFTTrainer:
         try:
             return self._train()
         except StopAgreed as stop:
-            return self._stop_for_signal(requeue=stop.requeue)
+            return self._end(rundir.STOPPED, requeue=stop.requeue)
 
     def _train(self) -> int:
         cfg = self.cfg
@@ -321,8 +346,8 @@ class SFTTrainer:
         elif self.eval_due and self.global_step < self.total_steps:  # the last segment stopped in this step's eval
             log.info("running step %d's eval, which the last segment gave up for a stop", self.global_step)
             self._eval_this_step()
-            if self.trial is not None and self.trial.is_rung(self.global_step) and self._judge_rung():
-                return self._stop_at_rung()
+            if self._stops_at_rung():
+                return self._end(rundir.PAUSED)
         if self.is_main and self.global_step < self.total_steps:  # steps to train: an earlier final eval is not of these weights
             (self.run_dir / rundir.FINAL_EVAL).unlink(missing_ok=True)
         window = LogWindow(self.device, self.env.world_size)
@@ -346,21 +371,21 @@ class SFTTrainer:
                 comms_at_start = comms_bytes()
             if progress:
                 progress.update(progress.task_ids[0], completed=self.global_step)
-            rung = self.trial is not None and self.trial.is_rung(self.global_step)
+            rung = self._at_rung()  # a rung's verdict needs its train row and its eval
             if self.global_step % cfg.trainer.log_every == 0 or self.global_step == self.total_steps or rung:
                 self._log_train(window, lr, peak, progress)
                 window.reset()
             every = cfg.eval.every_steps
             if ((every and self.global_step % every == 0) or rung) and self.global_step < self.total_steps:
                 self._eval_this_step()
-            if rung and self.global_step < self.total_steps and self._judge_rung():
-                return self._stop_at_rung()
+            if self._stops_at_rung():
+                return self._end(rundir.PAUSED)
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
         if progress:
             progress.stop()
-        self._write_comms(comms_at_start, self.global_step - steps_at_start - 1)
-        return self._finish()
+        write_comms_report(self.run_dir, self.env.rank, comms_at_start, self.global_step - steps_at_start - 1)
+        return self._end(rundir.COMPLETED)
 
     def _train_step(self, batches: List[Dict[str, Any]], global_trained: float, window: LogWindow) -> None:
         """One optimizer step over this rank's micro-batches; the losses stay on the device."""
@@ -386,27 +411,6 @@ class SFTTrainer:
         if progress:
             progress.update(progress.task_ids[0], description=f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s")
 
-    def _finish(self) -> int:
-        """The end of a completed run: last checkpoint first (a stop in what follows loses no step),
-        then final eval, export, tracker summary. A stop agreed before the eval or the export ends
-        the segment as stopped; the next one finds the run trained to the end and does what is left."""
-        cfg = self.cfg
-        if self.last_saved_step != self.global_step:
-            self.save_checkpoint()
-        final = self._final_eval()
-        if cfg.checkpoint.export:
-            self._check_stop()
-            self.export()
-        if self.is_main:
-            export = str(self.run_dir / rundir.EXPORT) if cfg.checkpoint.export else None
-            self.tracker.summary({**{f"final/{k}": v for k, v in final.items()}, "end_reason": "completed", "export_path": export})
-        self.tracker.finish(exit_code=0)
-        if self.is_main:
-            rundir.append_event(self.run_dir, rundir.COMPLETED, step=self.global_step)
-        if self.stop:  # during the export or W&B's finish: the run is complete, whatever the signal asked
-            log.warning("a stop signal arrived during the export: the run is complete, not stopped")
-        return 0
-
     def _final_eval(self) -> Dict[str, float]:
         """The final eval (and the last rung's report), or its result from the segment that ran it."""
         done = self.run_dir / rundir.FINAL_EVAL
@@ -417,7 +421,7 @@ class SFTTrainer:
             log.info("the final eval of step %d ran in an earlier segment", self.global_step)
             return earlier.get("result", {})
         final = self._eval_this_step()
-        if self.trial is not None and self.trial.is_rung(self.global_step):
+        if self._at_rung():
             self._judge_rung()  # the end: reported, never pruned
         if self.is_main:
             write_text_atomic(done, json.dumps({"step": self.global_step, "result": final}) + "\n")
@@ -437,65 +441,100 @@ class SFTTrainer:
         if agree[0] > 0:
             raise StopAgreed(agree[1] > 0)
 
-    def _stop_for_signal(self, requeue: bool) -> int:
-        self.stop.agreed_requeue = requeue
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if requeue and restarts >= self.cfg.cluster.max_requeues and os.environ.get("SLURM_JOB_ID"):
-            self.tracker.alert("requeues exhausted", f"{self.run_dir}: stopped at step {self.global_step} after "
-                               f"{restarts} requeues (cluster.max_requeues); resume it by hand")
-        signame = signal.Signals(self.stop.signum).name if self.stop.signum else None
-        self.tracker.summary({"end_reason": "stopped", "stop_signal": signame, "stopped_at_step": self.global_step})
-        if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
-            log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
-        elif self.last_saved_step == self.global_step:
-            log.warning("stop signal received: step %d is saved already; exiting (%d)", self.global_step, EXIT_STOPPED)
-        else:
-            log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
-            self.save_checkpoint()
-        rundir.append_event(self.run_dir, rundir.STOPPED, rank=self.env.rank, signal=signame, step=self.global_step,
-                            saved=self.last_saved_step == self.global_step)
-        # W&B first, then the requeue: the requeue's SIGTERM reaches W&B's service too, and a service
-        # killed mid-write loses the segment. The wait is bounded (tracking.finish_timeout_s), and the
-        # plan's stop window counts it.
-        self.tracker.finish(exit_code=EXIT_STOPPED)
-        if self.stop.requeue_job is not None:
-            self.stop.requeue_job()
-        return EXIT_STOPPED
+    # ---------------------------------------------------------------- the search's rungs
+    def _at_rung(self) -> bool:
+        """This step is a rung of a search's trial: its train row and its eval are logged for the verdict."""
+        return self.trial is not None and self.trial.is_rung(self.global_step)
+
+    def _stops_at_rung(self) -> bool:
+        """The search's hook, once per step after its eval: at a rung before the last step, the trial's
+        verdict (launcher.trial.rungs); True when the trial stops here. The last step's rung is judged
+        in the final eval: reported, never pruned."""
+        return self._at_rung() and self.global_step < self.total_steps and self._judge_rung()
 
     def _judge_rung(self) -> bool:
         """Rank 0 reports the rung's metric to the search's study; every rank gets its verdict."""
-        verdict = 0.0  # 1: stop at this rung, 2: the metric is missing, 3: the study could not be reached
+        verdict = float(RungVerdict.TRAIN_ON)
         if self.is_main:
             try:
-                verdict = float(self.trial.judge(self.global_step, self.last_rows))
+                verdict = float(RungVerdict.STOP if self.trial.judge(self.global_step, self.last_rows) else RungVerdict.TRAIN_ON)
             except SweepMetricError:
-                verdict = 2.0
+                verdict = float(RungVerdict.NO_METRIC)
             except Exception:  # noqa: BLE001 - every rank must leave the collective below, and all fail alike
                 log.exception("the search's study could not judge rung step %d", self.global_step)
-                verdict = 3.0
+                verdict = float(RungVerdict.NO_STUDY)
         verdict = self._sum_over_ranks(torch.tensor([verdict], dtype=torch.float64))[0].item()
-        if verdict == 2:
+        if verdict == RungVerdict.NO_METRIC:
             raise SweepMetricError(f"sweep.metric={self.trial.metric!r} is not logged at rung step {self.global_step} "
                                    f"(see {self.run_dir / rundir.TRIAL_END})")
-        if verdict == 3:
+        if verdict == RungVerdict.NO_STUDY:
             raise RuntimeError(f"the search's study could not judge rung step {self.global_step} (rank 0's log says why)")
-        return verdict == 1
+        return verdict == RungVerdict.STOP
 
-    def _stop_at_rung(self) -> int:
-        """Not (yet) in the best 1/reduction at this rung: checkpoint and stop as a stopped run does,
-        no requeue. The controller resumes it if later trials rank it among the best, else prunes
-        it; W&B shows it pruned meanwhile (a resumed segment starts with the config's tags again)."""
-        log.warning("trial %d stops at rung step %d, not in the best so far: saving a checkpoint and exiting (%d); "
-                    "the search resumes it if later trials rank it among the best", self.trial.number,
-                    self.global_step, EXIT_STOPPED)
+    # ---------------------------------------------------------------- the end of a segment
+    def _end(self, reason: str, requeue: bool = False) -> int:
+        """How every segment ends, `reason` one of rundir's events: COMPLETED (trained to the end),
+        STOPPED (a stop signal every rank agreed on; `requeue`: a USR2 asked to start again) or PAUSED
+        (a search's trial not in the best at its rung: stopped as a stopped run is, not requeued; the
+        search resumes it if later trials rank it among the best, else prunes it). In order: the step
+        saved unless it is, W&B's summary, its finish, the run's event; returns the exit code."""
+        end_reason, wandb_exit, exit_code = ENDINGS[reason]
+        if reason == rundir.STOPPED:  # the summary before the save
+            self.stop.agreed_requeue = requeue
+            if requeue and self.env.restarts >= self.cfg.cluster.max_requeues and self.env.under_slurm:
+                self.tracker.alert("requeues exhausted", f"{self.run_dir}: stopped at step {self.global_step} after "
+                                   f"{self.env.restarts} requeues (cluster.max_requeues); resume it by hand")
+            signame = signal.Signals(self.stop.signum).name if self.stop.signum else None
+            self.tracker.summary({"end_reason": end_reason, "stop_signal": signame, "stopped_at_step": self.global_step})
+        self._save_at_end(reason)
+        if reason == rundir.COMPLETED:
+            # After the last checkpoint (a stop agreed in what follows loses no step, and ends the
+            # segment stopped: the next one finds the run trained to the end and does what is left).
+            final = self._final_eval()
+            if self.cfg.checkpoint.export:
+                self._check_stop()
+                self.export()
+            if self.is_main:
+                export = str(self.run_dir / rundir.EXPORT) if self.cfg.checkpoint.export else None
+                self.tracker.summary({**{f"final/{k}": v for k, v in final.items()}, "end_reason": end_reason, "export_path": export})
+        if reason == rundir.PAUSED:  # a resumed segment starts with the config's tags again
+            self.tracker.add_tags(["pruned"])
+            self.tracker.summary({"end_reason": end_reason, "stopped_at_rung": self.global_step})
+        if reason == rundir.STOPPED:
+            rundir.append_event(self.run_dir, rundir.STOPPED, rank=self.env.rank, signal=signame, step=self.global_step,
+                                saved=self.last_saved_step == self.global_step)
+        # W&B first, then the requeue: the requeue's SIGTERM reaches W&B's service too, and a service
+        # killed mid-write loses the segment. The wait is bounded (tracking.finish_timeout_s), and the
+        # plan's stop window counts it.
+        self.tracker.finish(exit_code=wandb_exit)
+        if reason == rundir.STOPPED:
+            if self.stop.requeue_job is not None:
+                self.stop.requeue_job()
+            return exit_code
+        if self.is_main:
+            trial = {"trial": self.trial.number} if reason == rundir.PAUSED else {}
+            rundir.append_event(self.run_dir, reason, step=self.global_step, **trial)
+        if reason == rundir.COMPLETED and self.stop:
+            # during the export or W&B's finish: the run is complete, whatever the signal asked
+            log.warning("a stop signal arrived during the export: the run is complete, not stopped")
+        return exit_code
+
+    def _save_at_end(self, reason: str) -> None:
+        """The last checkpoint of a segment, unless its step is saved already (or, stopped, none was trained)."""
+        if reason == rundir.STOPPED:
+            if self.global_step == 0:  # nothing trained yet: a restart starts from scratch all the same
+                log.warning("stop signal received before the first step: exiting without a checkpoint (%d)", EXIT_STOPPED)
+                return
+            if self.last_saved_step == self.global_step:
+                log.warning("stop signal received: step %d is saved already; exiting (%d)", self.global_step, EXIT_STOPPED)
+                return
+            log.warning("stop signal received: saving a checkpoint at step %d and exiting (%d)", self.global_step, EXIT_STOPPED)
+        if reason == rundir.PAUSED:
+            log.warning("trial %d stops at rung step %d, not in the best so far: saving a checkpoint and exiting (%d); "
+                        "the search resumes it if later trials rank it among the best", self.trial.number,
+                        self.global_step, EXIT_STOPPED)
         if self.last_saved_step != self.global_step:
             self.save_checkpoint()
-        self.tracker.add_tags(["pruned"])
-        self.tracker.summary({"end_reason": "pruned", "stopped_at_rung": self.global_step})
-        self.tracker.finish(exit_code=0)
-        if self.is_main:
-            rundir.append_event(self.run_dir, rundir.PAUSED, step=self.global_step, trial=self.trial.number)
-        return EXIT_STOPPED
 
     # ---------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -573,11 +612,7 @@ class SFTTrainer:
         seconds = time.perf_counter() - start
         if self.is_main:
             checkpoint.prune(self.run_dir, self.cfg.checkpoint.keep)
-            # The write speed the plan's stop-window check uses on the next submission of this run.
-            size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-            nodes = max(1, self.env.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.env.world_size)))
-            self._log("checkpoint", {"step": self.global_step, "seconds": seconds, "gb": size / 1e9,
-                                     "write_gb_s_per_node": size / 1e9 / nodes / max(seconds, 1e-9)})
+            self._log("checkpoint", checkpoint_row(Path(path), self.global_step, seconds, self.env.nodes))
         log.info("checkpoint %s saved in %.2f s", path, seconds)
 
     def export(self) -> Optional[Path]:
@@ -585,17 +620,6 @@ class SFTTrainer:
         return export_model(self.engine, self.tokenizer, self.run_dir / rundir.EXPORT, dtype, self.env.rank)
 
     # ---------------------------------------------------------------- logging, cleanup
-    def _write_comms(self, at_start: Optional[Dict[str, int]], steps: int) -> None:
-        """With DeepSpeed's comms logger on, what each rank's collectives moved per optimizer step in
-        steady state (after the first step, not eval, save or export): comms/rank-N.json, the
-        measurement the plan's bytes are checked against."""
-        if at_start is None or not steps:
-            return
-        moved = {op: n - at_start.get(op, 0) for op, n in comms_bytes().items()}
-        (self.run_dir / "comms").mkdir(exist_ok=True)
-        report = {"optimizer_steps": steps, "message_bytes": {op: n for op, n in moved.items() if n}}
-        (self.run_dir / "comms" / f"rank-{self.env.rank}.json").write_text(json.dumps(report, indent=1))
-
     def _log(self, kind: str, row: Dict[str, Any]) -> None:
         if not self.is_main:
             return
@@ -639,6 +663,30 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def _float(value) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+# ---------------------------------------------------------------- plan calibration: what the plan's predictions are checked against
+def checkpoint_row(path: Path, step: int, seconds: float, nodes: int) -> Dict[str, Any]:
+    """The metrics row of a checkpoint save: its write speed per node is what the plan's stop-window
+    check uses on the next submission of this run."""
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"step": step, "seconds": seconds, "gb": size / 1e9, "write_gb_s_per_node": size / 1e9 / nodes / max(seconds, 1e-9)}
+
+
+def write_comms_report(run_dir: Path, rank: int, at_start: Optional[Dict[str, int]], steps: int) -> None:
+    """With DeepSpeed's comms logger on, what this rank's collectives moved per optimizer step in
+    steady state (after the first step, not eval, save or export): comms/rank-N.json, the
+    measurement the plan's bytes are checked against."""
+    if at_start is None or not steps:
+        return
+    moved = {op: n - at_start.get(op, 0) for op, n in comms_bytes().items()}
+    (run_dir / "comms").mkdir(exist_ok=True)
+    report = {"optimizer_steps": steps, "message_bytes": {op: n for op, n in moved.items() if n}}
+    (run_dir / "comms" / f"rank-{rank}.json").write_text(json.dumps(report, indent=1))
+
+
 def comms_bytes() -> Optional[Dict[str, int]]:
     """Message bytes per collective so far, as DeepSpeed's comms logger counts them; None when it is off."""
     from deepspeed.comm.comm import comms_logger
@@ -646,7 +694,3 @@ def comms_bytes() -> Optional[Dict[str, int]]:
     if not comms_logger.enabled:
         return None
     return {op: sum(size * record[0] for size, record in sizes.items()) for op, sizes in comms_logger.comms_dict.items()}
-
-
-def _float(value) -> Optional[float]:
-    return None if value is None else float(value)

@@ -14,11 +14,15 @@ from launcher.trainer import RankEnv, SFTTrainer
 def trainer_with_engine(run_dir: Path) -> SFTTrainer:
     env = RankEnv.from_environ()
     trainer = SFTTrainer(OmegaConf.load(run_dir / "config.yaml"), run_dir, json.loads((run_dir / "ds_config.json").read_text()), env)
+    # SFTTrainer.setup's steps up to the engine, without resume and tracking.
     trainer._setup_distributed()
-    trainer._setup_tokenizer()
-    trainer._setup_data()
-    trainer._setup_model()
-    trainer._setup_optimizer_and_engine()
+    trainer.model_path, trainer.tokenizer = trainer._load_tokenizer()
+    trainer.pad_id = trainer.tokenizer.pad_token_id
+    trainer.data, trainer.steps_per_epoch, trainer.total_steps = trainer._load_data(trainer.tokenizer)
+    trainer._hf_ds_config = trainer._partition_at_load()
+    trainer.attn, trainer.one_row, trainer.row_tokens = trainer._attention_layout()
+    trainer.model, trainer.loss_head, trainer.n_params = trainer._load_model(trainer.model_path, trainer.attn)
+    trainer.engine, trainer.optimizer, trainer.scheduler = trainer._build_engine(trainer.model, trainer.total_steps)
     return trainer
 
 

@@ -26,7 +26,7 @@ LAYERS: Dict[str, List[str]] = {
     "base": [  # leaves: the run directory, atomic files, signals, errors and exit codes, devices
         "launcher.rundir", "launcher.metrics", "launcher.atomic", "launcher.secret_mask", "launcher.signals",
         "launcher.errors", "launcher.exit_codes", "launcher.devices", "launcher.caches", "launcher.snapshot",
-        "launcher",
+        "launcher.rank_env", "launcher",
     ],
 }
 
