@@ -9,7 +9,7 @@ LOCK := requirements.lock
 TORCH_CPU := $(shell grep -m1 '^torch==' $(LOCK))
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 
-.PHONY: demo test bench lock cluster-start cluster-stop clean
+.PHONY: demo test test-fast bench lock cluster-start cluster-stop clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ endif
 demo: $(VENV)/.installed
 	$(BIN)/sft recipe=tiny_sft
 
+# Every tier (tests/unit, integration, cluster, gpu): what CI runs.
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest --durations=15 tests
+
+# The unit tier alone (marker `unit`): in-process, < 2 minutes on 2 cores; no cluster, no `sft` subprocess.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest --durations=10 -m unit tests/unit
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks

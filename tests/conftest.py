@@ -48,6 +48,18 @@ def _own_caches() -> Path:
 CACHES = _own_caches()
 
 
+TIERS = ("unit", "integration", "cluster", "gpu")  # tests/<tier>/; markers registered in pyproject.toml
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked with its tier, the folder under tests/ it lives in (`-m unit` is `make test-fast`)."""
+    root = Path(__file__).resolve().parent
+    for item in items:
+        path = item.path.resolve()
+        if root in path.parents and path.relative_to(root).parts[0] in TIERS:
+            item.add_marker(path.relative_to(root).parts[0])
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not os.environ.get("SFT_TEST_CACHES"):
         shutil.rmtree(CACHES, ignore_errors=True)

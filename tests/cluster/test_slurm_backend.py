@@ -47,7 +47,7 @@ def wait_for_state(job_id: str, states=TERMINAL, timeout: float = 400) -> str:
         state = rows[0][0].split()[0] if rows else "?"
         if state in states:
             return state
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"job {job_id} still {state} after {timeout} s")
 
 
@@ -99,6 +99,15 @@ def rank_pids(run_dir: Path) -> list:
 def losses(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def start_now_if_selected(request, fixture: str, test: str) -> None:
+    """Set up `fixture`, a run submitted and left to run, now rather than when `test` (which checks
+    it) starts, if this session runs `test`: its jobs fill a wait of the calling test, when the host's
+    CPUs would idle. A failed submission is reported by `test` (pytest keeps a fixture's error)."""
+    if any(getattr(item, "originalname", item.name) == test for item in request.session.items):
+        with contextlib.suppress(Exception):
+            request.getfixturevalue(fixture)
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -277,7 +286,7 @@ def test_a_real_preemption_checkpoints_and_slurm_requeues_the_run(runs, tmp_path
     assert_one_wandb_run_across_segments(run_dir, 2)
 
 
-def test_a_node_failure_requeues_the_job_and_it_resumes_from_the_newest_checkpoint(runs, slurm_cluster, tmp_path):
+def test_a_node_failure_requeues_the_job_and_it_resumes_from_the_newest_checkpoint(runs, slurm_cluster, tmp_path, request):
     """The job's node dies (its slurmd, the job's step daemons and ranks killed, as a power loss
     would): Slurm marks the node down and the job NODE_FAIL, requeues it on the other node, and the
     run resumes from its newest complete checkpoint, losing at most one checkpoint interval."""
@@ -292,6 +301,10 @@ def test_a_node_failure_requeues_the_job_and_it_resumes_from_the_newest_checkpoi
         for pid in [slurmd, *stepds, *rank_pids(run_dir)]:
             with contextlib.suppress(ProcessLookupError):  # a rank may die with its step daemon first
                 os.kill(pid, signal.SIGKILL)
+        # For the ~30-50 s Slurm takes to notice (SlurmdTimeout) nothing runs on this host: the
+        # time-limited run's first cycle trains on the other node meanwhile, and this job, requeued,
+        # takes that node when the cycle ends.
+        start_now_if_selected(request, "time_limited", "test_time_limit_requeues_until_done")
         assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600) == "COMPLETED"
     finally:
         restore = subprocess.run([str(Path(__file__).resolve().parents[2] / "slurm" / "start-cluster.sh")], capture_output=True, text=True)
@@ -329,13 +342,20 @@ def test_two_nodes_train_one_job(slurm_cluster, tmp_path):
     assert max(losses(run_dir)) == 4
 
 
-def test_time_limit_requeues_until_done(slurm_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def time_limited(slurm_cluster, tmp_path_factory):
+    """The run of test_time_limit_requeues_until_done, submitted and left to run: each of its cycles
+    lasts as long as Slurm's time limit lets it, whoever waits for it."""
     # A 2-minute limit with USR2 60 s before it. Slurm may signal up to a minute early (its event
     # granularity), so a cycle trains for at most ~60 s: 400 steps take at least two cycles on any
     # machine, and a loaded one needs more, so the requeue budget is generous.
     overrides = [*TINY, *SLURM, "cluster.time_min=2", "cluster.signal_delay_s=60", "cluster.max_requeues=10",
                  "trainer.max_steps=400", "checkpoint.export=false", "tracking=none"]
-    run_dir, job_id = submit(tmp_path, overrides, "time_limited")
+    return submit(tmp_path_factory.mktemp("time_limit"), overrides, "time_limited")
+
+
+def test_time_limit_requeues_until_done(time_limited):
+    run_dir, job_id = time_limited
     assert wait_for_state(job_id, timeout=900) == "COMPLETED"
     requeues = restarts(job_id)
     assert requeues >= 1
@@ -452,7 +472,7 @@ def files_of(run_dir: Path) -> dict:
     return {str(p): p.read_bytes() for p in written if p.is_file()}
 
 
-def test_a_second_start_on_a_live_run_is_refused_and_scancel_cancels_without_requeue(slurm_cluster, tmp_path):
+def test_a_second_start_on_a_live_run_is_refused_and_scancel_cancels_without_requeue(slurm_cluster, tmp_path, request):
     overrides = [*TINY, *SLURM, "trainer.max_steps=2000", "tracking=none"]
     run_dir, job_id = submit(tmp_path, overrides, "cancelled")
     before = files_of(run_dir)
@@ -467,17 +487,26 @@ def test_a_second_start_on_a_live_run_is_refused_and_scancel_cancels_without_req
         time.sleep(0.5)
     subprocess.run(["scancel", job_id], check=True)
     assert wait_for_state(job_id) == "CANCELLED"
+    start_now_if_selected(request, "packed_sweep", "test_a_sweep_is_one_array_whose_eight_trials_share_a_node_at_once")  # it trains meanwhile
     time.sleep(15)  # a wrongly requeued job would be PENDING or RUNNING again by now
     assert sacct(job_id)[0][0].startswith("CANCELLED") and restarts(job_id) == 0
 
 
-def test_a_sweep_is_one_array_whose_eight_trials_share_a_node_at_once(slurm_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def packed_sweep(slurm_cluster, tmp_path_factory):
+    """The sweep of test_a_sweep_is_one_array_whose_eight_trials_share_a_node_at_once, submitted and left to run."""
     # Eight 1-rank trials packed on one node (partition pack: node1, each core shared by up to four
     # jobs), as 1-GPU trials are on an 8-GPU node: every trial's rank 0 listens on that node at once.
+    tmp_path = tmp_path_factory.mktemp("sweep")
     lrs = [f"{n}e-3" for n in range(1, 9)]
     result = run_sft(["-m", *TINY, *SLURM, "cluster.partition=pack", "cluster.procs_per_node=1", "cluster.array_parallelism=8",
                       "trainer.max_steps=2", "trainer.global_batch_size=8", "checkpoint.export=false",
                       f"optim.lr={','.join(lrs)}", "tracking.api_key=sw33p-s3cret", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    return tmp_path, lrs, result
+
+
+def test_a_sweep_is_one_array_whose_eight_trials_share_a_node_at_once(packed_sweep):
+    tmp_path, lrs, result = packed_sweep
     assert result.returncode == 0, result.stderr[-3000:]
     assert "submitted job array" in result.stdout and "with 8 tasks" in result.stdout
     [sweep_dir] = (tmp_path / "runs" / "tiny_sft").iterdir()

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py at CPU size (--tiny): the same code the GPU check runs, end to end on a real
+"""tests/gpu/gpu_check.py at CPU size (--tiny): the same code the GPU check runs, end to end on a real
 single-rank DeepSpeed ZeRO-3 engine (gloo), through launcher.data.collate and launcher.loss."""
 
 import json
@@ -14,7 +14,7 @@ def test_tiny_gpu_check_trains_every_kernel_to_the_same_first_loss(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out")}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # the check makes its own world of one
-    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--tiny"], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "tests.gpu.gpu_check", "--tiny"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]

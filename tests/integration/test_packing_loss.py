@@ -5,7 +5,7 @@ transformers builds a block-diagonal causal mask per row; flash_attention_2 and 
 the whole micro-batch as one row with its sequence boundaries (launcher.data.collate). Both
 layouts are checked with every kernel that runs on CPU, at micro batch 4. flash_attention_2 needs
 CUDA and flex_attention has no CPU backward: flex is checked for the loss only, flash by
-benchmarks/gpu_check.py on a GPU (and its boundaries against transformers' own in the unit tests).
+tests/gpu/gpu_check.py on a GPU (and its boundaries against transformers' own in the unit tests).
 """
 
 import pytest

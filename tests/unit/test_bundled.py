@@ -3,18 +3,14 @@
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from launcher.bundled import MODEL_DIR, TASKS_DIR, is_bundled, resolve  # noqa: E402
+from launcher.bundled import TASKS_DIR, is_bundled, resolve  # noqa: E402
 from launcher.bundled.tasks import generate_examples, main as tasks_main, write_dataset  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -144,23 +140,3 @@ def test_tokenizer_special_tokens_and_chat_template(model_dir):
     masked = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
     answer = [i for i, m in zip(masked["input_ids"], masked["assistant_masks"]) if m]
     assert tok.decode(answer) == "c b a<|im_end|>"
-
-
-def test_concurrent_resolve_builds_one_intact_model(tmp_path):
-    code = "from launcher.bundled import resolve; print(resolve('bundled://tiny-llama'))"
-    env = {**os.environ, "SFT_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
-    paths = {out.strip().splitlines()[-1] for out, _ in outs}  # DeepSpeed may print on import
-    assert paths == {str(tmp_path / MODEL_DIR)}
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
-        [MODEL_DIR, TASKS_DIR])
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(paths.pop())
-    tok = AutoTokenizer.from_pretrained(tmp_path / MODEL_DIR)
-    assert model.config.vocab_size == len(tok)

@@ -1,5 +1,5 @@
-"""Bad data stops `sft` on the login side with a clean error (file, line, fix; exit 2) before anything is
-written or started; odd but valid files load with the same rows as their plain versions."""
+"""Bad data is named by the login-side check and the pipeline (the clean stop of `sft` itself:
+tests/integration/test_data_errors_cli.py); odd but valid files load with the same rows as their plain versions."""
 
 import gzip
 import json
@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 from launcher.bundled import resolve
 from launcher.data import DataError, prepare_data
 from launcher.data.check import check_files
-from tests.conftest import run_sft
 
 ROWS = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Où est le café ?"},
@@ -20,22 +19,10 @@ ROWS = [
     *({"messages": [{"role": "user", "content": f"add {i} {i}"}, {"role": "assistant", "content": str(2 * i)}]}
       for i in range(7)),
 ]
-ALPACA = [{"instruction": f"add {i} {i}", "input": "", "output": str(2 * i)} for i in range(4)]
 
 
 def jsonl(rows) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def sft_fails(tmp_path, *overrides, env=None):
-    """Run `sft` as a user would; assert the clean failure: exit 2, an error block, no traceback, nothing written."""
-    result = run_sft([*overrides, f"runs_root={tmp_path}/runs"], cwd=tmp_path, env=env)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "error:" in result.stderr
-    for noise in ("Traceback", "HYDRA_FULL_ERROR", "Error executing job"):
-        assert noise not in result.stderr, result.stderr[-3000:]
-    assert not (tmp_path / "runs").exists()
-    return " ".join(result.stderr.split())  # rich may wrap long lines
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +39,6 @@ def prepared_rows(tok, path, tmp_path, **kw):
 
 
 # --- 1. an empty file ----------------------------------------------------------------------------
-
-def test_an_empty_file_is_named_before_anything_starts(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n  \n")
-    err = sft_fails(tmp_path, "data=chat", f"data.train_files={empty}", "data.eval_files=null")
-    assert f"data.train_files: {empty}: the file is empty (no rows)" in err
-    err = sft_fails(tmp_path, "data=chat", f"data.train_files={empty}", "data.eval_files=null", "data.preview=2")
-    assert f"{empty}: the file is empty (no rows)" in err
-
 
 def test_the_pipeline_names_an_empty_file_too(tok, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
@@ -101,37 +79,6 @@ def test_odd_but_valid_files_give_the_same_rows_as_plain_ones(tok, tmp_path):
         assert prepared_rows(tok, path, tmp_path) == want, path.name
     # A byte-order mark is not a bad row when bad rows are skipped either: nothing is lost.
     assert len(prepared_rows(tok, tmp_path / "bom.jsonl", tmp_path, on_bad_row="skip")) == len(ROWS)
-
-
-# --- 3. a bad row in error mode ------------------------------------------------------------------
-
-def test_a_bad_row_stops_sft_cleanly_with_file_and_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(jsonl(ROWS[:2]) + '{"messages": [{"role": "robot", "content": "hi"}]}\n' + "{not json\n")
-    err = sft_fails(tmp_path, "data=chat", f"data.train_files={bad}", "data.eval_files=null")
-    assert (f"data.train_files: {bad}, line 3: messages[0] has unknown role 'robot' (valid: system, user, assistant; "
-            "ShareGPT human, gpt) [unknown_role]; line 4: invalid JSON at column 2") in err
-    assert "(2 bad of 4 rows; fix them, or data.on_bad_row=skip skips and counts them)" in err
-
-
-def test_a_file_of_only_bad_rows_in_skip_mode_is_refused(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": ""}\n{"messages": []}\n')
-    err = sft_fails(tmp_path, "data=chat", f"data.train_files={bad}", "data.eval_files=null", "data.on_bad_row=skip")
-    assert "no row can be trained on: every row is bad (data.on_bad_row=skip skipped them all; data.format=auto)" in err
-
-
-# --- 4. a recipe's pinned format and bundled eval split ------------------------------------------
-
-def test_the_tiny_recipe_with_alpaca_rows_names_both_formats_and_the_eval_split(tmp_path):
-    mine = tmp_path / "my_alpaca.jsonl"
-    mine.write_text(jsonl(ALPACA))
-    err = sft_fails(tmp_path, "recipe=tiny_sft", f"data.train_files={mine}")
-    assert (f"{mine}, line 1: missing field 'conversations' (read as data.format=messages; this row looks like "
-            "alpaca: set data.format=alpaca or data.format=auto) [missing_field]") in err
-    assert ("data.eval_files='bundled://tiny-tasks/eval.jsonl': the recipe's bundled eval split does not belong to "
-            "your data.train_files: set data.eval_files=<your eval file>, or data.eval_files=null "
-            "data.eval_fraction=0.02 to hold out rows of your own") in err
 
 
 # --- 5. rows dropped for length ------------------------------------------------------------------

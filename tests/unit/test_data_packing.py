@@ -90,17 +90,6 @@ def test_collate_padded_has_attention_mask_and_ignored_pads():
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]  # padding never restarts at 0
 
 
-def test_the_trainer_gets_the_collate_function_not_its_module():
-    """`launcher.data.collate` is both a module and the function the package exports; a lazy
-    export once handed the trainer the module, and every padded run failed at its first batch."""
-    import subprocess
-    import sys
-
-    check = "import launcher.trainer as t, launcher.data as d; assert callable(t.collate) and callable(d.collate)"
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 def test_collate_targets_are_the_next_tokens_and_never_cross_examples():
     row = {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}
     batch = collate([row], pad_id=0)

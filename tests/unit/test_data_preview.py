@@ -7,7 +7,7 @@ from rich.console import Console
 
 from launcher.bundled import resolve
 from launcher.data.preview import print_preview
-from tests.conftest import compose_config, run_sft
+from tests.conftest import compose_config
 
 
 def preview(tmp_path, terminal):
@@ -30,11 +30,3 @@ def test_plain_preview_marks_trained_tokens(tmp_path):
 def test_terminal_preview_uses_colours(tmp_path):
     text = preview(tmp_path, terminal=True)
     assert "\x1b[" in text and "[[" not in text and "train_examples" in text
-
-
-def test_sft_preview_prints_and_exits_without_training(tmp_path):
-    result = run_sft(["data.preview=2", f"data.cache_dir={tmp_path / 'cache'}", f"runs_root={tmp_path / 'runs'}"],
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("example ") == 2 and "[[" in result.stdout and "rows_kept: 2200" in result.stdout
-    assert not (tmp_path / "runs").exists()  # no run directory: nothing was launched

@@ -2,13 +2,16 @@
 through the launcher's own batch and loss code, once per attention kernel; speed, memory, and losses
 that must agree between kernels. Whole run < 8 minutes on one H200.
 
-    python -m benchmarks.gpu_check                 # from the repo root
-    python -m benchmarks.gpu_check --tiny          # CPU-size shapes (eager + sdpa, fp32), ~20 s
+    python -m tests.gpu.gpu_check                 # from the repo root
+    python -m tests.gpu.gpu_check --tiny          # CPU-size shapes (eager + sdpa, fp32), ~20 s
+
+Under pytest: tests/gpu/test_gpu_kernels.py runs it at full size where a CUDA GPU is present (skipped
+without one), tests/integration/test_gpu_check.py at CPU size (--tiny).
 
 On the device machine (deepspeed, hydra & co. travel as wheels; build .whl/ here first with
 shared/tools/gpu-wheels.sh), the command line of `run(carry=[".whl"], command=...)`:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 -m benchmarks.gpu_check
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 -m tests.gpu.gpu_check
 
 What runs, per attention implementation (flash_attention_2 if the flash-attn package is installed,
 flex_attention, sdpa on CUDA; eager and sdpa on CPU; --impls to choose, eager only when asked):
@@ -66,7 +69,7 @@ IMPLS = ("flash_attention_2", "flex_attention", "sdpa", "eager", "auto")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.gpu.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true",
                    help="CPU-size shapes: hidden 64, 2 layers, vocab 512, seq 256, 3 steps, fp32, eager+sdpa")
     p.add_argument("--steps", type=int, help="optimizer steps per implementation (default 30; --tiny 3)")
