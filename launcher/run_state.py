@@ -74,9 +74,9 @@ class Progress:
         return bool(self.total and self.step is not None and self.step >= self.total)
 
 
-def outcome(run_dir: Path) -> Tuple[Optional[str], str]:
-    """(FAILED or STOPPED when a rank's last start ended that way, else None; what said so)."""
-    events = read_events(run_dir)
+def outcome(run_dir: Path, events: Optional[List[dict]]) -> Tuple[Optional[str], str]:
+    """(FAILED or STOPPED when a rank's last start ended that way, else None; what said so).
+    events: the run's (read_events); None for a run directory from before events."""
     if events is None:
         return legacy_log_outcome(run_dir), "logs"
     last = {}  # rank -> how its last start ended (None: it has not ended, or ended otherwise)
@@ -160,10 +160,10 @@ def state_from_files(run_dir: Path, progress: Progress) -> Tuple[str, str]:
     recorded = read_json(run_dir / CANCELLED).get("state")
     if recorded:
         return recorded, CANCELLED
-    events = read_events(run_dir) or []
+    events = read_events(run_dir)
     if events and events[-1]["event"] == COMPLETED:  # rank 0's last word: trained, evaluated, exported if asked
         return "COMPLETED", "events"
-    ended, source = outcome(run_dir)
+    ended, source = outcome(run_dir, events)
     if ended:
         return ended, source
     # Every step trained is not enough: a run killed in its final eval or export has trained them all.
