@@ -2,6 +2,8 @@
 
 auto picks, where the ranks train: flash_attention_2 on CUDA when the flash-attn package is
 installed, else flex_attention (torch's own block-sparse attention, no compiled package); sdpa on CPU.
+With sequence parallelism (trainer.sequence_parallel > 1) auto never picks flex_attention, which
+Ulysses cannot keep packed rows apart in (SP_REFUSED): sdpa instead.
 """
 
 from importlib.util import find_spec
@@ -12,14 +14,21 @@ from launcher.errors import problem
 # Kernels fed one row per micro-batch with explicit sequence boundaries (launcher.data.collate).
 ONE_ROW_KERNELS = ("flash_attention_2", "flex_attention")
 
+# Kernels DeepSpeed's Ulysses cannot train correctly with sequence parallelism, and why.
+SP_REFUSED = {
+    "eager": "DeepSpeed's Ulysses refuses eager: it materialises a full (seq x seq) mask per layer; use sdpa or flash_attention_2",
+    "flex_attention": "DeepSpeed rebuilds flex_attention's block mask as plain causal after the all-to-all, so packed "
+                      "examples would attend to each other; use flash_attention_2 or sdpa",
+}
 
-def resolve_attn_implementation(name: str, device_type: str, precision: str = "bf16") -> str:
+
+def resolve_attn_implementation(name: str, device_type: str, precision: str = "bf16", sequence_parallel: int = 1) -> str:
     if name != "auto":
         return name
     if device_type == "cuda":
         # flash-attn computes in 16 bits only, on Ampere or newer (checked where the ranks run).
         flash = find_spec("flash_attn") and precision != "fp32" and cuda_capability() >= (8, 0)
-        return "flash_attention_2" if flash else "flex_attention"
+        return "flash_attention_2" if flash else "flex_attention" if sequence_parallel == 1 else "sdpa"
     return "sdpa"
 
 
@@ -33,11 +42,13 @@ def cuda_capability() -> tuple:
     return (9, 0)
 
 
-def attention_problems(name: str, device_type: str, precision: str) -> List[str]:
+def attention_problems(name: str, device_type: str, precision: str, sequence_parallel: int = 1) -> List[str]:
     """Kernel choices that cannot train here, each with its reason and what would work."""
-    kernel = resolve_attn_implementation(name, device_type, precision)
+    kernel = resolve_attn_implementation(name, device_type, precision, sequence_parallel)
     key = "model.attn_implementation"
     shown = kernel if kernel == name else f"{name} (= {kernel})"
+    if sequence_parallel > 1 and kernel in SP_REFUSED:
+        return [problem(key, shown, f"with trainer.sequence_parallel={sequence_parallel}: {SP_REFUSED[kernel]}")]
     if kernel == "flash_attention_2" and device_type != "cuda":
         return [problem(key, shown, "flash-attn runs on CUDA GPUs only and these ranks train on the CPU; use sdpa or eager")]
     if kernel == "flash_attention_2" and precision == "fp32":

@@ -3,7 +3,7 @@ device once, at the log step (a per-step read would make the CPU wait for the GP
 
     loss                  mean over every trained token of the window's steps (not the last step's)
     trained_tokens        how many tokens that mean is over
-    tokens_per_s          tokens fed to the model, padding included, all ranks
+    tokens, tokens_per_s  tokens fed to the model, padding included, all ranks, each once
     trained_tokens_per_s  tokens with a loss, all ranks
     step_time_s           this rank's mean step time (on GPUs timed with CUDA events: the device's
                           time, read at the log step, not the host's time to queue the work)
@@ -77,6 +77,7 @@ class LogWindow:
         return {
             "loss": loss_sum / max(self.global_trained, 1),
             "trained_tokens": int(self.global_trained),  # in the window, all ranks: the loss's weight
+            "tokens": int(tokens),  # fed in the window, all ranks, each once (a sequence-parallel shard is a part of a row)
             "tokens_per_s": tokens / elapsed,
             "tokens_per_s_per_rank": tokens / elapsed / self.world,
             "trained_tokens_per_s": self.global_trained / elapsed,

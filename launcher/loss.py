@@ -53,8 +53,8 @@ class LossHead(nn.Module):
         return self.last_loss
 
     def _loss(self, hidden: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # The last position predicts nothing; index counts positions of hidden[:, :-1].
-        trained = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, index)  # only those reach the projection
+        # index counts every position of hidden (a row's last predicts nothing and is never in it).
+        trained = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)  # only those reach the projection
         if self.mode == "liger" and trained.size(0):  # Liger divides by the token count
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -98,7 +98,7 @@ def token_loss_sum(model: nn.Module, head: Optional[LossHead], batch) -> torch.T
     examples apart. The batch comes from launcher.data.collate, its targets computed on the CPU."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if head is None:  # full: the model's own logits, every position, in fp32
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        logits = model(**inputs, use_cache=False).logits.float()
         logits = logits.reshape(-1, logits.size(-1))
         every = torch.full((logits.size(0),), IGNORE, dtype=torch.long, device=logits.device)
         every[batch["loss_index"]] = batch["loss_labels"]

@@ -4,7 +4,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from launcher import bundled
 from launcher.plan.shape import ModelShape
@@ -18,6 +18,8 @@ class ModelFacts:
     source: str  # "config.json" | "recipe hints" | "unknown"
     error: Optional[str] = None  # why config.json could not be read
     shape: Optional[ModelShape] = None  # None: not a Llama-family model, or unknown
+    heads: Optional[int] = None  # attention heads (num_attention_heads), any architecture: sequence parallelism splits them
+    kv_heads: Optional[int] = None  # key/value heads (num_key_value_heads; = heads without grouped-query attention)
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -75,4 +77,14 @@ def _read_model_facts(model_path: str, trust_remote_code: bool, hints_json: str)
             params = count_params_on_meta(config, trust_remote_code)
         except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: no count
             params = None
-    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape)
+    heads, kv_heads = attention_heads(config)
+    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape, heads, kv_heads)
+
+
+def attention_heads(config: Dict[str, Any]) -> Tuple[Optional[int], Optional[int]]:
+    """(heads, KV heads) of a config.json; GPT-2-style configs name the heads n_head."""
+    heads = config.get("num_attention_heads") or config.get("n_head")
+    if not isinstance(heads, int):
+        return None, None
+    kv_heads = config.get("num_key_value_heads")
+    return heads, kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads

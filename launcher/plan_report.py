@@ -30,8 +30,8 @@ def plan_table(plan: Plan) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     rows = [
-        ("world size", f"{plan.world_size} = {plan.nodes} node(s) x {plan.procs_per_node} rank(s)"),
-        ("global batch", f"{plan.global_batch_size} = micro {plan.micro_batch_size} x ranks {plan.world_size} x accum {plan.grad_accum_steps}"),
+        ("world size", world_size_text(plan)),
+        ("global batch", global_batch_text(plan)),
         ("sequence length", str(plan.seq_len)),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("train examples", fmt_count(plan.train_examples)),
@@ -49,6 +49,18 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
+def world_size_text(plan: Plan) -> str:
+    text = f"{plan.world_size} = {plan.nodes} node(s) x {plan.procs_per_node} rank(s)"
+    if plan.sequence_parallel > 1:
+        text += f"; sequence parallel {plan.sequence_parallel} -> {plan.data_parallel} data-parallel"
+    return text
+
+
+def global_batch_text(plan: Plan) -> str:
+    ranks = "ranks" if plan.sequence_parallel == 1 else "data-parallel ranks"
+    return f"{plan.global_batch_size} = micro {plan.micro_batch_size} x {ranks} {plan.data_parallel} x accum {plan.grad_accum_steps}"
+
+
 def fit_verdict(mem: Dict[str, Any]) -> str:
     if mem["fits"] is None:
         return "no verdict: the GPU memory is unknown (set cluster.gpu or cluster.gpu_mem_gib)" if mem["gpu_mem_gib"] is None \
@@ -56,7 +68,8 @@ def fit_verdict(mem: Dict[str, Any]) -> str:
     budget = f"{fmt_gib(mem['gpu_mem_gib'])} usable"
     if mem["fits"]:
         return f"fits ({fmt_gib(mem['peak_gib'])} of {budget})"
-    fixes = "; ".join(mem["advice"]) or "no single change (micro batch, checkpointing, offload, nodes): combine them, or use a larger GPU"
+    fixes = "; ".join(mem["advice"]) or ("no single change (micro batch, checkpointing, sequence parallelism, offload, nodes): "
+                                         "combine them, or use a larger GPU")
     return f"DOES NOT FIT ({fmt_gib(mem['peak_gib'])} > {budget}); would fit with: {fixes}"
 
 
@@ -87,11 +100,15 @@ def speed_rows(comm: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
     ops = ", ".join(f"{op} {fmt_bytes(b)}" for op, b in comm["message_bytes"].items())
     rows = [("communication per step", f"{fmt_bytes(comm['bytes_per_gpu'])} sent and received per GPU "
              f"({comm['comm_s']:.2f} s at {comm['link_gbps']:g} Gbit/s, {comm['link']}); DeepSpeed messages: {ops}")]
+    if comm.get("sp_bytes_per_gpu"):
+        rows.append(("  sequence parallel", f"{fmt_bytes(comm['sp_bytes_per_gpu'])} per GPU in all-to-alls within the node "
+                     f"({comm['sp_comm_s']:.2f} s, added to the step: attention waits for them)"))
     if comm["step_s"] is None:
         rows.append(("step time", "n/a: the device's peak is unknown (set cluster.gpu or cluster.gpu_tflops)"))
     else:
         bound = "communication" if comm["comm_s"] > comm["compute_s"] else "compute"
-        rows.append(("step time (at best)", f"{comm['step_s']:.2f} s, {bound}-bound (compute {comm['compute_s']:.2f} s at peak); "
+        sp = f" + all-to-all {comm['sp_comm_s']:.2f} s" if comm.get("sp_comm_s") else ""
+        rows.append(("step time (at best)", f"{comm['step_s']:.2f} s, {bound}-bound (compute {comm['compute_s']:.2f} s at peak{sp}); "
                      f"{comm['tokens_per_s']:,.0f} tokens/s; MFU ceiling {comm['mfu_ceiling']:.0%}"))
     return rows
 

@@ -19,6 +19,9 @@ from launcher.schema import ResumeChange, plain
 ADAPTS = {
     "world_size": "the checkpoint is converted to DeepSpeed's universal form once and loaded on the new ranks",
     "micro_batch_size": "gradient accumulation changes to keep the global batch",
+    # The rows of a step follow the data-parallel ranks and the global batch; ZeRO-3 shards every
+    # parameter over all ranks, whatever the groups, so the checkpoint does not depend on it.
+    "sequence_parallel": "the same rows per step; the ZeRO-3 shards do not depend on the groups",
 }
 # Changes a user may accept with checkpoint.allow_changes=[...] (the schema refuses others); the
 # rest would replay or skip data.
@@ -55,6 +58,7 @@ def fingerprint(cfg, plan) -> Dict[str, Any]:
     return {
         "world_size": plan.world_size,
         "micro_batch_size": plan.micro_batch_size,
+        "sequence_parallel": cfg.trainer.sequence_parallel,
         "global_batch_size": plan.global_batch_size,
         "seq_len": cfg.data.seq_len,
         "packing": bool(cfg.data.packing),

@@ -125,6 +125,10 @@ class TrainerConfig:
     loss: LossKind = LossKind.chunked  # chunked: no full-vocabulary logits; liger: fused kernel (GPU); full
     loss_chunk_tokens: int = 1024  # trained tokens per chunk of the chunked loss
     dist_timeout_min: float = 30.0  # a collective waiting longer than this fails the job (process-group timeout)
+    # Ranks per sequence-parallel group (DeepSpeed Ulysses): each holds 1/N of every row's tokens and
+    # attention runs over the whole row through all-to-all; data-parallel ranks = world / N.
+    sequence_parallel: int = 1
+    tiled_mlp: bool = False  # the MLP over slices of the sequence (DeepSpeed's TiledMLP): long rows' MLP activations
 
 
 @dataclass

@@ -9,7 +9,8 @@ signal-triggered checkpoints with exact resume (model, optimizer, scheduler, RNG
 eval loss, perplexity and greedy-generation accuracy; metrics to the run's metrics file and W&B from rank 0;
 a Hugging Face export at the end.
 
-    global batch = micro_batch_size x world_size x grad_accum_steps
+    global batch = micro_batch_size x data-parallel ranks x grad_accum_steps
+    data-parallel ranks = world_size / trainer.sequence_parallel (launcher.sequence_parallel)
 """
 
 import datetime
@@ -30,7 +31,7 @@ from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from launcher import bundled, checkpoint, ops, rendezvous, universal
+from launcher import bundled, checkpoint, ops, rendezvous, sequence_parallel, universal
 from launcher.atomic import write_text_atomic
 from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.data import collate, prepare_data
@@ -102,6 +103,8 @@ class SFTTrainer:
         self.ds_config = ds_config
         self.env = env
         self.is_main = env.rank == 0
+        # Sequence parallelism: groups of consecutive ranks share each row; data parallelism is world / N.
+        self.sp = sequence_parallel.layout_for(env.rank, env.world_size, cfg.trainer.get("sequence_parallel"))
         self.stop = STOP.install()
         # Modulo: a cluster that binds one GPU per task shows each task a single device 0.
         self.device = torch.device("cuda", env.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu")
@@ -187,7 +190,7 @@ class SFTTrainer:
         """The tokenised splits, the optimizer steps per epoch and in total."""
         cfg, env = self.cfg, self.env
         data = prepare_data(cfg.data, tokenizer, local_rank=env.local_rank, log=log.info)
-        steps_per_epoch = len(data.train) // env.world_size // self.rows_per_step
+        steps_per_epoch = len(data.train) // self.sp.data_parallel_size // self.rows_per_step
         if steps_per_epoch == 0:
             raise ValueError(
                 f"the train split has {len(data.train)} sequences, fewer than one global batch "
@@ -238,7 +241,8 @@ class SFTTrainer:
 
     def _attention_layout(self) -> Tuple[str, bool, Optional[int]]:
         """The attention kernel, whether a micro-batch is one row, and the tokens each row is padded to."""
-        attn = resolve_attn_implementation(str(self.cfg.model.attn_implementation), self.device.type, str(self.cfg.trainer.precision))
+        attn = resolve_attn_implementation(str(self.cfg.model.attn_implementation), self.device.type, str(self.cfg.trainer.precision),
+                                           sequence_parallel=self.sp.size)
         # Varlen kernels get each micro-batch as one row with explicit sequence boundaries; flex
         # compiles per shape, so its rows are padded to one length.
         one_row = attn in ONE_ROW_KERNELS
@@ -259,6 +263,10 @@ class SFTTrainer:
         if self.cfg.trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
         model.config.use_cache = False
+        if self.cfg.trainer.get("tiled_mlp"):
+            log.info("tiled MLP: %d layers", sequence_parallel.tile_mlps(model))
+        # Ulysses' groups, for DeepSpeed's engine (None without sequence parallelism).
+        self.mpu = sequence_parallel.register(model, attn, self.sp.size, self.micro_batch)
         loss_head = install_loss_head(model, str(self.cfg.trainer.loss), self.cfg.trainer.loss_chunk_tokens)
         return model, loss_head, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
@@ -271,6 +279,7 @@ class SFTTrainer:
             optimizer=build_optimizer(o, model.named_parameters()),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=self.ds_config,
+            mpu=self.mpu,
         )
         return engine, optimizer, scheduler
 
@@ -302,8 +311,9 @@ class SFTTrainer:
     def _epoch_indices(self, epoch: int) -> List[int]:
         """This rank's row order for an epoch: a function of (seed, epoch) only, so resume is exact."""
         if epoch not in self._epoch_cache:
+            # Over data-parallel ranks: a sequence-parallel group shares its rows.
             sampler = DistributedSampler(
-                self.data.train, num_replicas=self.env.world_size, rank=self.env.rank,
+                self.data.train, num_replicas=self.sp.data_parallel_size, rank=self.sp.data_parallel_rank,
                 shuffle=True, seed=self.cfg.seed, drop_last=True,
             )
             sampler.set_epoch(epoch)
@@ -318,10 +328,11 @@ class SFTTrainer:
 
     def _batch(self, rows: List[dict]) -> Dict[str, Any]:
         """Collated rows on the device; targets and the trained-token count computed on the CPU."""
-        batch = collate(rows, self.pad_id, one_row=self.one_row, pad_to=self.row_tokens)
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = collate(rows, self.pad_id, one_row=self.one_row, pad_to=self.row_tokens, multiple_of=self.sp.size)
         batch["rows"] = len(rows)
-        return batch
+        if self.sp.size > 1:  # this rank's shard of every row, its targets from the whole row
+            batch = sequence_parallel.shard(batch, self.sp)
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # ---------------------------------------------------------------- train
     def train(self) -> int:
@@ -543,10 +554,12 @@ class SFTTrainer:
         if self.data.eval is None or len(self.data.eval) == 0:
             return {}
         self.engine.eval()
-        world, rank, n = self.env.world_size, self.env.rank, len(self.data.eval)
+        world, rank, n = self.sp.data_parallel_size, self.sp.data_parallel_rank, len(self.data.eval)
         # Every rank runs the same number of forwards (ZeRO-3 gathers are collective); rows past
-        # the end are padding with no trained token.
+        # the end are padding with no trained token. A sequence-parallel group shares its rows.
         per_rank = -(-n // world)
+        if self.sp.size > 1:  # Ulysses expects micro_batch_size rows in every forward
+            per_rank = -(-per_rank // self.micro_batch) * self.micro_batch
         rows = list(range(rank, per_rank * world, world))
         batches = [rows[i:i + self.micro_batch] for i in range(0, len(rows), self.micro_batch)]
         if self.cfg.eval.max_batches:
@@ -586,10 +599,11 @@ class SFTTrainer:
             tok.padding_side = "left"
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             tok.padding_side = "right"
-            out = self.engine.module.generate(
-                **enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
-                synced_gpus=world > 1 and self.ds_config["zero_optimization"]["stage"] == 3,
-            )
+            with sequence_parallel.whole_rows():  # each rank decodes its own prompts
+                out = self.engine.module.generate(
+                    **enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                    synced_gpus=world > 1 and self.ds_config["zero_optimization"]["stage"] == 3,
+                )
             answers = tok.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
             correct += sum(i < len(prompts) and a.strip() == p["answer"].strip() for (i, p), a in zip(chunk, answers))
         return self._sum_over_ranks(torch.tensor([correct], dtype=torch.float64)).item() / len(prompts)

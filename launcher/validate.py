@@ -16,7 +16,7 @@ from launcher.devices import GPUS, local_gpu_count
 from launcher.errors import ConfigError, problem
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.attention import attention_problems, loss_problems
-from launcher.plan import accelerator, batch_math, default_procs_per_node
+from launcher.plan import accelerator, batch_math, default_procs_per_node, ulysses
 from launcher.schema import MIN_SEQ_LEN
 from launcher.rundir import COMPLETE
 
@@ -86,7 +86,8 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     # This machine's GPUs matter to a local run only (counting them can import torch: 1.5 s).
     local_gpus = local_gpu_count() if cfg.cluster.backend == "local" else 0
     device_type = accelerator(cfg.cluster, local_gpus)
-    problems += attention_problems(str(cfg.model.attn_implementation), device_type, str(trainer.precision))
+    sequence_parallel = trainer.sequence_parallel
+    problems += attention_problems(str(cfg.model.attn_implementation), device_type, str(trainer.precision), max(1, sequence_parallel))
     problems += loss_problems(str(trainer.loss), device_type)
 
     cluster = cfg.cluster
@@ -134,6 +135,13 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
             )
         if facts.max_positions is not None and data.seq_len > facts.max_positions:
             problems.append(problem("data.seq_len", data.seq_len, f"must be <= the model's max_position_embeddings ({facts.max_positions})"))
+    if sequence_parallel > 1 and ds.stage != 3:
+        # The trainer's loss scale assumes ZeRO-3's reduction over every rank; stage 0 averages over
+        # data-parallel ranks only, and stages 1-2 with Ulysses are untested here.
+        problems.append(problem("deepspeed.stage", ds.stage, f"must be 3 with trainer.sequence_parallel={sequence_parallel} "
+                                                             "(sequence parallelism is trained and tested with ZeRO-3 only)"))
+    # The heads are checked where known (config.json or the recipe's hints).
+    problems += ulysses.size_problems(sequence_parallel, max(1, procs), data.seq_len, checked.model.heads, checked.model.kv_heads)
 
     for key in ("data.train_files", "data.eval_files"):
         spec = get(cfg, key)

@@ -14,34 +14,49 @@ Targets are computed here, on the CPU: the positions that have a loss and their 
 trainer counts trained tokens without reading anything back from the GPU.
 """
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from launcher.data.masking import IGNORE
 
-if TYPE_CHECKING:
-    pass
 
-
-def collate(rows: List[dict], pad_id: int, one_row: bool = False, pad_to: Optional[int] = None) -> Dict:
+def collate(rows: List[dict], pad_id: int, one_row: bool = False, pad_to: Optional[int] = None, multiple_of: int = 1) -> Dict:
     """input_ids, labels, position_ids (attention_mask when rows were padded; varlen arguments with one_row),
-    loss_index/loss_labels (flat positions of logits[:, :-1] that have a loss, and their labels) and
-    trained (their count, an int)."""
+    loss_index/loss_labels (flat positions of the logits that have a loss, and their labels) and
+    trained (their count, an int). multiple_of: rows (one_row: the row) padded to a multiple of it
+    (sequence parallelism splits each row into equal shards)."""
 
-    batch = _one_row(rows, pad_id, pad_to) if one_row else _rows(rows, pad_id)
-    targets = batch["labels"][:, 1:].clone()
-    targets[batch["position_ids"][:, 1:] == 0] = IGNORE  # a packed example's first token is no target of the one before
-    flat = targets.reshape(-1)
-    batch["loss_index"] = (flat != IGNORE).nonzero().view(-1)
-    batch["loss_labels"] = flat[batch["loss_index"]]
-    batch["trained"] = int(batch["loss_index"].numel())
+    if one_row:
+        tokens = max(pad_to or 0, sum(len(r["input_ids"]) for r in rows))
+        batch = _one_row(rows, pad_id, -(-tokens // multiple_of) * multiple_of)
+    else:
+        batch = _rows(rows, pad_id, multiple_of)
+    batch.update(loss_targets(next_token_targets(batch["labels"], batch["position_ids"])))
     return batch
 
 
-def _rows(rows: List[dict], pad_id: int) -> Dict:
+def next_token_targets(labels, position_ids):
+    """What each position predicts: the next token's label, IGNORE where the next token starts a packed
+    example (it is no target of the one before) and at the last position (it predicts nothing).
+    Same shape as the row, so a slice of its columns is the targets of that slice of the sequence."""
+    targets = labels.roll(-1, dims=1)
+    targets[:, -1] = IGNORE
+    targets[:, :-1][position_ids[:, 1:] == 0] = IGNORE
+    return targets
+
+
+def loss_targets(targets) -> Dict:
+    """loss_index/loss_labels (flat positions of the (rows x tokens) grid that have a loss, and their
+    labels) and trained (their count)."""
+    flat = targets.reshape(-1)
+    index = (flat != IGNORE).nonzero().view(-1)
+    return {"loss_index": index, "loss_labels": flat[index], "trained": int(index.numel())}
+
+
+def _rows(rows: List[dict], pad_id: int, multiple_of: int = 1) -> Dict:
     import torch
 
     lengths = [len(r["input_ids"]) for r in rows]
-    width = max(lengths)
+    width = -(-max(lengths) // multiple_of) * multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     # Padding continues the count (it never restarts at 0), so it cannot look like a packed example.

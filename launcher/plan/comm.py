@@ -17,11 +17,18 @@ counts an all-gather by its input (this rank's shard) and a reduce-scatter or al
 full tensor; `test_the_plan_predicts_the_bytes_deepspeeds_comms_logger_measures_within_5_percent`
 (tests/integration/test_trainer.py) checks ZeRO-3 against it. A ring moves (N-1)/N of each full
 tensor in and out of every GPU for an all-gather or reduce-scatter, twice that for an all-reduce.
+
+With sequence parallelism ZeRO's collectives still span every rank (DeepSpeed shards over the
+data-parallel x sequence-parallel ranks), and Ulysses adds per layer an `all_to_all_single` of q,
+k, v and the attention output and an `all_gather` of the position ids, within the node
+(launcher.plan.ulysses): attention waits for them, so their time adds to the step instead of
+overlapping compute.
 """
 
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
+from launcher.plan import ulysses
 from launcher.plan.memory import ZERO_DEFAULTS, element_bytes
 from launcher.plan.shape import ModelShape
 
@@ -40,6 +47,8 @@ class CommEstimate:
     step_s: Optional[float]  # the larger of the two: ZeRO overlaps communication with compute at best
     mfu_ceiling: Optional[float]  # model FLOPs over peak FLOPs at that step time
     tokens_per_s: Optional[float]  # whole job
+    sp_bytes_per_gpu: float = 0.0  # sequence parallelism's all-to-alls and all-gathers, within the node
+    sp_comm_s: float = 0.0  # their time at the intra-node bandwidth, added to the step (not overlapped)
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -62,15 +71,18 @@ def full_tensor_bytes(params: int, shape: Optional[ModelShape], zero: Dict, e: i
     return {"all_reduce": p}
 
 
-def flops_per_token(params: int, shape: Optional[ModelShape], seq_len: int, recompute: bool) -> float:
-    """Training FLOPs per token: 6 per parameter plus causal attention (8 and more with recomputation)."""
+def flops_per_token(params: int, shape: Optional[ModelShape], seq_len: int, recompute: bool, tiled_mlp: bool = False) -> float:
+    """Training FLOPs per token: 6 per parameter plus causal attention (8 and more with recomputation);
+    TiledMLP computes the MLP's forward once more in backward."""
     attention = 6 * shape.layers * shape.q_dim * seq_len if shape else 0  # QK^T and AV, causal half, x3 for backward
-    return (8 if recompute else 6) / 6 * (6 * params + attention)
+    mlp_forward = 2 * 3 * shape.hidden * shape.intermediate * shape.layers if shape and tiled_mlp else 0
+    return (8 if recompute else 6) / 6 * (6 * params + attention) + mlp_forward
 
 
 def estimate(params: int, shape: Optional[ModelShape], ds_json: Dict, precision: str, world: int, nodes: int,
              tokens_per_step: int, seq_len: int, activation_checkpointing: bool, tflops: Optional[float],
-             net_gbps: float, intra_node_gbps: float) -> CommEstimate:
+             net_gbps: float, intra_node_gbps: float, sequence_parallel: int = 1, micro_batch_size: int = 1,
+             tiled_mlp: bool = False) -> CommEstimate:
     zero = ds_json.get("zero_optimization", {})
     e = element_bytes(precision)
     accum = ds_json.get("gradient_accumulation_steps", 1)
@@ -80,12 +92,17 @@ def estimate(params: int, shape: Optional[ModelShape], ds_json: Dict, precision:
     messages = {op: (b / world if op == "all_gather_into_tensor" else b) for op, b in full.items()}
     link, gbps = ("inter-node network", net_gbps) if nodes > 1 else ("intra-node", intra_node_gbps)
     comm_s = per_gpu / (gbps / 8 * 1e9) if world > 1 else 0.0
+    sp_messages = ulysses.message_bytes(shape, micro_batch_size, seq_len, sequence_parallel, e, activation_checkpointing,
+                                        accum) if shape else {}
+    messages.update(sp_messages)
+    sp_per_gpu = ulysses.traffic_per_gpu(sp_messages, sequence_parallel)
+    sp_comm_s = sp_per_gpu / (intra_node_gbps / 8 * 1e9)  # a group never leaves its node
     compute_s = step_s = mfu = tokens_s = None
     if tflops:
-        hardware = flops_per_token(params, shape, seq_len, activation_checkpointing) * tokens_per_step
+        hardware = flops_per_token(params, shape, seq_len, activation_checkpointing, tiled_mlp) * tokens_per_step
         model = flops_per_token(params, shape, seq_len, False) * tokens_per_step
         compute_s = hardware / world / (tflops * 1e12)
-        step_s = max(compute_s, comm_s)
+        step_s = max(compute_s, comm_s) + sp_comm_s
         mfu = model / world / (tflops * 1e12) / step_s
         tokens_s = tokens_per_step / step_s
-    return CommEstimate(messages, per_gpu, link, gbps, comm_s, compute_s, step_s, mfu, tokens_s)
+    return CommEstimate(messages, per_gpu, link, gbps, comm_s, compute_s, step_s, mfu, tokens_s, sp_per_gpu, sp_comm_s)

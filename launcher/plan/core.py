@@ -1,14 +1,14 @@
 """Numbers derived from a validated config: world size, batch math, steps, memory, DeepSpeed JSON."""
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
+from launcher.attention import ONE_ROW_KERNELS, SP_REFUSED, resolve_attn_implementation
 from launcher.devices import GPUS, by_device_name
-from launcher.plan import comm, memory, stop_window
+from launcher.plan import comm, memory, stop_window, ulysses
 from launcher.plan.memory import MemoryEstimate, Workload
 from launcher.errors import problem
 
@@ -32,13 +32,15 @@ class Found:
 @dataclass
 class Plan:
     world_size: int
+    data_parallel: int  # ranks that take micro-batches of their own: world / sequence_parallel
+    sequence_parallel: int  # ranks sharing each row (trainer.sequence_parallel)
     nodes: int
     procs_per_node: int
     micro_batch_size: int
     grad_accum_steps: int
     global_batch_size: int
     seq_len: int
-    tokens_per_step: int  # global batch x seq_len: exact when packing, an upper bound when padding
+    tokens_per_step: int  # global batch x seq_len (each token once): exact when packing, an upper bound when padding
     train_examples: Optional[int]  # rows in the train files, when countable before tokenising
     steps_per_epoch: Optional[int]  # from rows: an upper bound with packing (packed rows are fewer)
     total_steps: Optional[int]
@@ -73,12 +75,26 @@ def accelerator(cluster, local_gpus: int = 0) -> str:
     return "cuda" if local_gpus else "cpu"
 
 
+def sequence_parallel_size(trainer) -> int:
+    return getattr(trainer, "sequence_parallel", 1)
+
+
+def data_parallel_ranks(trainer, world_size: int) -> int:
+    """Ranks that take micro-batches of their own: world / trainer.sequence_parallel, as a group of N
+    shares each micro-batch (the whole world when N does not divide it: validate refuses that N)."""
+    n = sequence_parallel_size(trainer)
+    return world_size // n if n >= 1 and world_size % n == 0 else world_size
+
+
 def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
-    """(grad_accum_steps, global_batch_size, problems): global = micro x ranks x accumulation."""
+    """(grad_accum_steps, global_batch_size, problems): global = micro x data-parallel ranks x accumulation."""
     mb, accum, gb = trainer.micro_batch_size, trainer.grad_accum_steps, trainer.global_batch_size
+    dp = data_parallel_ranks(trainer, world_size)
+    n = sequence_parallel_size(trainer)
+    ranks = "data-parallel ranks" if n == 1 else f"data-parallel ranks (world / trainer.sequence_parallel = {world_size} / {n})"
     if mb < 1:
-        return 1, world_size, [problem("trainer.micro_batch_size", mb, "must be >= 1")]
-    per_step = mb * world_size
+        return 1, dp, [problem("trainer.micro_batch_size", mb, "must be >= 1")]
+    per_step = mb * dp
     if accum is not None and accum < 1:
         return 1, per_step, [problem("trainer.grad_accum_steps", accum, "must be >= 1")]
     if gb is None:
@@ -89,8 +105,8 @@ def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
             problem(
                 "trainer.global_batch_size",
                 gb,
-                f"must equal micro_batch_size x data-parallel ranks x grad_accum_steps = "
-                f"{mb} x {world_size} x {accum} = {per_step * accum} (or leave one of them unset)",
+                f"must equal micro_batch_size x {ranks} x grad_accum_steps = "
+                f"{mb} x {dp} x {accum} = {per_step * accum} (or leave one of them unset)",
             )
         ]
     if gb < 1 or gb % per_step:
@@ -98,8 +114,8 @@ def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
             problem(
                 "trainer.global_batch_size",
                 gb,
-                f"must be a positive multiple of micro_batch_size x data-parallel ranks = "
-                f"{mb} x {world_size} = {per_step} (e.g. {per_step * max(1, round(gb / per_step))})",
+                f"must be a positive multiple of micro_batch_size x {ranks} = "
+                f"{mb} x {dp} = {per_step} (e.g. {per_step * max(1, round(gb / per_step))})",
             )
         ]
     return gb // per_step, gb, []
@@ -119,6 +135,8 @@ def make_plan(cfg, facts, train_examples: Optional[int], found: Optional[Found] 
         total = steps_per_epoch * cfg.trainer.epochs if steps_per_epoch else None
     plan = Plan(
         world_size=world,
+        data_parallel=data_parallel_ranks(cfg.trainer, world),
+        sequence_parallel=cfg.trainer.sequence_parallel,
         nodes=cfg.cluster.nodes,
         procs_per_node=procs,
         micro_batch_size=cfg.trainer.micro_batch_size,
@@ -166,19 +184,42 @@ def device_budget(cluster, found: "Found") -> Tuple[Optional[float], Optional[fl
     return mem, tflops, ", ".join(source) or "unknown: set cluster.gpu (or cluster.gpu_mem_gib, cluster.gpu_tflops)"
 
 
+def attention_kernel(cfg, local_gpus: int, sequence_parallel: int) -> str:
+    return resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster, local_gpus),
+                                       str(cfg.trainer.precision), sequence_parallel)
+
+
 def attention_summary(cfg, local_gpus: int) -> str:
     name = str(cfg.model.attn_implementation)
-    kernel = resolve_attn_implementation(name, accelerator(cfg.cluster, local_gpus), str(cfg.trainer.precision))
+    n = cfg.trainer.sequence_parallel
+    kernel = attention_kernel(cfg, local_gpus, n)
     layout = "one row per micro-batch with its sequence boundaries" if kernel in ONE_ROW_KERNELS else "one row per sequence"
     loss = str(cfg.trainer.loss) + (f" ({cfg.trainer.loss_chunk_tokens} tokens per chunk)" if str(cfg.trainer.loss) == "chunked" else "")
-    return f"{kernel}{' (auto)' if name == 'auto' else ''}, {layout}; loss: {loss}"
+    sp = f"; sequence parallel {n} (Ulysses all-to-all, seq_len / {n} tokens per rank)" if n > 1 else ""
+    mlp = "; MLP tiled over the sequence" if cfg.trainer.tiled_mlp else ""
+    return f"{kernel}{' (auto)' if name == 'auto' else ''}, {layout}; loss: {loss}{sp}{mlp}"
 
 
 def workload(cfg, local_gpus: int) -> Workload:
-    kernel = resolve_attn_implementation(str(cfg.model.attn_implementation), accelerator(cfg.cluster, local_gpus), str(cfg.trainer.precision))
+    n = cfg.trainer.sequence_parallel
     return Workload(cfg.trainer.micro_batch_size, cfg.data.seq_len, str(cfg.trainer.precision),
-                    cfg.trainer.activation_checkpointing, kernel, cfg.data.packing,
-                    str(cfg.trainer.loss), cfg.trainer.loss_chunk_tokens)
+                    cfg.trainer.activation_checkpointing, attention_kernel(cfg, local_gpus, n), cfg.data.packing,
+                    str(cfg.trainer.loss), cfg.trainer.loss_chunk_tokens, n, cfg.trainer.tiled_mlp)
+
+
+def sequence_parallel_tries(cfg, facts, procs_per_node: int, local_gpus: int) -> List[Tuple[str, Workload]]:
+    """(override, workload) for each valid trainer.sequence_parallel above the current one, smallest first:
+    what the advice tries when a run does not fit. A kernel Ulysses refuses is swapped for sdpa, and said so."""
+    current = cfg.trainer.sequence_parallel
+    sizes = ulysses.valid_sizes(procs_per_node, cfg.data.seq_len, facts.heads, facts.kv_heads)
+    work, tries = workload(cfg, local_gpus), []
+    for n in (k for k in sizes if k > current):
+        label = f"trainer.sequence_parallel={n}"
+        kernel = attention_kernel(cfg, local_gpus, n)
+        if kernel in SP_REFUSED:
+            kernel, label = "sdpa", f"{label} model.attn_implementation=sdpa"
+        tries.append((label, replace(work, sequence_parallel=n, attn_implementation=kernel)))
+    return tries
 
 
 def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops, local_gpus: int = 0) -> Tuple[Optional[MemoryEstimate], Optional[comm.CommEstimate], Optional[Plan]]:
@@ -187,17 +228,18 @@ def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops, local_gpus: 
     accum, gb, problems = batch_math(cfg.trainer, world)
     if problems:
         return None, None, None
-    at = Plan(**{**plan.to_dict(), "world_size": world, "nodes": nodes, "grad_accum_steps": accum, "global_batch_size": gb,
-                 "memory": None, "comm": None, "stop_window": None, "scaling": []})
+    at = Plan(**{**plan.to_dict(), "world_size": world, "data_parallel": data_parallel_ranks(cfg.trainer, world), "nodes": nodes,
+                 "grad_accum_steps": accum, "global_batch_size": gb, "memory": None, "comm": None, "stop_window": None, "scaling": []})
     ds_json = deepspeed_config(cfg, at)
     work = workload(cfg, local_gpus)
     mem = memory.estimate(facts.shape, facts.params, work, ds_json, world, nodes)
     budget = mem_gib * USABLE_FRACTION if mem_gib else None
     mem = memory.check_fit(mem, budget, facts.shape, work, world, nodes, ds_json, facts.params,
-                           more_nodes=cfg.cluster.backend == "slurm" and cfg.trainer.global_batch_size is not None)
+                           more_nodes=cfg.cluster.backend == "slurm" and cfg.trainer.global_batch_size is not None,
+                           sequence_parallel_tries=sequence_parallel_tries(cfg, facts, plan.procs_per_node, local_gpus))
     traffic = comm.estimate(facts.params, facts.shape, ds_json, str(cfg.trainer.precision), world, nodes, gb * cfg.data.seq_len,
                             cfg.data.seq_len, cfg.trainer.activation_checkpointing, tflops, cfg.cluster.net_gbps,
-                            cfg.cluster.intra_node_gbps)
+                            cfg.cluster.intra_node_gbps, work.sequence_parallel, work.micro_batch_size, work.tiled_mlp)
     return mem, traffic, at
 
 
@@ -221,7 +263,7 @@ def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[f
             row = {"nodes": nodes, "gpus": nodes * plan.procs_per_node, "divides": at is not None}
             if at is not None:
                 row.update(accum=at.grad_accum_steps, global_batch=at.global_batch_size, peak_gib=m.peak_gib, fits=m.fits,
-                           comm_s=t.comm_s, compute_s=t.compute_s, step_s=t.step_s, tokens_per_s=t.tokens_per_s,
+                           comm_s=t.comm_s + t.sp_comm_s, compute_s=t.compute_s, step_s=t.step_s, tokens_per_s=t.tokens_per_s,
                            mfu_ceiling=t.mfu_ceiling)
             plan.scaling.append(row)
 
@@ -255,6 +297,10 @@ def deepspeed_config(cfg, plan: Plan) -> Dict[str, Any]:
         "steps_per_print": 10**9,  # we log; DeepSpeed's own prints would interleave across ranks
         "wall_clock_breakdown": False,
     }
+    if plan.sequence_parallel > 1:
+        # DeepSpeed divides the world by it where no SP mpu is given (zero.Init from this config) to check
+        # train_batch_size = micro x accumulation x data-parallel ranks.
+        config["sequence_parallel_size"] = plan.sequence_parallel
     # Plain containers all the way down: a nested DictConfig would reach the JSON as its repr string.
     extra = OmegaConf.to_container(ds.extra, resolve=True) if isinstance(ds.extra, DictConfig) else dict(ds.extra)
     return deep_merge(config, extra)

@@ -14,6 +14,10 @@ grouped KV heads and a gated MLP, no dropout), per token, for the attention kern
                 16-bit copy) per head and key; eager, and sdpa with a mask (packed rows), repeat k
                 and v to all heads; flash_attention_2 and flex_attention take one row per
                 micro-batch with its sequence boundaries and build no mask
+  sdpa's mask:  packed rows give sdpa a boolean (seq x seq) mask per row, which sdpa converts to
+                the compute dtype and saves, in every layer: L e seq^2 per row without
+                checkpointing; with it the boolean is kept (an input of every layer) and a
+                recomputed layer adds its copy
   gated MLP:    gate, up, silu(gate) and the product 4eI
 With activation checkpointing each layer keeps only its input (eh per token). Backward then adds
 the larger of two transients: the loss's logits, or, with checkpointing, one layer's recomputed
@@ -24,10 +28,24 @@ from the forward on), for one chunk of trained tokens with chunked (plus the out
 the chunks in a buffer of its own); Liger's fused kernel holds
 the weight's gradient and logits of about tokens x hidden / vocabulary positions at a time.
 Measured against torch's profiler on CPU: tests/unit/test_plan_memory.py.
+
+Sequence parallelism (trainer.sequence_parallel=N, launcher.plan.ulysses) gives each rank seq_len / N
+tokens of every row: layers, their checkpointed inputs, the final norm and the loss's logits count
+those. Inside attention the rank holds the whole row for heads / N heads: the kernel's q, k, v and
+output after the all-to-all, as many elements per local token as q, k, v and the output at N=1 (the
+local q, k, v before the exchange are saved by nothing and freed), except that k and v carry
+max(kv_heads, N) heads (DeepSpeed replicates KV heads when fewer than N); the softmax statistics
+likewise. sdpa's mask stays whole-row (seq x seq) per row; Ulysses drops transformers' mask, so
+each layer builds its own from the gathered position ids (launcher.sequence_parallel): with
+checkpointing none is kept, and a recomputed layer holds the boolean and sdpa's copy.
+TiledMLP (trainer.tiled_mlp, DeepSpeed's `TiledMLP`) saves only its input (the norm's output,
+counted) and computes the MLP without autograd; backward recomputes it slice by slice, holding one
+slice's intermediates: 1/shards of them, shards = ceil(local sequence / hidden), DeepSpeed's default.
 """
 
+import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from launcher.plan.shape import ModelShape
 
@@ -53,10 +71,18 @@ class Workload:
     packing: bool
     loss: str = "full"
     loss_chunk_tokens: int = 1024
+    sequence_parallel: int = 1  # ranks sharing each row (launcher.plan.ulysses)
+    tiled_mlp: bool = False
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of each row on this rank."""
+        return self.seq_len // self.sequence_parallel
 
     @property
     def tokens(self) -> int:
-        return self.micro_batch_size * self.seq_len
+        """Tokens of the micro-batch on this rank."""
+        return self.micro_batch_size * self.local_seq_len
 
 
 def model_states_bytes(params: int, largest_layer: int, stage: int, world: int, nodes: int,
@@ -108,17 +134,33 @@ def zero_buffers_bytes(zero: Dict, e: int, shape: Optional[ModelShape], params: 
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, work: Workload) -> float:
-    """Bytes autograd saves per token in one decoder layer without checkpointing (module docstring)."""
-    e, h, q, kv, inter = element_bytes(work.precision), shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate
+    """Bytes autograd saves per (local) token in one decoder layer without checkpointing (module docstring)."""
+    e, h, q = element_bytes(work.precision), shape.hidden, shape.q_dim
     norm = 4 * h + 2 * e * h
     kernel = work.attn_implementation
     masked = work.packing and kernel == "sdpa"  # packed rows give sdpa a 4D mask: k and v are repeated
+    kv = max(shape.kv_heads, work.sequence_parallel) * shape.head_dim  # Ulysses replicates KV heads up to N
     k_v = 2 * (q if masked or kernel == "eager" else kv)  # flash and flex attend grouped heads as they are
     attention = e * (3 * q + k_v) + 4 * shape.heads
     if kernel == "eager":  # softmax in fp32, cast back for the matmul (no copy when training in fp32)
         attention += (4 + (e if e < 4 else 0)) * shape.heads * work.seq_len
-    mlp = 4 * e * inter
+    mlp = 0 if work.tiled_mlp else mlp_bytes_per_token(shape, work)  # TiledMLP saves only its input
     return 2 * norm + attention + mlp
+
+
+def mlp_bytes_per_token(shape: ModelShape, work: Workload) -> float:
+    """The gated MLP's intermediates: gate, up, silu(gate) and their product."""
+    return 4 * element_bytes(work.precision) * shape.intermediate
+
+
+def tiled_mlp_shards(shape: ModelShape, work: Workload) -> int:
+    """Slices DeepSpeed's TiledMLP computes the MLP in: ceil(local sequence / hidden size)."""
+    return max(1, math.ceil(work.local_seq_len / shape.hidden))
+
+
+def tiled_mlp_slice_bytes(shape: ModelShape, work: Workload) -> float:
+    """One slice's MLP intermediates, recomputed in backward (trainer.tiled_mlp)."""
+    return mlp_bytes_per_token(shape, work) * work.tokens / tiled_mlp_shards(shape, work)
 
 
 def activation_bytes(shape: ModelShape, work: Workload) -> Dict[str, float]:
@@ -130,9 +172,25 @@ def activation_bytes(shape: ModelShape, work: Workload) -> Dict[str, float]:
     else:
         parts[f"{shape.layers} layers"] = shape.layers * layer_activation_bytes_per_token(shape, work) * t
     parts["final norm"] = (4 * shape.hidden + 2 * e * shape.hidden) * t
-    if work.packing and work.attn_implementation == "sdpa":
-        parts["attention mask (packed rows)"] = work.micro_batch_size * work.seq_len**2
+    mask = packed_mask_bytes(work)
+    if mask and not work.activation_checkpointing:
+        parts[f"attention masks (packed rows): sdpa's {work.precision} copy in each of {shape.layers} layers"] = shape.layers * e * mask
+    elif mask and work.sequence_parallel == 1:
+        parts["attention mask (packed rows)"] = mask  # transformers' one mask, an input of every checkpointed layer
     return parts
+
+
+def packed_mask_bytes(work: Workload) -> float:
+    """The boolean whole-row (seq x seq) mask sdpa keeps packed examples apart with, for every row of the
+    micro-batch (also with sequence parallelism: attention sees the whole row); other kernels need none."""
+    return work.micro_batch_size * work.seq_len**2 if work.packing and work.attn_implementation == "sdpa" else 0.0
+
+
+def recomputed_mask_bytes(work: Workload) -> float:
+    """What a recomputed layer adds for its mask: sdpa's copy in the compute dtype, and with sequence
+    parallelism the boolean itself (built inside each layer from the gathered position ids)."""
+    mask = packed_mask_bytes(work)
+    return mask * element_bytes(work.precision) + (mask if work.sequence_parallel > 1 else 0.0)
 
 
 def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
@@ -147,8 +205,11 @@ def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
                  per_position * min(work.loss_chunk_tokens, work.tokens) + e * shape.vocab * shape.hidden}
     else:  # liger: the weight's gradient, the input's gradient and its chunk's fp32 logits
         parts = {"fused loss (weight gradient and a chunk)": e * shape.vocab * shape.hidden + (e + 4) * work.tokens * shape.hidden}
+    slice_ = tiled_mlp_slice_bytes(shape, work) if work.tiled_mlp else 0.0
     if work.activation_checkpointing:
-        parts["one layer recomputed"] = layer_activation_bytes_per_token(shape, work) * work.tokens
+        parts["one layer recomputed"] = layer_activation_bytes_per_token(shape, work) * work.tokens + slice_ + recomputed_mask_bytes(work)
+    elif work.tiled_mlp:
+        parts[f"tiled MLP: one of {tiled_mlp_shards(shape, work)} slices recomputed"] = slice_
     return parts
 
 
@@ -195,9 +256,12 @@ def estimate(shape: Optional[ModelShape], params: Optional[int], work: Workload,
 
 
 def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[ModelShape], work: Workload,
-              world: int, nodes: int, ds_json: Dict, params: int, more_nodes: bool) -> MemoryEstimate:
+              world: int, nodes: int, ds_json: Dict, params: int, more_nodes: bool,
+              sequence_parallel_tries: Sequence[Tuple[str, Workload]] = ()) -> MemoryEstimate:
     """Compare with the budget; when over it, say which single change would bring it under.
-    `more_nodes`: whether adding nodes is an option (Slurm; the global batch must still divide)."""
+    `more_nodes`: whether adding nodes is an option (Slurm; the global batch must still divide).
+    `sequence_parallel_tries`: (override, workload) for each larger valid trainer.sequence_parallel,
+    smallest first; the smallest that fits is advised."""
     mem.gpu_mem_gib = budget_gib
     if budget_gib is None or shape is None:  # no budget, or activations unknown: no verdict
         return mem
@@ -209,6 +273,7 @@ def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[
         tries.append(("trainer.micro_batch_size=1", replace(work, micro_batch_size=1), world, nodes, ds_json))
     if not work.activation_checkpointing:
         tries.append(("trainer.activation_checkpointing=true", replace(work, activation_checkpointing=True), world, nodes, ds_json))
+    tries += [(label, tried, world, nodes, ds_json) for label, tried in sequence_parallel_tries]
     zero = ds_json.get("zero_optimization", {})
     if zero.get("stage", 0) < 3:
         tries.append(("deepspeed=zero3", work, world, nodes, dict(ds_json, zero_optimization=dict(zero, stage=3))))
@@ -219,14 +284,17 @@ def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[
         tries.append(("deepspeed=zero3_offload optim.name=cpu_adam", work, world, nodes,
                       dict(ds_json, zero_optimization=dict(zero, offload_optimizer=cpu, offload_param=cpu))))
     if more_nodes:
-        per_step = work.micro_batch_size * world
+        per_step = work.micro_batch_size * world // work.sequence_parallel  # rows per micro-step: data-parallel ranks
         for more in (2, 4, 8, 16):
             if ds_json.get("train_batch_size", per_step) % (per_step * more) == 0:
                 tries.append((f"cluster.nodes={nodes * more}", work, world * more, nodes * more, ds_json))
+    advised = set()
     for label, tried, w, n, ds in tries:
+        key = label.split("=")[0]
+        if key in ("cluster.nodes", "trainer.sequence_parallel") and key in advised:
+            continue  # the fewest nodes, the smallest group that fit
         other = estimate(shape, params, tried, ds, w, n)
         if other.peak_gib <= budget_gib:
             mem.advice.append(f"{label} (predicted {other.peak_gib:.1f} GiB)")
-            if label.startswith("cluster.nodes"):
-                break  # the fewest nodes that fit
+            advised.add(key)
     return mem

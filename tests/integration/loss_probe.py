@@ -1,4 +1,4 @@
-"""Run on each rank by test_loss: set the trainer up, take the first step's batches through the
+"""Run on each rank by test_loss and test_sequence_parallel: set the trainer up, take the first step's batches through the
 trainer's loss and backward, and save the loss and every parameter's full gradient (rank 0)."""
 
 import sys
@@ -20,6 +20,9 @@ summed = token_loss_sum(trainer.engine, trainer.loss_head, batch)
 trainer.engine.backward(summed * (world / global_trained))
 grads = {name: safe_get_full_grad(p).detach().clone() for name, p in trainer.engine.module.named_parameters()}
 loss_sum = trainer._sum_over_ranks(summed.detach().double().view(1)).item()
+# Packed examples per row (position ids restarting), as this rank saw them.
+examples = (batch["position_ids"] == 0).sum().item() + (batch["position_ids"][:, 0] != 0).sum().item()
 if trainer.env.rank == 0:
-    torch.save({"loss": loss_sum / global_trained, "grads": grads}, run_dir / "grads.pt")
+    torch.save({"loss": loss_sum / global_trained, "grads": grads, "examples": examples,
+                "rows": batch["input_ids"].shape}, run_dir / "grads.pt")
 exit_now(trainer)

@@ -20,8 +20,13 @@ from tests.conftest import REPO, compose_config
 
 
 def first_step_gradients(run_dir: Path, loss: str, chunk_tokens: int) -> dict:
-    overrides = ["recipe=tiny_sft", "tracking=none", f"run_dir={run_dir}", "trainer.micro_batch_size=16",
-                 "trainer.global_batch_size=32", f"trainer.loss={loss}", f"trainer.loss_chunk_tokens={chunk_tokens}"]
+    return probe_gradients(run_dir, ["trainer.micro_batch_size=16", "trainer.global_batch_size=32",
+                                     f"trainer.loss={loss}", f"trainer.loss_chunk_tokens={chunk_tokens}"])
+
+
+def probe_gradients(run_dir: Path, settings, ranks: int = 2) -> dict:
+    """The first step's loss and every parameter's full gradient (launcher/loss_probe.py on each rank)."""
+    overrides = ["recipe=tiny_sft", "tracking=none", f"run_dir={run_dir}", f"cluster.procs_per_node={ranks}", *settings]
     cfg = compose_config(overrides)
     checked = check_config(cfg)
     plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
@@ -29,8 +34,8 @@ def first_step_gradients(run_dir: Path, loss: str, chunk_tokens: int) -> dict:
                     deepspeed_config(cfg, plan), fingerprint(cfg, plan))
     attempt = new_attempt_id()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("loss_probe.py")), str(run_dir)],
-                              env={**rank_env(r, 2, attempt, 2), "PYTHONPATH": str(REPO)}) for r in range(2)]
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+                              env={**rank_env(r, ranks, attempt, ranks), "PYTHONPATH": str(REPO)}) for r in range(ranks)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * ranks
     return torch.load(run_dir / "grads.pt")
 
 

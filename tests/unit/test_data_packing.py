@@ -93,7 +93,7 @@ def test_collate_padded_has_attention_mask_and_ignored_pads():
 def test_collate_targets_are_the_next_tokens_and_never_cross_examples():
     row = {"input_ids": [1, 2, 3, 4, 5], "labels": [IGNORE, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}
     batch = collate([row], pad_id=0)
-    # Position t of logits[:, :-1] predicts token t+1; token 4 starts an example, so nothing predicts it.
+    # Position t predicts token t+1; token 4 starts an example, so nothing predicts it.
     assert batch["loss_index"].tolist() == [0, 1, 3] and batch["loss_labels"].tolist() == [2, 3, 5]
     assert batch["trained"] == 3
 

@@ -14,7 +14,7 @@ from launcher.validate import check_config
 from tests.conftest import compose_config
 
 
-@pytest.mark.parametrize("recipe", ["llama3_8b_sft", "llama3_70b_sft", "qwen2_5_7b_sft"])
+@pytest.mark.parametrize("recipe", ["llama3_8b_sft", "llama3_8b_long_sft", "llama3_70b_sft", "qwen2_5_7b_sft"])
 def test_recipe_parameter_counts_equal_the_meta_device_count(recipe):
     hints = dict(compose_config([f"recipe={recipe}"]).model.config_hints)
     assert ModelShape.from_config(hints).params == count_params_on_meta(hints, trust_remote_code=False)
