@@ -206,11 +206,25 @@ def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
     else:  # liger: the weight's gradient, the input's gradient and its chunk's fp32 logits
         parts = {"fused loss (weight gradient and a chunk)": e * shape.vocab * shape.hidden + (e + 4) * work.tokens * shape.hidden}
     slice_ = tiled_mlp_slice_bytes(shape, work) if work.tiled_mlp else 0.0
+    exchange = exchange_bytes(shape, work)
     if work.activation_checkpointing:
-        parts["one layer recomputed"] = layer_activation_bytes_per_token(shape, work) * work.tokens + slice_ + recomputed_mask_bytes(work)
+        parts["one layer recomputed"] = (layer_activation_bytes_per_token(shape, work) * work.tokens + slice_
+                                         + recomputed_mask_bytes(work) + exchange)
     elif work.tiled_mlp:
         parts[f"tiled MLP: one of {tiled_mlp_shards(shape, work)} slices recomputed"] = slice_
+    if exchange and not work.activation_checkpointing:
+        parts["sequence-parallel exchange (one layer's backward)"] = exchange
     return parts
+
+
+def exchange_bytes(shape: ModelShape, work: Workload) -> float:
+    """Ulysses' all-to-all in one layer's backward: the input and the output of each exchanged gradient
+    (q, k, v, the attention output; k and v at the exchanged KV heads) held at once (measured with
+    torch's profiler on CPU, tests/integration/test_sequence_parallel.py). None without SP."""
+    if work.sequence_parallel == 1:
+        return 0.0
+    kv = max(shape.kv_heads, work.sequence_parallel) * shape.head_dim
+    return 2 * element_bytes(work.precision) * (2 * shape.q_dim + 2 * kv) * work.tokens
 
 
 @dataclass

@@ -5,7 +5,6 @@ import pytest
 import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from launcher.facts import find
@@ -16,6 +15,7 @@ from launcher.data import collate
 from launcher.loss import install_loss_head, token_loss_sum
 from launcher.validate import check_config
 from tests.conftest import compose_config
+from tests.utils.memory_profile import profiled_step
 
 GIB = 2**30
 
@@ -63,23 +63,8 @@ def profiled_peak(config: dict, batch: int, seq_len: int, checkpointing: bool, a
     rows = [{"input_ids": r, "labels": r, "position_ids": list(range(seq_len))} for r in ids.tolist()]
     batch_ = collate(rows, pad_id=0)
 
-    def step():
-        summed = token_loss_sum(model, head, batch_)
-        with record_function("backward"):
-            summed.backward()
-
-    step()  # gradients exist from here on, as they do in training
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = prof.profiler.kineto_results.events()
-    backward_starts = min(e.start_ns() for e in events if e.name() == "backward")
-    held = peak = at_backward = 0
-    for start, size in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
-        held += size
-        peak = max(peak, held)
-        if start < backward_starts:
-            at_backward = held
-    return at_backward, peak
+    token_loss_sum(model, head, batch_).backward()  # gradients exist from here on, as they do in training
+    return profiled_step(lambda: token_loss_sum(model, head, batch_), lambda summed: summed.backward())
 
 
 CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
