@@ -28,11 +28,37 @@ def mfu(params: int, tokens_per_s_per_device: float, peak: Optional[float]) -> O
 
 
 def peak_memory_gib() -> float:
+    """This rank's peak since reset_peak_memory(): the GPU's allocated memory, or on CPU the
+    process's resident memory (Linux's VmHWM; ru_maxrss, since the start, elsewhere)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return _proc_status_gib("VmHWM:") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory() -> float:
+    """Start the peak over (training, not start-up's loading and tokenising) and return what the
+    rank holds now, GiB: on CPU Linux through /proc/self/clear_refs (elsewhere the peak stays the
+    process's)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**30
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _proc_status_gib("VmRSS:") or 0.0
+
+
+def _proc_status_gib(field: str) -> Optional[float]:
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in lines if line.startswith(field)) / 2**20  # kB
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def read_metrics(run_dir: Path) -> List[dict]:

@@ -38,7 +38,7 @@ from launcher.data import collate, prepare_data
 from launcher.export import DTYPES, export_dtype, export_model
 from launcher.log_window import LogWindow
 from launcher.loss import install_loss_head, token_loss_sum
-from launcher.metrics import MetricsFile, device_peak_flops
+from launcher.metrics import MetricsFile, device_peak_flops, reset_peak_memory
 from launcher.optim import build_optimizer
 from launcher.rank_env import RankEnv  # re-exported: the integration probes import it from here
 from launcher.resume import refused_changes
@@ -362,6 +362,8 @@ class SFTTrainer:
         if self.is_main and self.global_step < self.total_steps:  # steps to train: an earlier final eval is not of these weights
             (self.run_dir / rundir.FINAL_EVAL).unlink(missing_ok=True)
         window = LogWindow(self.device, self.env.world_size)
+        # The logged peak is the training's, not start-up's.
+        log.info("memory held before training: %.3f GiB", reset_peak_memory())
         comms_at_start, steps_at_start = None, self.global_step
         while self.global_step < self.total_steps:
             data_start = time.perf_counter()

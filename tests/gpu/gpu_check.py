@@ -24,7 +24,7 @@ for ONE_ROW_KERNELS, flex padded to micro_batch x seq_len), the loss from launch
 
 Printed per implementation: tokens/s, MFU (6 x params x tokens/s over the device's dense bf16 peak
 from launcher.devices; n/a on CPU), peak memory (torch.cuda.max_memory_allocated, reset per
-implementation; on CPU the process's ru_maxrss, which never resets) and the losses of the first 3
+implementation; on CPU the process's peak resident memory since start) and the losses of the first 3
 steps. Then PASS or FAIL: first-step losses of all implementations agree (relative difference below
 2e-2 in bf16, 1e-5 in fp32) and no implementation failed; exit 1 on FAIL. The last line of stdout
 is one JSON object with every number, also written to $OUT/gpu_check.json when OUT is set.
