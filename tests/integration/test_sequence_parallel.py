@@ -20,11 +20,13 @@ from tests.integration.test_loss import probe_gradients
 SAME_BATCH = ["trainer.micro_batch_size=4", "trainer.global_batch_size=4", "trainer.loss_chunk_tokens=50"]
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
-def test_two_shards_give_the_loss_and_every_gradient_of_whole_rows(tmp_path, packing):
-    settings = [*SAME_BATCH, f"data.packing={packing}"]
+@pytest.mark.parametrize("packing, tiled", [(True, False), (False, False), (True, True)], ids=["packed", "padded", "tiled-mlp"])
+def test_two_shards_give_the_loss_and_every_gradient_of_whole_rows(tmp_path, packing, tiled):
+    # The tiled MLP slices each shard's tokens by the hidden size (128): 512-token rows give each
+    # shard 256 tokens, two slices, so its per-slice gradient hand-off to ZeRO-3 is exercised.
+    settings = [*SAME_BATCH, f"data.packing={packing}", *(["data.seq_len=512"] if tiled else [])]
     whole = probe_gradients(tmp_path / "sp1", settings, ranks=1)
-    sharded = probe_gradients(tmp_path / "sp2", [*settings, "trainer.sequence_parallel=2"], ranks=2)
+    sharded = probe_gradients(tmp_path / "sp2", [*settings, "trainer.sequence_parallel=2", f"trainer.tiled_mlp={tiled}"], ranks=2)
     assert whole["rows"][0] == 4 and sharded["rows"][0] == 4
     assert sharded["rows"][1] == -(-whole["rows"][1] // 2)  # each rank held half of every row (padded to even)
     if packing:
