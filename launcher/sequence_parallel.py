@@ -122,11 +122,21 @@ class whole_rows:
     """Inside: attention sees the rank's own whole rows again (greedy generation, where each rank
     decodes its own prompts); outside: through Ulysses."""
 
+    def __init__(self, model):
+        self.model = model
+
     def __enter__(self):
         if _registered:
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
             ALL_ATTENTION_FUNCTIONS[_registered["attn"]] = _registered["core"]
+            # Ulysses sets each attention's KV group count for its head shard when it replicates KV
+            # heads (N > KV heads); whole rows have every head again (Ulysses sets it back per call).
+            text = self.model.config.get_text_config()
+            groups = text.num_attention_heads // (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+            for module in self.model.modules():
+                if hasattr(module, "num_key_value_groups"):
+                    module.num_key_value_groups = groups
         return self
 
     def __exit__(self, *exc):
@@ -150,8 +160,10 @@ def tile_mlps(model) -> int:
         def forward(self, x, plain=plain):
             tokens, hidden = x.shape[-2], x.shape[-1]
             shards = torch.tensor(max(1, math.ceil(tokens / hidden)), device=x.device)
-            # Every rank the same count: ZeRO-3 gathers the MLP's weights once per slice, collectively.
-            if dist.is_initialized():
+            # Under ZeRO-3 every rank needs the same count: it gathers the MLP's weights once per
+            # slice, collectively. Below ZeRO-3 nothing is gathered, and ranks may call the MLP
+            # different numbers of times (generation without synced_gpus): no collective then.
+            if dist.is_initialized() and any(hasattr(p, "ds_id") for p in self.parameters()):
                 dist.all_reduce(shards, op=dist.ReduceOp.MAX)
             return TiledMLP.apply(lambda _, part: plain(part), self, x, int(shards.item()), list(self.parameters()))
 

@@ -266,7 +266,8 @@ class SFTTrainer:
         if self.cfg.trainer.get("tiled_mlp"):
             log.info("tiled MLP: %d layers", sequence_parallel.tile_mlps(model))
         # Ulysses' groups, for DeepSpeed's engine (None without sequence parallelism).
-        self.mpu = sequence_parallel.register(model, attn, self.sp.size, self.micro_batch)
+        # One-row kernels see a micro-batch as one row (launcher.data.collate): Ulysses checks that batch size.
+        self.mpu = sequence_parallel.register(model, attn, self.sp.size, 1 if self.one_row else self.micro_batch)
         loss_head = install_loss_head(model, str(self.cfg.trainer.loss), self.cfg.trainer.loss_chunk_tokens)
         return model, loss_head, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
@@ -601,7 +602,7 @@ class SFTTrainer:
             tok.padding_side = "left"
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             tok.padding_side = "right"
-            with sequence_parallel.whole_rows():  # each rank decodes its own prompts
+            with sequence_parallel.whole_rows(self.engine.module):  # each rank decodes its own prompts
                 out = self.engine.module.generate(
                     **enc, max_new_tokens=self.cfg.eval.max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
                     synced_gpus=world > 1 and self.ds_config["zero_optimization"]["stage"] == 3,

@@ -140,6 +140,12 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         # data-parallel ranks only, and stages 1-2 with Ulysses are untested here.
         problems.append(problem("deepspeed.stage", ds.stage, f"must be 3 with trainer.sequence_parallel={sequence_parallel} "
                                                              "(sequence parallelism is trained and tested with ZeRO-3 only)"))
+    zero_extra = (ds.extra or {}).get("zero_optimization") or {}
+    if sequence_parallel > 1 and zero_extra.get("reduce_scatter", True) is False:
+        # That path averages gradients over data-parallel ranks, not all ranks: N times too large.
+        problems.append(problem("deepspeed.extra.zero_optimization.reduce_scatter", False,
+                                f"must stay true with trainer.sequence_parallel={sequence_parallel} (without it ZeRO-3 "
+                                "averages gradients over the data-parallel ranks only, and the loss's scale would be off by N)"))
     # The heads are checked where known (config.json or the recipe's hints).
     problems += ulysses.size_problems(sequence_parallel, max(1, procs), data.seq_len, checked.model.heads, checked.model.kv_heads)
 

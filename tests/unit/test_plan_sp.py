@@ -100,6 +100,9 @@ def test_the_deepspeed_json_divides_the_batch_by_data_parallel_ranks():
       "model.attn_implementation=flex_attention"],
      "model.attn_implementation='flex_attention': with trainer.sequence_parallel=2: DeepSpeed rebuilds flex_attention's block "
      "mask as plain causal after the all-to-all, so packed examples would attend to each other; use flash_attention_2 or sdpa"),
+    (["trainer.sequence_parallel=2", "+deepspeed.extra.zero_optimization={reduce_scatter: false}"],
+     "deepspeed.extra.zero_optimization.reduce_scatter=False: must stay true with trainer.sequence_parallel=2 (without it "
+     "ZeRO-3 averages gradients over the data-parallel ranks only, and the loss's scale would be off by N)"),
     (["trainer.sequence_parallel=2", "deepspeed=zero2"],
      "deepspeed.stage=2: must be 3 with trainer.sequence_parallel=2 (sequence parallelism is trained and tested with ZeRO-3 only)"),
 ])

@@ -65,3 +65,22 @@ def test_the_mask_is_causal_within_each_packed_example():
     ]
     # A row that does not start at position 0 (a continued count) is still one example.
     assert block_causal_mask(torch.tensor([[3, 4, 5]]))[0, 0].all(-1).tolist() == [False, False, True]
+
+
+def test_generation_gets_every_heads_kv_groups_back_from_ulysses(monkeypatch):
+    """Ulysses leaves each attention's KV group count at its head shard's when it replicates KV heads
+    (N > KV heads): greedy generation on whole rows must see the model's own again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from launcher import sequence_parallel
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=100))
+    attention = [m for m in model.modules() if hasattr(m, "num_key_value_groups")]
+    for module in attention:
+        module.num_key_value_groups = 1  # as Ulysses leaves it at N=4: (4 heads / 4) / 1 replicated KV head
+    core = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setattr(sequence_parallel, "_registered", {"attn": "sdpa", "core": core, "ulysses": core})
+    with sequence_parallel.whole_rows(model):
+        assert len(attention) == 2 and all(m.num_key_value_groups == 2 for m in attention)
