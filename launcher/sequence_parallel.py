@@ -42,15 +42,6 @@ class Layout:
     data_parallel_size: int
     data_parallel_rank: int
 
-    @classmethod
-    def of(cls, rank: int, world_size: int, size: int) -> "Layout":
-        return cls(size=size, rank=rank % size, data_parallel_size=world_size // size, data_parallel_rank=rank // size)
-
-
-def pad_width(size: int, tokens: int) -> int:
-    """A row's length rounded up to a multiple of the group size (every shard the same length)."""
-    return -(-tokens // size) * size
-
 
 def shard(batch: Dict[str, Any], layout: Layout) -> Dict[str, Any]:
     """This rank's 1/N of every row of a collated micro-batch, with its targets (computed on the
@@ -173,7 +164,8 @@ def tile_mlps(model) -> int:
 
 
 def layout_for(rank: int, world_size: int, size: Optional[int]) -> Layout:
+    """Groups of `size` consecutive ranks, as DeepSpeed's Ulysses groups them."""
     size = size or 1
     if world_size % size:
         raise ValueError(f"trainer.sequence_parallel={size} does not divide the {world_size} ranks")
-    return Layout.of(rank, world_size, size)
+    return Layout(size=size, rank=rank % size, data_parallel_size=world_size // size, data_parallel_rank=rank // size)

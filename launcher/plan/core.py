@@ -75,14 +75,10 @@ def accelerator(cluster, local_gpus: int = 0) -> str:
     return "cuda" if local_gpus else "cpu"
 
 
-def sequence_parallel_size(trainer) -> int:
-    return getattr(trainer, "sequence_parallel", 1)
-
-
 def data_parallel_ranks(trainer, world_size: int) -> int:
     """Ranks that take micro-batches of their own: world / trainer.sequence_parallel, as a group of N
     shares each micro-batch (the whole world when N does not divide it: validate refuses that N)."""
-    n = sequence_parallel_size(trainer)
+    n = trainer.sequence_parallel
     return world_size // n if n >= 1 and world_size % n == 0 else world_size
 
 
@@ -90,7 +86,7 @@ def batch_math(trainer, world_size: int) -> tuple[int, int, list[str]]:
     """(grad_accum_steps, global_batch_size, problems): global = micro x data-parallel ranks x accumulation."""
     mb, accum, gb = trainer.micro_batch_size, trainer.grad_accum_steps, trainer.global_batch_size
     dp = data_parallel_ranks(trainer, world_size)
-    n = sequence_parallel_size(trainer)
+    n = trainer.sequence_parallel
     ranks = "data-parallel ranks" if n == 1 else f"data-parallel ranks (world / trainer.sequence_parallel = {world_size} / {n})"
     if mb < 1:
         return 1, dp, [problem("trainer.micro_batch_size", mb, "must be >= 1")]

@@ -96,7 +96,7 @@ def test_online_tracking_without_a_key_fails_before_the_run(tmp_path, monkeypatc
     [(8, None, 32, 2, (2, 32)), (8, 3, None, 2, (3, 48)), (1, None, None, 8, (1, 8)), (2, 4, 64, 8, (4, 64))],
 )
 def test_batch_math(mb, accum, gb, world, expected):
-    trainer = OmegaConf.create({"micro_batch_size": mb, "grad_accum_steps": accum, "global_batch_size": gb})
+    trainer = OmegaConf.create({"micro_batch_size": mb, "grad_accum_steps": accum, "global_batch_size": gb, "sequence_parallel": 1})
     assert batch_math(trainer, world)[:2] == expected
     assert batch_math(trainer, world)[2] == []
 
