@@ -7,6 +7,10 @@ device once, at the log step (a per-step read would make the CPU wait for the GP
     trained_tokens_per_s  tokens with a loss, all ranks
     step_time_s           this rank's mean step time (on GPUs timed with CUDA events: the device's
                           time, read at the log step, not the host's time to queue the work)
+    aux_loss              mixture of experts: the routers' load-balancing loss (launcher.moe), mean
+                          over the window's micro-steps (the objective is loss + coef x aux_loss)
+    expert_tokens_min/max mixture of experts: tokens routed to the least and the most loaded expert
+                          of any MoE layer, per step (trained positions, all ranks)
 """
 
 import time
@@ -33,11 +37,19 @@ class LogWindow:
         self.step_events = []  # (start, end) CUDA events of the window's steps (GPU)
         self._began = None
         self.data_wait = 0.0  # this rank's longest wait for a step's batches
+        self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's shares of the aux loss
+        self.micro_steps = 0
+        self.expert_counts = None  # (MoE layers, experts) selections, all ranks (None: a dense model)
 
-    def add_micro_batch(self, loss_sum: torch.Tensor, batch: Dict) -> None:
+    def add_micro_batch(self, loss_sum: torch.Tensor, batch: Dict, routing=None) -> None:
         self.loss_sum += loss_sum.detach()
         self.tokens += batch["input_ids"].numel()
         self.rows += batch["rows"]
+        self.micro_steps += 1
+        if routing is not None:  # (this rank's aux share, every rank's selections)
+            aux, counts = routing
+            self.aux_sum += aux.detach()
+            self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
 
     def begin_step(self) -> None:
         if self.device.type == "cuda":
@@ -65,16 +77,16 @@ class LogWindow:
     def row(self, n_params: int, peak_flops: Optional[float]) -> Dict:
         """The window's metrics from every rank: one all-gather, so stragglers show by rank."""
         mean_step = self._step_time_total() / max(self.steps, 1)
-        mine = torch.tensor([0.0, self.tokens, self.rows, mean_step, peak_memory_gib(), self.data_wait],
+        mine = torch.tensor([0.0, self.tokens, self.rows, mean_step, peak_memory_gib(), self.data_wait, 0.0],
                             dtype=torch.float64, device=self.device)
-        mine[0] = self.loss_sum
+        mine[0], mine[6] = self.loss_sum, self.aux_sum
         ranks = torch.empty(self.world * mine.numel(), dtype=mine.dtype, device=self.device)
         dist.all_gather_into_tensor(ranks, mine)
         ranks = ranks.view(self.world, -1).cpu()
         elapsed = time.perf_counter() - self.start
         loss_sum, tokens, rows = ranks[:, :3].sum(0).tolist()
         step_times = ranks[:, 3]
-        return {
+        row = {
             "loss": loss_sum / max(self.global_trained, 1),
             "trained_tokens": int(self.global_trained),  # in the window, all ranks: the loss's weight
             "tokens": int(tokens),  # fed in the window, all ranks, each once (a sequence-parallel shard is a part of a row)
@@ -91,3 +103,8 @@ class LogWindow:
             "peak_mem_gib_max": ranks[:, 4].max().item(),
             "data_wait_s_max": ranks[:, 5].max().item(),
         }
+        if self.expert_counts is not None:
+            per_step = self.expert_counts.cpu() / max(self.steps, 1)
+            row.update(aux_loss=ranks[:, 6].sum().item() / max(self.micro_steps, 1),
+                       expert_tokens_min=per_step.min().item(), expert_tokens_max=per_step.max().item())
+        return row

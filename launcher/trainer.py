@@ -31,7 +31,7 @@ from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from launcher import bundled, checkpoint, ops, rendezvous, sequence_parallel, universal
+from launcher import bundled, checkpoint, moe, ops, rendezvous, sequence_parallel, universal
 from launcher.atomic import write_text_atomic
 from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.data import collate, prepare_data
@@ -112,6 +112,7 @@ class SFTTrainer:
         self.last_saved_step = None  # in memory: every rank must agree on whether to save (a collective)
         self.eval_due = False  # an eval of this step has not finished: a checkpoint saved now says so
         self.engine = None
+        self.routers = None  # a mixture of experts' routers (launcher.moe), set when the model loads
         self.tracker = None
         self.metrics_file = None
         self._alerted_nonfinite = False
@@ -263,13 +264,22 @@ class SFTTrainer:
         if self.cfg.trainer.activation_checkpointing:
             enable_activation_checkpointing(model)
         model.config.use_cache = False
+        # Mixture of experts: ZeRO-3 leaf blocks and the routers' outputs for the load-balancing loss (launcher.moe).
+        self.routers = moe.find_routers(model, self.cfg.model.get("router_aux_loss_coef"))
         if self.cfg.trainer.get("tiled_mlp"):
             log.info("tiled MLP: %d layers", sequence_parallel.tile_mlps(model))
         # Ulysses' groups, for DeepSpeed's engine (None without sequence parallelism).
         # One-row kernels see a micro-batch as one row (launcher.data.collate): Ulysses checks that batch size.
         self.mpu = sequence_parallel.register(model, attn, self.sp.size, 1 if self.one_row else self.micro_batch)
         loss_head = install_loss_head(model, str(self.cfg.trainer.loss), self.cfg.trainer.loss_chunk_tokens)
-        return model, loss_head, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        if self.routers is not None:  # tokens/s and MFU count what a token runs through
+            active = self.routers.active_params(params)
+            log.info("mixture of experts: %d MoE layers, %d experts, %d per token; %d parameters, %d active per token; "
+                     "router_aux_loss_coef %g", self.routers.layers, self.routers.experts, self.routers.top_k, params,
+                     active, self.routers.coef)
+            return model, loss_head, active
+        return model, loss_head, params
 
     def _build_engine(self, model, total_steps: int) -> Tuple[Any, Any, Any]:
         """DeepSpeed's engine over the model, with the optimizer (launcher.optim) and the LR schedule."""
@@ -403,14 +413,27 @@ class SFTTrainer:
 
     def _train_step(self, batches: List[Dict[str, Any]], global_trained: float, window: LogWindow) -> None:
         """One optimizer step over this rank's micro-batches; the losses stay on the device."""
-        world = self.env.world_size
         for batch in batches:
-            summed = token_loss_sum(self.engine, self.loss_head, batch)
-            # DeepSpeed averages over ranks and accumulation steps; undo both so the gradient
-            # is the mean over every trained token of the global batch.
-            self.engine.backward(summed * (world * self.accum / max(global_trained, 1)))
+            summed, objective, routing = self.micro_batch_loss(batch, global_trained)
+            self.engine.backward(objective)
             self.engine.step()
-            window.add_micro_batch(summed, batch)
+            window.add_micro_batch(summed, batch, routing)
+
+    def micro_batch_loss(self, batch: Dict[str, Any], global_trained: float):
+        """A micro-batch's summed loss, what backward takes, and for MoE models (this rank's share of the
+        load-balancing loss, the selections per MoE layer and expert); None for a dense model.
+
+        DeepSpeed averages gradients over ranks and accumulation steps. The loss is scaled to undo both,
+        so its gradient is the mean over every trained token of the global batch. The ranks' aux shares
+        sum to the micro-step's aux loss, so scaled by the world size only, it is averaged over accumulation steps."""
+        world = self.env.world_size
+        with moe.capturing(self.routers):
+            summed = token_loss_sum(self.engine, self.loss_head, batch)
+        objective = summed * (world * self.accum / max(global_trained, 1))
+        if self.routers is None:
+            return summed, objective, None
+        aux, counts = moe.load_balancing(self.routers, self.routers.take(), batch["loss_index"])
+        return summed, objective + self.routers.coef * world * aux, (aux, counts)
 
     def _log_train(self, window: LogWindow, lr: float, peak: Optional[float], progress) -> None:
         row = {

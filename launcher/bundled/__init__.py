@@ -1,7 +1,8 @@
-"""Offline bundled defaults: resolve `bundled://` URIs to a tiny Llama and its task data, built on first use.
+"""Offline bundled defaults: resolve `bundled://` URIs to tiny models and their task data, built on first use.
 
 URIs:
   bundled://tiny-llama               -> model dir (config, safetensors, tokenizer, generation_config)
+  bundled://tiny-moe                 -> the same for a tiny Qwen3-MoE (8 experts, 2 per token)
   bundled://tiny-tasks/train.jsonl   -> file path
   bundled://tiny-tasks/eval.jsonl    -> file path
 Anything else is returned unchanged. Artifacts live under $SFT_CACHE_DIR (default
@@ -26,6 +27,7 @@ _CODE = code_digest(str(Path(__file__).parent), LIBRARIES)
 _TASKS_CODE = code_digest(str(Path(__file__).parent))  # the tasks are plain Python
 TASKS_DIR = f"tiny-tasks-v{VERSION}-{_TASKS_CODE}"
 MODEL_DIR = f"tiny-llama-v{VERSION}-{_CODE}"
+MOE_DIR = f"tiny-moe-v{VERSION}-{_CODE}"
 _FILES = {"tiny-tasks/train.jsonl": "train.jsonl", "tiny-tasks/eval.jsonl": "eval.jsonl"}
 
 __all__ = ["PREFIX", "VERSION", "is_bundled", "resolve"]
@@ -42,9 +44,11 @@ def resolve(uri: str) -> str:
     name = uri[len(PREFIX):].rstrip("/")
     if name == "tiny-llama":
         return str(_ensure(MODEL_DIR, _build_model))
+    if name == "tiny-moe":
+        return str(_ensure(MOE_DIR, lambda out: _build_model(out, "moe")))
     if name in _FILES:
         return str(_ensure(TASKS_DIR, _build_tasks) / _FILES[name])
-    raise ValueError(f"unknown bundled URI {uri!r}; known: {PREFIX}tiny-llama, "
+    raise ValueError(f"unknown bundled URI {uri!r}; known: {PREFIX}tiny-llama, {PREFIX}tiny-moe, "
                      + ", ".join(PREFIX + k for k in _FILES))
 
 
@@ -60,7 +64,7 @@ def _build_tasks(out: Path) -> None:
     write_dataset(out)
 
 
-def _build_model(out: Path) -> None:
+def _build_model(out: Path, kind: str = "llama") -> None:
     # Lazy imports: resolving data paths must not pay for torch/transformers.
     from launcher.bundled.model import save_model_dir
     from launcher.bundled.tokenizer import build_tokenizer, training_texts
@@ -68,4 +72,4 @@ def _build_model(out: Path) -> None:
     # Train the tokenizer on the cached train split so model and data always agree.
     train = _ensure(TASKS_DIR, _build_tasks) / "train.jsonl"
     rows = [json.loads(line) for line in train.read_text(encoding="utf-8").splitlines()]
-    save_model_dir(out, build_tokenizer(training_texts(rows)))
+    save_model_dir(out, build_tokenizer(training_texts(rows)), kind=kind)

@@ -26,17 +26,31 @@ def first_step_gradients(run_dir: Path, loss: str, chunk_tokens: int) -> dict:
 
 def probe_gradients(run_dir: Path, settings, ranks: int = 2) -> dict:
     """The first step's loss and every parameter's full gradient (launcher/loss_probe.py on each rank)."""
-    overrides = ["recipe=tiny_sft", "tracking=none", f"run_dir={run_dir}", f"cluster.procs_per_node={ranks}", *settings]
+    write_probe_run(run_dir, ["recipe=tiny_sft", "tracking=none", f"cluster.procs_per_node={ranks}", *settings])
+    run_probe(Path(__file__).with_name("loss_probe.py"), run_dir, ranks)
+    return torch.load(run_dir / "grads.pt")
+
+
+def write_probe_run(run_dir: Path, overrides) -> None:
+    """The run directory `sft` would write for these overrides (config, plan, DeepSpeed JSON), nothing started."""
+    overrides = [*overrides, f"run_dir={run_dir}"]
     cfg = compose_config(overrides)
     checked = check_config(cfg)
     plan = make_plan(cfg, checked.model, checked.train_examples, find(cfg))
     write_run_files(run_dir, OmegaConf.to_container(cfg, resolve=True), overrides, checked, plan,
                     deepspeed_config(cfg, plan), fingerprint(cfg, plan))
+
+
+def run_probe(script: Path, run_dir: Path, ranks: int, timeout: float = 300) -> None:
+    """`script run_dir` on each rank, as the local backend starts ranks; every rank must exit 0 within timeout."""
     attempt = new_attempt_id()
-    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("loss_probe.py")), str(run_dir)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir)],
                               env={**rank_env(r, ranks, attempt, ranks), "PYTHONPATH": str(REPO)}) for r in range(ranks)]
-    assert [p.wait(timeout=300) for p in procs] == [0] * ranks
-    return torch.load(run_dir / "grads.pt")
+    try:
+        assert [p.wait(timeout=timeout) for p in procs] == [0] * ranks
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def test_chunked_loss_and_gradients_equal_the_full_loss_on_zero3(tmp_path):

@@ -72,7 +72,19 @@ def test_packed_loss_and_gradients_equal_each_example_alone(setup, attn, layout,
     flex_attention get; padded rows: data.packing=false with sdpa/eager (an attention_mask)."""
     path, tok, data = setup
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=torch.float32).train()
-    rows = [data[train_on].train[i] for i in range(MICRO_BATCH)]
+    check_packed_equals_alone(model, tok, data[train_on], layout)
+
+
+@pytest.mark.parametrize("layout", ["packed rows", "one row"])
+def test_a_mixture_of_experts_packed_loss_equals_each_example_alone(setup, layout):
+    """The tiny MoE (same tokenizer): routing is per token, so packing changes no example's language-model loss."""
+    _, tok, data = setup
+    model = AutoModelForCausalLM.from_pretrained(resolve("bundled://tiny-moe"), attn_implementation="sdpa", dtype=torch.float32).train()
+    check_packed_equals_alone(model, tok, data["assistant"], layout)
+
+
+def check_packed_equals_alone(model, tok, data, layout):
+    rows = [data.train[i] for i in range(MICRO_BATCH)]
     examples = [alone(ids, labels) for row in rows for ids, labels in segments(row, tok.pad_token_id)]
     if layout == "padded rows":
         batch = collate(examples, tok.pad_token_id)

@@ -18,6 +18,7 @@ from launcher.plan import make_plan
 from launcher.validate import check_config
 from tests.conftest import SFT, run_sft
 from tests.utils.ports import held_ports
+from tests.utils.stop import usr2_after
 from tests.utils.wandb_file import find_runs, read_run
 
 REFERENCE = Path(__file__).with_name("reference_losses.json")
@@ -154,14 +155,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, reference_r
     run_dir = tmp_path / "interrupted"
     proc = subprocess.Popen([SFT, *SHORT, f"run_dir={run_dir}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(losses(run_dir)) >= 5:
-            proc.send_signal(signal.SIGUSR2)
-            break
-        time.sleep(0.02)
-    out, _ = proc.communicate(timeout=300)
+    out = usr2_after(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 5)
     assert proc.returncode == 75, out[-3000:]
     stopped_at = max(losses(run_dir))
     assert 5 <= stopped_at < 12

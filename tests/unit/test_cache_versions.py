@@ -84,6 +84,16 @@ def bundled_digest() -> str:
     })
 
 
+def moe_digest() -> str:
+    """The bundled tiny MoE: its config and weights (its tokenizer and tasks are the tiny Llama's)."""
+    model = Path(resolve("bundled://tiny-moe"))
+    config = json.loads((model / "config.json").read_text())
+    config.pop("transformers_version", None)
+    tensors = load_file(model / "model.safetensors")
+    return digest({"config": config,
+                   "weights": {k: hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() for k, t in sorted(tensors.items())}})
+
+
 def pipeline_digest(tmp_path: Path) -> str:
     tok = AutoTokenizer.from_pretrained(resolve("bundled://tiny-llama"))
     source = tmp_path / "rows.jsonl"
@@ -102,6 +112,11 @@ def pipeline_digest(tmp_path: Path) -> str:
 
 def test_bundled_artifacts_match_their_version():
     check_pin("bundled", bundled.VERSION, bundled_digest(), "launcher.bundled.VERSION",
+              installed_versions(bundled.LIBRARIES))
+
+
+def test_the_bundled_moe_matches_its_version():
+    check_pin("bundled_moe", bundled.VERSION, moe_digest(), "launcher.bundled.VERSION",
               installed_versions(bundled.LIBRARIES))
 
 
