@@ -15,7 +15,8 @@ import lock  # noqa: E402
 def test_every_dependency_is_locked_within_its_range():
     pins = lock.read_lock()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]
+                    + project["optional-dependencies"]["bench"]]
     for req in requirements:
         name = lock.canonical(req.name)
         assert name in pins, f"{req.name} is a dependency but {lock.LOCK.name} does not lock it"
@@ -28,7 +29,7 @@ def test_every_dependency_is_locked_within_its_range():
 def test_the_makefile_installs_the_locked_torch():
     makefile = (REPO / "Makefile").read_text()
     assert "TORCH_CPU := $(shell grep -m1 '^torch==' $(LOCK))" in makefile
-    assert "-c $(LOCK) -e '.[dev]'" in makefile and "tools/lock.py check" in makefile
+    assert "-c $(LOCK) -e '.[dev,bench]'" in makefile and "tools/lock.py check" in makefile
 
 
 def test_check_rules():
