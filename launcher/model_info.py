@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from omegaconf import DictConfig, OmegaConf
+
 from launcher import bundled
-from launcher.plan.shape import ModelShape
+from launcher.plan.shape import ModelShape, is_moe_config
 
 
 @dataclass
@@ -17,9 +19,12 @@ class ModelFacts:
     max_positions: Optional[int]
     source: str  # "config.json" | "recipe hints" | "unknown"
     error: Optional[str] = None  # why config.json could not be read
-    shape: Optional[ModelShape] = None  # None: not a Llama-family model, or unknown
+    shape: Optional[ModelShape] = None  # None: not a Llama-family or tested MoE model, or unknown
     heads: Optional[int] = None  # attention heads (num_attention_heads), any architecture: sequence parallelism splits them
     kv_heads: Optional[int] = None  # key/value heads (num_key_value_heads; = heads without grouped-query attention)
+    model_type: Optional[str] = None  # config.json's model_type
+    moe: bool = False  # a mixture of experts, of any family (launcher.plan.shape.is_moe_config)
+    active_params: Optional[int] = None  # parameters a token runs through: = params when dense; None when unknown
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -28,7 +33,9 @@ def looks_like_hub_id(path: str) -> bool:
 
 def read_model_facts(model_cfg) -> ModelFacts:
     """Parameter count, shape and max positions from config.json (local dir, or the local HF cache)."""
-    hints = json.dumps(dict(model_cfg.config_hints or {}), sort_keys=True)
+    hints = model_cfg.config_hints or {}
+    # Plain containers: a hint may be a list (mlp_only_layers), which json cannot take as a ListConfig.
+    hints = json.dumps(OmegaConf.to_container(hints) if isinstance(hints, DictConfig) else dict(hints), sort_keys=True)
     return _read_model_facts(model_cfg.path, model_cfg.trust_remote_code, hints)
 
 
@@ -70,15 +77,18 @@ def _read_model_facts(model_path: str, trust_remote_code: bool, hints_json: str)
     if not config:
         return ModelFacts(path, None, None, source, error)
     shape = ModelShape.from_config(config)
+    moe = shape.moe if shape is not None else is_moe_config(config)
     if shape is not None:
-        params = shape.params
+        params, active = shape.params, shape.active_params
     else:
         try:
             params = count_params_on_meta(config, trust_remote_code)
         except Exception:  # noqa: BLE001 - an architecture transformers cannot build here: no count
             params = None
+        active = None if moe else params  # another family's experts are not told apart here
     heads, kv_heads = attention_heads(config)
-    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape, heads, kv_heads)
+    return ModelFacts(path, params, config.get("max_position_embeddings"), source, error, shape, heads, kv_heads,
+                      config.get("model_type"), moe, active)
 
 
 def attention_heads(config: Dict[str, Any]) -> Tuple[Optional[int], Optional[int]]:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from launcher.metrics import read_metrics
 from launcher.plan import Plan
+from launcher.plan.memory import GIB, element_bytes
 
 
 def fmt_count(n: Any) -> str:
@@ -37,7 +38,8 @@ def plan_table(plan: Plan) -> Table:
         ("train examples", fmt_count(plan.train_examples)),
         ("steps per epoch", f"<= {plan.steps_per_epoch}" if plan.steps_per_epoch else "n/a (counted after tokenising)"),
         ("total steps", str(plan.total_steps) if plan.total_steps else "n/a"),
-        ("parameters", f"{fmt_count(plan.params)} (from {plan.model_facts_source})"),
+        ("parameters", f"{parameters_text(plan)} (from {plan.model_facts_source})"),
+        *experts_rows(plan),
         ("ZeRO stage / precision", f"{plan.zero_stage} / {plan.precision}"),
         ("attention / loss", plan.attention),
         ("predicted for", plan.device),
@@ -47,6 +49,41 @@ def plan_table(plan: Plan) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def parameters_text(plan: Plan) -> str:
+    moe = plan.experts
+    if not moe:
+        return fmt_count(plan.params)
+    if not moe["tested"]:
+        return (f"{fmt_count(plan.params)} (a mixture of experts of model_type {moe['model_type']}: which are active per "
+                "token is not known here; compute is counted at all of them)")
+    return f"{fmt_count(plan.params)} ({fmt_count(plan.active_params)} active per token: {moe['top_k']} of {moe['experts']} experts)"
+
+
+def experts_rows(plan: Plan) -> List[Tuple[str, str]]:
+    """A mixture of experts: where its parameters are, what ZeRO-3 gathers and moves of them."""
+    moe = plan.experts
+    if not moe or not moe["tested"]:
+        return []
+    share = moe["expert_params"] / plan.params
+    layers = f"{moe['moe_layers']} of {moe['layers']} layers" if moe["moe_layers"] < moe["layers"] else f"all {moe['layers']} layers"
+    states = ""
+    if plan.memory:  # the sharded parts grow with the parameters; the gathered block is counted below
+        sharded = sum(gib for name, gib in plan.memory["parts_gib"]["model states"].items() if not name.startswith("largest layer"))
+        states = f", {fmt_gib(sharded * share)} per GPU of the sharded model states"
+    experts = (f"{moe['experts']} experts in each MoE block ({layers}), {moe['top_k']} per token"
+               + (", and a shared expert every token runs" if moe["shared_expert"] else "")
+               + f"; the routed experts hold {fmt_count(moe['expert_params'])} parameters: {share:.0%} of the model{states}. "
+               "ZeRO-3 gathers and reduces every expert each micro-batch (communication counts all parameters); "
+               "compute counts the active ones")
+    e = element_bytes(plan.precision)
+    block, embedding = moe["block_params"], moe["embedding_params"]
+    than = f"larger than the embedding ({fmt_count(embedding)})" if block > embedding else f"the embedding ({fmt_count(embedding)}) is larger"
+    gathered = (f"a MoE block, {fmt_count(block)} parameters (its {moe['experts']} experts and router"
+                + (" and shared expert" if moe["shared_expert"] else "") + f"), gathered whole (a ZeRO-3 leaf): "
+                f"{fmt_gib(e * block / GIB)}, twice that with its gradient in backward; {than}")
+    return [("experts", experts), ("largest gathered layer", gathered)]
 
 
 def world_size_text(plan: Plan) -> str:

@@ -62,6 +62,11 @@ class ModelConfig:
     # config.json fields (hidden_size, num_hidden_layers, vocab_size, ...) the plan uses when the
     # model's own config.json cannot be read offline (a hub id on a laptop); the file wins when readable.
     config_hints: Dict[str, Any] = field(default_factory=dict)
+    # Mixture-of-experts models: the router's load-balancing loss weight (None: the model config's
+    # router_aux_loss_coef); the trained objective is loss + coef x aux_loss (launcher.moe).
+    router_aux_loss_coef: Optional[float] = None
+    # Train a model whose MoE layer (or architecture) this launcher has not tested (launcher.plan.shape's families).
+    allow_untested: bool = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ from launcher.errors import ConfigError, problem
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.attention import attention_problems, loss_problems
 from launcher.plan import accelerator, batch_math, default_procs_per_node, ulysses
+from launcher.plan.shape import MOE_FAMILIES
 from launcher.schema import MIN_SEQ_LEN
 from launcher.rundir import COMPLETE
 
@@ -135,6 +136,22 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
             )
         if facts.max_positions is not None and data.seq_len > facts.max_positions:
             problems.append(problem("data.seq_len", data.seq_len, f"must be <= the model's max_position_embeddings ({facts.max_positions})"))
+        if facts.moe and facts.model_type not in MOE_FAMILIES and not cfg.model.allow_untested:
+            # Another family's MoE layers train without launcher.moe: no ZeRO-3 leaf block (a step routed
+            # differently can hang the gathers), no load-balancing loss; the plan has no activations for it.
+            problems.append(problem("model.path", cfg.model.path,
+                                    f"is a mixture of experts of model_type {facts.model_type!r}, a family this launcher has "
+                                    f"not tested (tested: {', '.join(MOE_FAMILIES)}); use one of those, or set "
+                                    "model.allow_untested=true to train it without the launcher's MoE support (ZeRO-3 leaf "
+                                    "blocks, the load-balancing loss) and without a fit verdict"))
+        if facts.moe and cfg.trainer.tiled_mlp:
+            # The tiled MLP would run each MoE block (and its router) once per slice: untested, and the
+            # load-balancing loss expects one router output per layer and forward.
+            problems.append(problem("trainer.tiled_mlp", True, f"is not supported for a mixture of experts "
+                                    f"({facts.model_type}); use trainer.tiled_mlp=false"))
+    if cfg.model.router_aux_loss_coef is not None and not cfg.model.router_aux_loss_coef >= 0:
+        problems.append(problem("model.router_aux_loss_coef", cfg.model.router_aux_loss_coef,
+                                "must be >= 0 (0 trains without the load-balancing loss; null: the model config's own)"))
     if sequence_parallel > 1 and ds.stage != 3:
         # The trainer's loss scale assumes ZeRO-3's reduction over every rank; stage 0 averages over
         # data-parallel ranks only, and stages 1-2 with Ulysses are untested here.

@@ -1,7 +1,7 @@
 """The plan: numbers derived from a validated config before anything runs, by arithmetic alone.
 
 `core` (world size, batch math over data-parallel ranks, the DeepSpeed JSON), `shape` (a model's
-shapes and parameter count from config.json), `memory` (peak memory per GPU, by part), `comm` (bytes
+shapes and parameter count from config.json; a mixture of experts' total and active parameters), `memory` (peak memory per GPU, by part), `comm` (bytes
 moved and step time), `ulysses` (sequence parallelism: the group sizes a run can use and the bytes
 its all-to-alls move), `stop_window` (checkpoint size and whether a save fits before Slurm kills the job).
 What the plan needs from outside the config (the partition's GPU, this machine's GPUs, measured

@@ -11,6 +11,9 @@ their two uses are gathered twice per pass (measured +7% on the tiny model; not 
 After the optimizer step the small persistent parameters are all-gathered. Stage 2
 reduce-scatters gradients per micro-batch, stage 1 once per step, and both all-gather the
 updated parameters once per step; stage 0 all-reduces gradients once per step.
+A mixture of experts moves every expert: ZeRO-3 gathers a MoE block whole (a leaf module,
+launcher.moe) whichever experts the tokens reach, and reduce-scatters every expert's gradient,
+while its compute counts the active parameters only (a token runs k experts of E).
 
 `message_bytes` follows DeepSpeed's comms logger (`"comms_logger": {"enabled": true}`), which
 counts an all-gather by its input (this rank's shard) and a reduce-scatter or all-reduce by its
@@ -72,11 +75,13 @@ def full_tensor_bytes(params: int, shape: Optional[ModelShape], zero: Dict, e: i
 
 
 def flops_per_token(params: int, shape: Optional[ModelShape], seq_len: int, recompute: bool, tiled_mlp: bool = False) -> float:
-    """Training FLOPs per token: 6 per parameter plus causal attention (8 and more with recomputation);
+    """Training FLOPs per token: 6 per parameter the token runs through (a mixture of experts' active
+    parameters: its top-k experts, not all) plus causal attention (8 and more with recomputation);
     TiledMLP computes the MLP's forward once more in backward."""
+    active = shape.active_params if shape else params
     attention = 6 * shape.layers * shape.q_dim * seq_len if shape else 0  # QK^T and AV, causal half, x3 for backward
-    mlp_forward = 2 * 3 * shape.hidden * shape.intermediate * shape.layers if shape and tiled_mlp else 0
-    return (8 if recompute else 6) / 6 * (6 * params + attention) + mlp_forward
+    mlp_forward = 2 * shape.active_mlp_params if shape and tiled_mlp else 0
+    return (8 if recompute else 6) / 6 * (6 * active + attention) + mlp_forward
 
 
 def estimate(params: int, shape: Optional[ModelShape], ds_json: Dict, precision: str, world: int, nodes: int,

@@ -55,6 +55,8 @@ class Plan:
     comm: Optional[Dict[str, Any]] = None  # launcher.plan.comm.CommEstimate
     stop_window: Optional[Dict[str, Any]] = None  # launcher.plan.stop_window.StopWindow
     scaling: List[Dict[str, Any]] = field(default_factory=list)  # plan.scaling=true: per node count
+    active_params: Optional[int] = None  # per token (a mixture of experts: its top-k experts); None: unknown
+    experts: Optional[Dict[str, Any]] = None  # a mixture of experts' layout (experts_summary); None when dense
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -144,6 +146,8 @@ def make_plan(cfg, facts, train_examples: Optional[int], found: Optional[Found] 
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         params=facts.params,
+        active_params=facts.active_params,
+        experts=experts_summary(facts),
         attention=attention_summary(cfg, found.local_gpus),
         model_facts_source=facts.source,
         zero_stage=cfg.deepspeed.stage,
@@ -154,6 +158,20 @@ def make_plan(cfg, facts, train_examples: Optional[int], found: Optional[Found] 
     if facts.params is not None:
         predict(cfg, plan, facts, mem_gib, tflops, found)
     return plan
+
+
+def experts_summary(facts) -> Optional[Dict[str, Any]]:
+    """A mixture of experts' layout, for the report; None for a dense model. Only model_type and
+    tested=False for a family launcher.plan.shape does not know."""
+    if not facts.moe:
+        return None
+    shape = facts.shape
+    if shape is None:
+        return {"model_type": facts.model_type, "tested": False}
+    return {"model_type": shape.model_type, "tested": True, "experts": shape.experts, "top_k": shape.top_k,
+            "moe_layers": shape.moe_layers, "layers": shape.layers, "expert_params": shape.expert_params,
+            "block_params": shape.moe_block_params, "embedding_params": shape.embedding_params,
+            "shared_expert": shape.shared_expert}
 
 
 def device_budget(cluster, found: "Found") -> Tuple[Optional[float], Optional[float], str]:

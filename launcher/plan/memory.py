@@ -9,6 +9,8 @@ Activations count what autograd saves in one decoder layer of the transformers i
 (Korthikanti et al. 2022 derive the same terms for GPT; here for RMSNorm, rotary attention with
 grouped KV heads and a gated MLP, no dropout), per token, for the attention kernel:
   each RMSNorm: its fp32 input 4h, the normalised and the weighted output 2eh
+  q/k norms:    (qwen3, olmoe) the fp32 input and the normalised output of each, over q and k:
+                (4 + e)(q + kv) (the weighted output goes to the rotary embedding, which keeps only cos, sin)
   attention:    rotated q, k, v, the kernel's output and o_proj's input e(3q + 2kv), the
                 softmax statistics 4 bytes per head; eager adds the fp32 probabilities (and their
                 16-bit copy) per head and key; eager, and sdpa with a mask (packed rows), repeat k
@@ -41,6 +43,19 @@ checkpointing none is kept, and a recomputed layer holds the boolean and sdpa's 
 TiledMLP (trainer.tiled_mlp, DeepSpeed's `TiledMLP`) saves only its input (the norm's output,
 counted) and computes the MLP without autograd; backward recomputes it slice by slice, holding one
 slice's intermediates: 1/shards of them, shards = ceil(local sequence / hidden), DeepSpeed's default.
+
+Mixture of experts (launcher.plan.shape, launcher.moe): model states count every parameter, all
+experts included, and the gathered layer is a whole MoE block (a ZeRO-3 leaf: its experts, router
+and shared expert at once), when larger than the embedding. A prefetch adds tensors until it passes
+`stage3_prefetch_bucket_size`, so one that reaches a MoE block takes an expert tensor whole on top
+of the bucket. A MoE layer saves, per token (transformers' grouped_mm experts, as eager's loop):
+  router:       its fp32 probabilities 4E, the top-k weights (fp32) and indices (int64) 12k
+  each of the k experts the token is sent to: its copy of the input and the weighted output 2eh,
+                the gated MLP's 4eI (I the expert's width), the routing weight e and three
+                int64 indices (the sort's, its inverse's, the gather's) 24
+  shared expert (qwen2_moe): its gated MLP 4eI_s, its output eh (the sigmoid gate multiplies it)
+The load-balancing loss (launcher.moe) keeps, from the forward to its backward and with
+checkpointing too, the softmax of every MoE layer's router logits in fp32: 4E per token and layer.
 """
 
 import math
@@ -123,7 +138,8 @@ def zero_buffers_bytes(zero: Dict, e: int, shape: Optional[ModelShape], params: 
     get = lambda key: zero.get(key, ZERO_DEFAULTS[key])  # noqa: E731
     if zero.get("stage", 0) == 3:
         # The reduce bucket is allocated whole; prefetching gathers at most the model ahead.
-        parts = {"prefetch bucket": e * min(get("stage3_prefetch_bucket_size"), params), "reduce bucket": e * get("reduce_bucket_size")}
+        prefetch = get("stage3_prefetch_bucket_size") + (shape.largest_expert_tensor if shape is not None else 0)
+        parts = {"prefetch bucket": e * min(prefetch, params), "reduce bucket": e * get("reduce_bucket_size")}
         if shape is not None:  # small tensors (norms, biases) stay whole on every rank, with their grads
             parts["persistent params"] = 2 * e * shape.persistent_params(get("stage3_param_persistence_threshold"))
         return parts
@@ -133,8 +149,14 @@ def zero_buffers_bytes(zero: Dict, e: int, shape: Optional[ModelShape], params: 
     return {}
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, work: Workload) -> float:
-    """Bytes autograd saves per (local) token in one decoder layer without checkpointing (module docstring)."""
+def layer_kinds(shape: ModelShape) -> List[Tuple[int, bool]]:
+    """(how many, MoE or not) of the model's decoder layers, for each kind it has."""
+    return [(n, moe) for n, moe in ((shape.dense_layers, False), (shape.moe_layers, True)) if n]
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, work: Workload, moe: bool = False) -> float:
+    """Bytes autograd saves per (local) token in one decoder layer (a MoE layer with moe=True) without
+    checkpointing (module docstring)."""
     e, h, q = element_bytes(work.precision), shape.hidden, shape.q_dim
     norm = 4 * h + 2 * e * h
     kernel = work.attn_implementation
@@ -142,15 +164,28 @@ def layer_activation_bytes_per_token(shape: ModelShape, work: Workload) -> float
     kv = max(shape.kv_heads, work.sequence_parallel) * shape.head_dim  # Ulysses replicates KV heads up to N
     k_v = 2 * (q if masked or kernel == "eager" else kv)  # flash and flex attend grouped heads as they are
     attention = e * (3 * q + k_v) + 4 * shape.heads
+    if shape.q_norm:  # q and k normalised (qwen3, olmoe): their fp32 inputs and normalised copies
+        attention += (4 + e) * (q + shape.kv_dim)
     if kernel == "eager":  # softmax in fp32, cast back for the matmul (no copy when training in fp32)
         attention += (4 + (e if e < 4 else 0)) * shape.heads * work.seq_len
-    mlp = 0 if work.tiled_mlp else mlp_bytes_per_token(shape, work)  # TiledMLP saves only its input
+    mlp = 0 if work.tiled_mlp else mlp_bytes_per_token(shape, work, moe)  # TiledMLP saves only its input
     return 2 * norm + attention + mlp
 
 
-def mlp_bytes_per_token(shape: ModelShape, work: Workload) -> float:
-    """The gated MLP's intermediates: gate, up, silu(gate) and their product."""
-    return 4 * element_bytes(work.precision) * shape.intermediate
+def mlp_bytes_per_token(shape: ModelShape, work: Workload, moe: bool = False) -> float:
+    """The gated MLP's intermediates: gate, up, silu(gate) and their product; in a MoE layer, the
+    router's and those of the k experts a token runs (and of the shared expert) (module docstring)."""
+    e = element_bytes(work.precision)
+    if not moe:
+        return 4 * e * shape.intermediate
+    router = 4 * shape.experts + 12 * shape.top_k
+    expert = 2 * e * shape.hidden + 4 * e * shape.moe_intermediate + e + 24
+    shared = e * (4 * shape.shared_intermediate + shape.hidden) if shape.shared_expert else 0
+    return router + shape.top_k * expert + shared
+
+
+def largest_mlp_bytes_per_token(shape: ModelShape, work: Workload) -> float:
+    return max(mlp_bytes_per_token(shape, work, moe) for _, moe in layer_kinds(shape))
 
 
 def tiled_mlp_shards(shape: ModelShape, work: Workload) -> int:
@@ -160,7 +195,7 @@ def tiled_mlp_shards(shape: ModelShape, work: Workload) -> int:
 
 def tiled_mlp_slice_bytes(shape: ModelShape, work: Workload) -> float:
     """One slice's MLP intermediates, recomputed in backward (trainer.tiled_mlp)."""
-    return mlp_bytes_per_token(shape, work) * work.tokens / tiled_mlp_shards(shape, work)
+    return largest_mlp_bytes_per_token(shape, work) * work.tokens / tiled_mlp_shards(shape, work)
 
 
 def activation_bytes(shape: ModelShape, work: Workload) -> Dict[str, float]:
@@ -169,8 +204,15 @@ def activation_bytes(shape: ModelShape, work: Workload) -> Dict[str, float]:
     parts: Dict[str, float] = {}
     if work.activation_checkpointing:
         parts[f"{shape.layers} layer inputs (checkpointed)"] = shape.layers * e * shape.hidden * t
-    else:
+    elif not shape.moe:
         parts[f"{shape.layers} layers"] = shape.layers * layer_activation_bytes_per_token(shape, work) * t
+    else:
+        for n, moe in layer_kinds(shape):
+            name = f"{n} MoE layers ({shape.top_k} of {shape.experts} experts per token)" if moe else f"{n} dense layers"
+            parts[name] = n * layer_activation_bytes_per_token(shape, work, moe) * t
+    if shape.moe:  # held outside the layers: checkpointing does not drop it
+        parts[f"router probabilities for the load-balancing loss (fp32, {shape.moe_layers} layers)"] = \
+            shape.moe_layers * 4 * shape.experts * t
     parts["final norm"] = (4 * shape.hidden + 2 * e * shape.hidden) * t
     mask = packed_mask_bytes(work)
     if mask and not work.activation_checkpointing:
@@ -208,7 +250,8 @@ def backward_transients(shape: ModelShape, work: Workload) -> Dict[str, float]:
     slice_ = tiled_mlp_slice_bytes(shape, work) if work.tiled_mlp else 0.0
     exchange = exchange_bytes(shape, work)
     if work.activation_checkpointing:
-        parts["one layer recomputed"] = (layer_activation_bytes_per_token(shape, work) * work.tokens + slice_
+        layer = max(layer_activation_bytes_per_token(shape, work, moe) for _, moe in layer_kinds(shape))
+        parts["one layer recomputed"] = (layer * work.tokens + slice_
                                          + recomputed_mask_bytes(work) + exchange)
     elif work.tiled_mlp:
         parts[f"tiled MLP: one of {tiled_mlp_shards(shape, work)} slices recomputed"] = slice_

@@ -65,6 +65,12 @@ def test_the_aux_loss_equals_transformers_own_over_the_same_tokens(family):
     assert routers.captured == []
 
 
+def test_every_family_the_plan_knows_has_its_blocks_named_here():
+    from launcher.plan.shape import MOE_FAMILIES
+
+    assert sorted(moe.BLOCKS) == sorted(MOE_FAMILIES) == sorted(CONFIGS)
+
+
 def test_the_coefficient_override_wins_and_a_dense_model_has_no_routers():
     assert moe.find_routers(build("qwen3_moe"), 0.5).coef == 0.5
     assert moe.find_routers(build("mixtral"), 0.0).coef == 0.0
