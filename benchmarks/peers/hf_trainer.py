@@ -1,36 +1,27 @@
 """Peer: Hugging Face transformers.Trainer with the same DeepSpeed ZeRO-3 JSON, model and rows.
 
 Run by bench_trainer under torchrun (2 CPU ranks). Prints one JSON line from rank 0:
-{"trained_tokens_per_s": ..., "train_runtime": ..., "trained_tokens": ...}.
+{"trained_tokens_per_s": ..., "train_runtime": ..., "trained_tokens": ...}; tokens/s over the steps
+alone (DeepSpeed's start-up excluded, as our log window excludes ours), train_runtime with it.
 """
 
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")  # what Trainer needs to drive DeepSpeed on CPU
 
 import torch
-from accelerate import PartialState
-from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-from transformers.integrations import HfDeepSpeedConfig
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from launcher import bundled
-from launcher.data import prepare_data
+from benchmarks.peers.run_inputs import Clock, read_run
 
 
 def main(run_dir: str, max_steps: int) -> None:
-    cfg = OmegaConf.load(f"{run_dir}/config.yaml")
-    ds_config = json.loads(open(f"{run_dir}/ds_config.json").read())
-    PartialState(backend="gloo")
-    keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - partition at load, as our trainer does
-    path = bundled.resolve(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    run = read_run(run_dir)
+    cfg, ds_config, path, tokenizer = run.cfg, run.ds_config, run.model_path, run.tokenizer
     rank = int(os.environ.get("RANK", 0))
-    data = prepare_data(cfg.data, tokenizer, local_rank=int(os.environ.get("LOCAL_RANK", 0)), log=lambda *a: None)
-    train = data.train.remove_columns([c for c in data.train.column_names if c not in ("input_ids", "labels")])
+    train = run.data.train.remove_columns([c for c in run.data.train.column_names if c not in ("input_ids", "labels")])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     counted = {"tokens": 0}  # trained (label != -100) tokens this rank really consumed
 
@@ -52,10 +43,10 @@ def main(run_dir: str, max_steps: int) -> None:
         deepspeed=ds_config, report_to=[], save_strategy="no", logging_steps=10**6, seed=cfg.seed,
         dataloader_num_workers=0, accelerator_config={"use_configured_state": True}, remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate)
-    start = time.perf_counter()
+    clock = Clock()
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[clock])
     output = trainer.train()
-    elapsed = time.perf_counter() - start
+    elapsed = clock.seconds
     total = torch.tensor([counted["tokens"]], dtype=torch.float64)
     torch.distributed.all_reduce(total)
     if rank == 0:

@@ -76,12 +76,17 @@ def test_the_tiny_moe_trains_with_its_aux_loss_and_expert_load_logged(two_ranks)
     assert logged[3]["train/aux_loss"] == pytest.approx(got[3]["aux_loss"]) and "train/expert_tokens_max" in logged[3]
 
 
-def test_two_ranks_equal_one_rank(tmp_path, two_ranks):
+def test_two_ranks_equal_one_rank_whether_they_split_the_rows_or_each_row(tmp_path, two_ranks):
+    """Data parallel (2 ranks, 4 rows each) and sequence parallel (2 ranks sharing 8 rows, half of
+    each row's tokens each): the routing statistics pool every rank's tokens, as 1 rank's are."""
     one = train(tmp_path, [*SHORT, *ONE_RANK, *QUICK, "trainer.max_steps=3"], "one-rank")
-    got, want = rows(one), rows(two_ranks)
-    for step in (1, 2, 3):
-        for key in ("loss", "aux_loss", "expert_tokens_min", "expert_tokens_max", "trained_tokens"):
-            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
+    ulysses = train(tmp_path, [*SHORT, *QUICK, "trainer.max_steps=3", "trainer.micro_batch_size=8",
+                               "trainer.sequence_parallel=2"], "sequence-parallel")
+    want = rows(one)
+    for got in (rows(two_ranks), rows(ulysses)):
+        for step in (1, 2, 3):
+            for key in ("loss", "aux_loss", "expert_tokens_min", "expert_tokens_max", "trained_tokens"):
+                assert got[step][key] == pytest.approx(want[step][key], rel=1e-5), (step, key)
 
 
 def test_the_export_reloads_equal_to_the_gathered_weights_in_the_hub_layout(two_ranks):
