@@ -38,17 +38,17 @@ class LogWindow:
         self._began = None
         self.data_wait = 0.0  # this rank's longest wait for a step's batches
         self.aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # this rank's shares of the aux loss
-        self.micro_steps = 0
+        self.aux_steps = torch.zeros((), dtype=torch.float64, device=self.device)  # micro-steps with a trained token on some rank
         self.expert_counts = None  # (MoE layers, experts) selections, all ranks (None: a dense model)
 
     def add_micro_batch(self, loss_sum: torch.Tensor, batch: Dict, routing=None) -> None:
         self.loss_sum += loss_sum.detach()
         self.tokens += batch["input_ids"].numel()
         self.rows += batch["rows"]
-        self.micro_steps += 1
         if routing is not None:  # (this rank's aux share, every rank's selections)
             aux, counts = routing
             self.aux_sum += aux.detach()
+            self.aux_steps += (counts.sum() > 0).double()  # a micro-step with nothing trained anywhere has no aux loss
             self.expert_counts = counts if self.expert_counts is None else self.expert_counts + counts
 
     def begin_step(self) -> None:
@@ -105,6 +105,6 @@ class LogWindow:
         }
         if self.expert_counts is not None:
             per_step = self.expert_counts.cpu() / max(self.steps, 1)
-            row.update(aux_loss=ranks[:, 6].sum().item() / max(self.micro_steps, 1),
+            row.update(aux_loss=ranks[:, 6].sum().item() / max(self.aux_steps.item(), 1),
                        expert_tokens_min=per_step.min().item(), expert_tokens_max=per_step.max().item())
         return row

@@ -17,10 +17,11 @@ and top-k expert indices per token) and the layer's experts as fused 3-D paramet
   on the same rows. Each rank's share (its P_e over the global count) sums to the global value.
   It is a batch statistic: over accumulation steps it is averaged, not pooled (the counts of
   micro-batch 2 are unknown when micro-batch 1's backward runs).
-- **The model's own aux loss is off** (`output_router_logits=False`): it would one-hot every
-  token's selections (tokens x k x E per layer) and count padding; logits are taken from the
-  routers by forward hooks instead, only in the training forward (not in a checkpointed layer's
-  recompute, nor in eval or generation).
+- **The model's own aux loss is off** (`output_router_logits=False`): it pools every position of a
+  rank's micro-batch (prompts, and padding and other examples' tokens in packed rows, which get
+  no attention mask), is added only when labels are given (the launcher's loss passes none) and
+  would run a second time. Logits are taken from the routers by forward hooks instead, only in
+  the training forward (not in a checkpointed layer's recompute, nor in eval or generation).
 """
 
 import contextlib
@@ -56,7 +57,8 @@ class Routers:
         return len(self.blocks)
 
     def _capture(self, _module, _inputs, output) -> None:
-        if self.capturing and torch.is_grad_enabled():  # not a checkpointed layer's recompute (backward), nor eval
+        # A checkpointed layer's recompute runs in backward, outside capturing(); no_grad keeps eval and generation out.
+        if self.capturing and torch.is_grad_enabled():
             logits, _weights, indices = output
             self.captured.append((logits, indices))
 

@@ -1,5 +1,5 @@
 """Tiny randomly initialised models saved with their tokenizer as HF model dirs: a Llama (~0.8M
-parameters) and a Qwen3-MoE (~2.5M parameters, 8 experts, 2 per token) of the same width."""
+parameters) and a Qwen3-MoE (~1.4M parameters, 8 experts, 2 per token) of the same width."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ reloads equal to the gathered weights."""
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -136,6 +137,21 @@ def tiny_model(path: Path, family: str) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_through_the_universal_form(tmp_path, two_ranks):
+    """The fused 3-D expert parameters and their Adam states, partitioned over 2 ranks, load on 1 rank
+    (micro 8: the same rows per micro-step, so the aux loss is grouped as before)."""
+    source = tmp_path / "step-000004"
+    shutil.copytree(two_ranks / "checkpoints" / "step-000004", source)
+    run_dir = train(tmp_path, [*SHORT, *ONE_RANK, *QUICK, f"resume={source}"], "one-rank")
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert f"{source} was written by 2 ranks; this run has 1: loading its universal form" in log
+    got, want = rows(run_dir), rows(two_ranks)
+    assert sorted(got) == [5, 6]
+    for step in got:
+        for key in ("loss", "aux_loss"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
 
 
 @pytest.fixture(scope="module")

@@ -98,3 +98,40 @@ def test_a_forward_that_skips_a_router_is_an_error_not_a_wrong_loss():
                               position_embeddings=model.model.rotary_emb(torch.zeros(1, 5, 32), torch.arange(5)[None]))
     with pytest.raises(RuntimeError, match="captured 1 routers' outputs in a forward, expected 2"):
         routers.take()
+
+
+def test_the_trainers_backward_objective_gives_the_mean_loss_plus_coef_times_the_mean_micro_step_aux():
+    """What SFTTrainer.micro_batch_loss hands to backward, scaled as DeepSpeed scales it (1/world for the
+    average over ranks, 1/accumulation in engine.backward), has the gradient of: the mean loss over
+    the global batch's trained tokens + coef x the mean over micro-steps of each one's aux loss."""
+    from types import SimpleNamespace
+
+    from launcher.trainer import SFTTrainer
+
+    model = build("qwen3_moe")
+    routers = moe.find_routers(model, 0.5)  # a large weight: a wrong scale shows
+    trainer = SFTTrainer.__new__(SFTTrainer)  # the method's inputs only: one rank, 2 accumulation steps
+    trainer.env, trainer.ds_config = SimpleNamespace(world_size=1), {"gradient_accumulation_steps": 2}
+    trainer.engine, trainer.loss_head, trainer.routers = model, None, routers
+    torch.manual_seed(1)
+    batches = []
+    for trained in (torch.tensor([1, 2, 5, 8]), torch.tensor([0, 3, 4, 6, 7, 9, 11])):
+        ids = torch.randint(0, 97, (1, 12))
+        batches.append({"input_ids": ids, "position_ids": torch.arange(12)[None], "loss_index": trained,
+                        "loss_labels": torch.randint(0, 97, (len(trained),)), "trained": len(trained)})
+    total = sum(b["trained"] for b in batches)
+    model.zero_grad()
+    for batch in batches:
+        _, objective, _ = trainer.micro_batch_loss(batch, total)
+        (objective / 2).backward()  # DeepSpeed: / accumulation steps (world 1)
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    lm, aux = 0, 0
+    for batch in batches:
+        with moe.capturing(routers):
+            logits = model(input_ids=batch["input_ids"]).logits[0]
+        lm = lm + torch.nn.functional.cross_entropy(logits[batch["loss_index"]], batch["loss_labels"], reduction="sum")
+        aux = aux + moe.load_balancing(routers, routers.take(), batch["loss_index"])[0]
+    (lm / total + 0.5 * aux / 2).backward()
+    for p, g in zip(model.parameters(), got):
+        assert torch.allclose(p.grad, g, rtol=1e-5, atol=1e-8)
