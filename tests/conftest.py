@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(path.relative_to(root).parts[0])
 
 
+_warm_up = None  # the background build of the session's caches (tests/utils/warm_caches.py)
+
+
+def pytest_collection_finish(session):
+    """A session that starts ranks (integration, cluster) builds its empty caches in the background
+    meanwhile: the bundled model and data, DeepSpeed's compiled ops (~25 s of both cores). The first
+    tests to run are light (sbatch round trips, dry runs); the first run that needs a cache waits
+    for it as it would wait for another rank building it."""
+    global _warm_up
+    if session.config.option.collectonly or not any(
+            item.get_closest_marker("integration") or item.get_closest_marker("cluster") for item in session.items):
+        return
+    with open(CACHES / "warm_caches.log", "w") as log:
+        _warm_up = subprocess.Popen([sys.executable, "-m", "tests.utils.warm_caches"], cwd=REPO, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
 def pytest_sessionfinish(session, exitstatus):
+    if _warm_up is not None and _warm_up.poll() is None:  # a short session: its compiler goes with it
+        os.killpg(_warm_up.pid, signal.SIGKILL)
+        _warm_up.wait()
     if not os.environ.get("SFT_TEST_CACHES"):
         shutil.rmtree(CACHES, ignore_errors=True)
 

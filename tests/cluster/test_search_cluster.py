@@ -16,7 +16,11 @@ from tests.conftest import SFT_JOBS, run_sft
 
 pytestmark = pytest.mark.slurm
 
-MAX_STEPS, RUNGS, TRIALS = 72, [8, 24, 72], 8
+# Four trials take every path: the first two wait at the first rung (fewer than sweep.reduction=3
+# values there) and the others find three, so the best goes on or is promoted from waiting; at the
+# second rung too few arrive to compare, so they wait, the best goes on once nothing is left to
+# start (a resume, always) and the others are pruned. At most 64 of 144 steps are trained.
+MAX_STEPS, RUNGS, TRIALS = 36, [4, 12, 36], 4
 # One rank per trial, two trials at a time: the 2-core cluster holds both and the controller.
 SEARCH = ["-m", "hydra/sweeper=search", "recipe=tiny_sft", "cluster=slurm", "cluster.gpus_per_node=0",
           "cluster.procs_per_node=1", "cluster.cpus_per_task=1", "cluster.time_min=10", "cluster.partition=debug",
@@ -130,7 +134,7 @@ def test_a_trial_preempted_while_it_pauses_at_a_rung_is_not_requeued_past_it(slu
     PreemptTime, so the preemption lands in that window whatever the machine's speed."""
     search = [a for a in SEARCH if a != "tracking=none" and not a.startswith(("sweep.trials=", "sweep.rungs="))]
     # Two trials, both pause at step 8 (fewer than sweep.reduction there); W&B on makes the exit take a while.
-    result = run_sft([*search, "sweep.trials=2", "sweep.rungs=[8,72]", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+    result = run_sft([*search, "sweep.trials=2", f"sweep.rungs=[8,{MAX_STEPS}]", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     controller = result.stdout.split("submitted search controller job ")[1].split()[0]
     sweep_dir = Path(result.stdout.split("sweep directory: ")[1].split()[0])

@@ -96,6 +96,21 @@ def rank_pids(run_dir: Path) -> list:
     return pids
 
 
+@contextlib.contextmanager
+def frozen_ranks(run_dir: Path):
+    """The job's ranks stopped (SIGSTOP) meanwhile: a signal sent to them lands where they were when
+    frozen, whatever the machine's speed; SIGCONT at the end lets them handle it."""
+    pids = rank_pids(run_dir)
+    assert len(pids) == 2, pids
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def losses(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
@@ -115,13 +130,18 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+# The runs below are stopped from step 12 on (a node fails at step 14) and compared with the
+# uninterrupted one: periodic checkpoints at steps 10 and 20, and steps after them to resume and train.
+LAST_STEP = 24
+STEPS = [f"trainer.max_steps={LAST_STEP}", "checkpoint.every_steps=10"]
+
+
 @pytest.fixture(scope="module")
 def runs(slurm_cluster, tmp_path_factory):
     """Submit the uninterrupted and the preempted runs together; they share the wait."""
     tmp = tmp_path_factory.mktemp("slurm")
-    steps = ["trainer.max_steps=40", "checkpoint.every_steps=10"]
-    preempted = submit(tmp, [*TINY, *SLURM, *steps], "preempted")
-    plain = submit(tmp, [*TINY, *SLURM, *steps], "plain")
+    preempted = submit(tmp, [*TINY, *SLURM, *STEPS], "preempted")
+    plain = submit(tmp, [*TINY, *SLURM, *STEPS], "plain")
     # Preempt mid-run, as a time-limit warning or a preempting job would: USR2 to every task.
     run_dir, job_id = preempted
     deadline = time.monotonic() + 300
@@ -131,16 +151,9 @@ def runs(slurm_cluster, tmp_path_factory):
     # Twice in quick succession (Slurm may repeat it; a user may too): one checkpoint, one requeue.
     # The ranks are frozen meanwhile, so both signals reach this incarnation whatever the machine's
     # speed (a second scancel during the requeue is retried by scancel and hits the next one).
-    pids = rank_pids(run_dir)
-    assert len(pids) == 2, pids
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen_ranks(run_dir):
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
     return tmp, plain, preempted
 
 
@@ -148,7 +161,7 @@ def test_submit_returns_at_once_and_the_run_completes(runs):
     _, (run_dir, job_id), _ = runs
     assert wait_for_state(job_id) == "COMPLETED"
     assert (run_dir / "export" / "model.safetensors").is_file()
-    assert max(losses(run_dir)) == 40
+    assert max(losses(run_dir)) == LAST_STEP
     log = (run_dir / "logs" / "rank-1.log").read_text()
     assert "[rank 1]" in log
     status = subprocess.run([SFT_JOBS, "status", str(run_dir)], capture_output=True, text=True)
@@ -167,9 +180,6 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(runs):
     assert_one_wandb_run_across_segments(run_dir, 2)
 
 
-STEPS = ["trainer.max_steps=40", "checkpoint.every_steps=10"]  # as the runs above
-
-
 def run_until(run_dir: Path, step: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not ((run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= step):
@@ -186,7 +196,7 @@ def stopped_and_resumed_at(run_dir: Path) -> tuple:
     return saved[0], resumed[0]
 
 
-def assert_one_wandb_run_across_segments(run_dir: Path, segments: int, last_step: int = 40) -> None:
+def assert_one_wandb_run_across_segments(run_dir: Path, segments: int, last_step: int = LAST_STEP) -> None:
     """One W&B run id, one complete .wandb file per segment, and every step's train row exactly
     once, in order, with W&B's own step equal to ours (a SIGTERM kills W&B's service; the
     segment is rebuilt from metrics.jsonl)."""
@@ -274,8 +284,16 @@ def test_a_real_preemption_checkpoints_and_slurm_requeues_the_run(runs, tmp_path
     run_dir, job_id = submit(tmp_path, [*TINY, *SLURM, *STEPS], "preempted")
     run_until(run_dir, 12)
     node = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
-    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "--exclusive", "-n", "1", "-t", "1",
-                             "-o", "/dev/null", "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+    # Frozen until Slurm has chosen the job for preemption (its PreemptTime is set as it sends the
+    # SIGTERM): the stop lands at this step whatever the machine's speed, long before the last one.
+    with frozen_ranks(run_dir):
+        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-w", node, "--exclusive", "-n", "1", "-t", "1",
+                                 "-o", "/dev/null", "--wrap", "sleep 5"], capture_output=True, text=True, check=True).stdout.strip()
+        deadline = time.monotonic() + 120
+        while "PreemptTime=None" in subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                                                    text=True).stdout:
+            assert time.monotonic() < deadline, f"job {job_id} was never chosen for preemption"
+            time.sleep(0.2)
     assert wait_for_state(urgent) == "COMPLETED"
     assert wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=500) == "COMPLETED"
     assert restarts(job_id) == 1
@@ -391,16 +409,9 @@ def test_a_stop_during_start_up_requeues_and_the_run_completes(slurm_cluster, tm
 def signal_frozen_ranks(run_dir: Path, job_id: str) -> None:
     """USR2 to a job whose ranks are frozen (SIGSTOP) meanwhile: the signal reaches them where they
     were when frozen, whatever the machine's speed; SIGCONT lets them handle it."""
-    pids = rank_pids(run_dir)
-    assert len(pids) == 2, pids
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with frozen_ranks(run_dir):
         assert sacct(job_id)[0][0] == "RUNNING"
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
 
 
 def rows_of(run_dir: Path, kind: str) -> list:

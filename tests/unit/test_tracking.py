@@ -217,7 +217,7 @@ def test_an_unreachable_server_falls_back_to_offline_within_the_init_timeout(tmp
         port = s.getsockname()[1]  # closed once the socket is: nothing listens there
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     run_dir = tmp_path / "run"
-    tracker = start_tracking(tracking_cfg(mode="online", api_key=KEY, init_timeout_s=5), run_dir, rank=0, config={"a": 1}, resume=False)
+    tracker = start_tracking(tracking_cfg(mode="online", api_key=KEY, init_timeout_s=2), run_dir, rank=0, config={"a": 1}, resume=False)
     tracker.log({"train/loss": 1.0}, step=1)
     tracker.finish()
     assert "W&B did not start online" in caplog.text and f"wandb sync {run_dir / 'wandb'}" in caplog.text
