@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
 ifneq ($(HAS_GPU),yes)
 	$(BIN)/pip install --quiet $(TORCH_CPU)
 endif
-	$(BIN)/pip install --quiet --no-build-isolation -c $(LOCK) -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --no-build-isolation -c $(LOCK) -e '.[dev,bench,eval]'
 	$(BIN)/python tools/lock.py check
 	touch $@
 

@@ -3,8 +3,8 @@
     python tools/lock.py write [--torch VERSION]   # `make lock`: newest within pyproject's ranges
     python tools/lock.py check                     # `make` after each install: installed == locked
 
-The lock pins every package `make` installs (the project's dependencies, the dev and bench extras, pip
-and setuptools) to one version. `make` installs it as a constraints file over `pip install -e '.[dev,bench]'`,
+The lock pins every package `make` installs (the project's dependencies, the dev, bench and eval extras, pip
+and setuptools) to one version. `make` installs it as a constraints file over `pip install -e '.[dev,bench,eval]'`,
 so pyproject.toml keeps its ranges for people who install the package into their own environment.
 torch is written without its local label (2.13.0, not 2.13.0+cpu): a machine without a GPU installs
 the CPU build of that version first, a GPU machine takes the CUDA build of the same version (and its
@@ -28,7 +28,7 @@ PROJECT = "launcher"
 # Packages a CUDA build of torch brings with it: not in a lock written on a CPU machine.
 GPU_ONLY = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 HEADER = """\
-# The exact versions `make` installs (constraints over `pip install -e '.[dev,bench]'`); see tools/lock.py.
+# The exact versions `make` installs (constraints over `pip install -e '.[dev,bench,eval]'`); see tools/lock.py.
 # Upgrade on purpose: `make lock`, then `make test` (re-pin what the guards ask), then commit this
 # file on its own. pyproject.toml keeps the ranges for installs into other environments.
 """
@@ -96,7 +96,7 @@ def resolve(torch: str) -> Dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
-                        "--report", str(report), "-e", f"{REPO}[dev,bench]", f"torch=={torch}", "pip", "setuptools"],
+                        "--report", str(report), "-e", f"{REPO}[dev,bench,eval]", f"torch=={torch}", "pip", "setuptools"],
                        check=True)
         items = json.loads(report.read_text())["install"]
     pins = {canonical(i["metadata"]["name"]): public(i["metadata"]["version"]) for i in items}

@@ -29,7 +29,7 @@ def test_every_dependency_is_locked_within_its_range():
 def test_the_makefile_installs_the_locked_torch():
     makefile = (REPO / "Makefile").read_text()
     assert "TORCH_CPU := $(shell grep -m1 '^torch==' $(LOCK))" in makefile
-    assert "-c $(LOCK) -e '.[dev,bench]'" in makefile and "tools/lock.py check" in makefile
+    assert "-c $(LOCK) -e '.[dev,bench,eval]'" in makefile and "tools/lock.py check" in makefile
 
 
 def test_check_rules():
