@@ -5,6 +5,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
@@ -29,8 +30,9 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
-def run_rank(run_dir: str) -> int:
-    """Train one rank of the run whose files are in run_dir. Returns the process exit code."""
+def run_rank(run_dir: str, on_eval_model: Optional[Callable[[int], None]] = None) -> int:
+    """Train one rank of the run whose files are in run_dir. Returns the process exit code.
+    on_eval_model: rank 0 calls it with each step exported for the benchmark evals (the Slurm backend submits them)."""
     from launcher.signals import STOP, StoppedDuringStartup
 
     STOP.install()  # before the slow imports: a stop during them must not kill the rank
@@ -44,7 +46,7 @@ def run_rank(run_dir: str) -> int:
     log.info("code: %s", Path(__file__).resolve().parent)  # the run's snapshot (launcher.snapshot)
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     ds_config = json.loads((run_dir / rundir.DS_CONFIG).read_text())
-    trainer = SFTTrainer(cfg, run_dir, ds_config, env)
+    trainer = SFTTrainer(cfg, run_dir, ds_config, env, on_eval_model)
     try:
         trainer.setup()
         return trainer.train()

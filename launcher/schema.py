@@ -52,6 +52,7 @@ ClusterBackend = choices("ClusterBackend", "local", "slurm")
 TrackingBackend = choices("TrackingBackend", "wandb", "none")
 TrackingMode = choices("TrackingMode", "offline", "online", "disabled")
 Direction = choices("Direction", "minimize", "maximize")  # sweep.direction (launcher.sweep)
+HarnessBackend = choices("HarnessBackend", "hf", "vllm")  # eval.harness.backend: lm-eval's model type
 
 
 @dataclass
@@ -137,11 +138,31 @@ class TrainerConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """Benchmark evals with lm-evaluation-harness (launcher.harness), each in its own job after a save."""
+
+    # lm-eval task names, paths to task YAMLs, or bundled ones (tiny_tasks: exact match of greedy
+    # answers on the bundled eval split; tiny_tasks_ll: the answers' log-likelihood). Empty: none.
+    tasks: List[str] = field(default_factory=list)
+    every_checkpoint: bool = False  # false: the final export only; true: every checkpoint.every_steps save too
+    limit: Optional[float] = None  # examples per task (a fraction if < 1); None: all
+    batch_size: int = 8
+    num_fewshot: Optional[int] = None  # None: each task's own
+    backend: HarnessBackend = HarnessBackend.hf  # vllm where installed
+    gpus: int = 1  # GPUs of an eval job (Slurm); 0 on a CPU cluster
+    cpus: int = 2  # CPUs of an eval job (Slurm)
+    time_min: int = 60  # an eval job's time limit (Slurm)
+    partition: Optional[str] = None  # None: cluster.partition
+    allow_hub: bool = False  # tasks may read their data from the Hugging Face Hub (compute nodes online)
+
+
+@dataclass
 class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     max_batches: Optional[int] = None  # None: the whole eval split
     generate_samples: int = 0  # >0: exact-match accuracy of greedy generation on N eval prompts
     max_new_tokens: int = 16
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
 
 @dataclass
@@ -218,7 +239,13 @@ class SweepConfig:
 
     trials: int = 16  # trials sampled in all
     parallel: int = 4  # trials training at once (Slurm; a local search runs one at a time)
-    metric: str = "eval/loss"  # <kind>/<key> of the run's metrics rows: eval/loss, eval/accuracy, train/loss
+    # <kind>/<key> of the run's metrics rows (eval/loss, eval/accuracy, train/loss), or a benchmark
+    # eval's harness/<task>/<metric>: judged once the trial's final eval job is done
+    metric: str = "eval/loss"
+    # What rungs compare (a training-time metric: a harness eval runs only after the trial); None:
+    # sweep.metric, which must then be a training-time one; rung_direction None: sweep.direction
+    rung_metric: Optional[str] = None
+    rung_direction: Optional[Direction] = None
     direction: Direction = Direction.minimize
     rungs: Optional[List[int]] = None  # steps at which trials are compared; None: max_steps/reduction^2, /reduction, max_steps
     reduction: int = 3  # at each rung a trial goes on only if it is in the best 1/reduction seen there

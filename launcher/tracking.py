@@ -62,6 +62,12 @@ class Tracker:
             # W&B's own step is our global step: segments of a resumed run never collide.
             self._guarded("log", lambda: self._run.log({**metrics, STEP_METRIC: step}, step=step))
 
+    def log_without_step(self, metrics: dict) -> None:
+        """A row at W&B's next step (metrics name their own x in trainer/global_step): a benchmark eval
+        of an earlier checkpoint, logged while the run may be further along."""
+        if self._run is not None and not self._lost:
+            self._guarded("log", lambda: self._run.log(metrics))
+
     def summary(self, values: dict) -> None:
         if self._run is not None:
             self._summary.update(values)
@@ -129,8 +135,9 @@ class Tracker:
 
 
 def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, resume: bool,
-                   metrics: Optional[Path] = None) -> Tracker:
-    """Open the run's tracker: a real W&B run on rank 0, a no-op everywhere else."""
+                   metrics: Optional[Path] = None, files_dir: Optional[Path] = None) -> Tracker:
+    """Open the run's tracker: a real W&B run on rank 0, a no-op everywhere else.
+    files_dir: where this segment's W&B files go (default: the run dir; a benchmark eval: its own folder)."""
     backend = _choice("tracking.backend", tracking_cfg.backend, TrackingBackend)
     mode = _choice("tracking.mode", tracking_cfg.mode, TrackingMode)
     # Only rank 0 opens the run: two processes writing one run id would corrupt it.
@@ -167,7 +174,7 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         id=run_id,
         resume="allow",  # a restart continues the same run (online: one curve)
         mode=mode,
-        dir=str(run_dir),  # W&B files land in run_dir/wandb
+        dir=str(files_dir or run_dir),  # W&B files land in run_dir/wandb
         # The key goes to wandb in memory only: unlike wandb.login(key=...), it is not saved to ~/.netrc.
         # console="off": stdout is the trainer's, and wrapping it would interfere with its own logging.
         # A server that does not answer costs at most init_timeout_s, then the run goes on offline.
@@ -182,16 +189,17 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         run.define_metric("*", step_metric=STEP_METRIC)
         return run
 
-    before = set((run_dir / "wandb").glob("run-*"))
+    wandb_dir = Path(files_dir or run_dir) / "wandb"
+    before = set(wandb_dir.glob("run-*"))
     try:
         run = open_run()
     except Exception as error:  # noqa: BLE001 - W&B's errors for an unreachable or refusing server vary
         if mode != "online":
             raise
-        for attempt in set((run_dir / "wandb").glob("run-*")) - before:  # the failed attempt's empty folder
+        for attempt in set(wandb_dir.glob("run-*")) - before:  # the failed attempt's empty folder
             shutil.rmtree(attempt, ignore_errors=True)
         log.warning("W&B did not start online (%s: %s): this run logs offline instead; upload it later "
-                    "with `wandb sync %s`", type(error).__name__, error, run_dir / "wandb")
+                    "with `wandb sync %s`", type(error).__name__, error, wandb_dir)
         try:
             wandb.teardown()
         except Exception:  # noqa: BLE001

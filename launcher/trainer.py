@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import deepspeed
 import torch
@@ -31,7 +31,7 @@ from deepspeed.accelerator import get_accelerator
 from omegaconf import OmegaConf
 from torch.utils.data import DistributedSampler
 
-from launcher import bundled, checkpoint, moe, ops, rendezvous, sequence_parallel, universal
+from launcher import bundled, checkpoint, harness_results, moe, ops, rendezvous, sequence_parallel, universal
 from launcher.atomic import write_text_atomic
 from launcher.attention import ONE_ROW_KERNELS, resolve_attn_implementation
 from launcher.data import collate, prepare_data
@@ -97,8 +97,12 @@ def lr_lambda(scheduler: str, warmup: int, total: int, min_ratio: float):
 
 
 class SFTTrainer:
-    def __init__(self, cfg, run_dir: Path, ds_config: Dict[str, Any], env: RankEnv):
+    def __init__(self, cfg, run_dir: Path, ds_config: Dict[str, Any], env: RankEnv,
+                 on_eval_model: Optional[Callable[[int], None]] = None):
         self.cfg = cfg
+        # Rank 0 calls it with a step whose model is exported for the benchmark evals (eval.harness):
+        # under Slurm it submits the eval job; locally the evals run after training (launcher.backends.local).
+        self.on_eval_model = on_eval_model
         self.run_dir = Path(run_dir)
         self.ds_config = ds_config
         self.env = env
@@ -406,6 +410,8 @@ class SFTTrainer:
                 return self._end(rundir.PAUSED)
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
+                if self.cfg.eval.harness.every_checkpoint and self.global_step < self.total_steps:
+                    self._export_for_harness()  # the last step's eval runs on export/
         if progress:
             progress.stop()
         write_comms_report(self.run_dir, self.env.rank, comms_at_start, self.global_step - steps_at_start - 1)
@@ -531,6 +537,8 @@ class SFTTrainer:
             if self.cfg.checkpoint.export:
                 self._check_stop()
                 self.export()
+                if self.is_main and self.cfg.eval.harness.tasks:
+                    self._harness_ready(self.global_step, self.run_dir / rundir.EXPORT)
             if self.is_main:
                 export = str(self.run_dir / rundir.EXPORT) if self.cfg.checkpoint.export else None
                 self.tracker.summary({**{f"final/{k}": v for k, v in final.items()}, "end_reason": end_reason, "export_path": export})
@@ -655,9 +663,30 @@ class SFTTrainer:
             self._log("checkpoint", checkpoint_row(Path(path), self.global_step, seconds, self.env.nodes))
         log.info("checkpoint %s saved in %.2f s", path, seconds)
 
-    def export(self) -> Optional[Path]:
+    def export(self, out: Optional[Path] = None) -> Optional[Path]:
         dtype = export_dtype(self.cfg.checkpoint.export_dtype)
-        return export_model(self.engine, self.tokenizer, self.run_dir / rundir.EXPORT, dtype, self.env.rank)
+        return export_model(self.engine, self.tokenizer, out or self.run_dir / rundir.EXPORT, dtype, self.env.rank)
+
+    def _export_for_harness(self) -> None:
+        """A checkpoint's benchmark evals (eval.harness.every_checkpoint) run on a Hugging Face model of
+        it, written by the same export as the final one; its eval job deletes it once scored."""
+        start = time.perf_counter()
+        out = self.export(harness_results.step_dir(self.run_dir, self.global_step) / harness_results.MODEL)
+        if self.is_main:
+            log.info("exported step %d for its benchmark evals in %.2f s", self.global_step, time.perf_counter() - start)
+            self._harness_ready(self.global_step, out)
+
+    def _harness_ready(self, step: int, model: Path) -> None:
+        harness_results.mark_ready(self.run_dir, step, model)
+        if self.on_eval_model is not None:
+            try:
+                self.on_eval_model(step)
+            except Exception as error:  # noqa: BLE001 - an eval that cannot be submitted is the eval's failure, not the run's
+                log.exception("the benchmark eval of step %d could not be submitted", step)
+                harness_results.write_json(harness_results.step_dir(self.run_dir, step) / harness_results.FAILED, {
+                    "step": step, "error": f"not submitted: {type(error).__name__}: {error}"[:2000],
+                    "log": str(rundir.rank_log(self.run_dir, 0)),
+                    "retry": f"python -m launcher.harness {self.run_dir} {step} (here, or in a job of your own)"})
 
     # ---------------------------------------------------------------- logging, cleanup
     def _log(self, kind: str, row: Dict[str, Any]) -> None:

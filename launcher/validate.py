@@ -5,6 +5,7 @@ Hydra already rejected unknown keys, wrong types and values outside a key's choi
 attempt shows them all.
 """
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -14,6 +15,7 @@ from launcher.data.check import check_files
 from launcher.data.files import HUB, count_rows, expand_files, file_specs
 from launcher.devices import GPUS, local_gpu_count
 from launcher.errors import ConfigError, problem
+from launcher.harness_tasks import check_tasks
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.attention import attention_problems, loss_problems
 from launcher.plan import accelerator, batch_math, default_procs_per_node, ulysses
@@ -212,6 +214,8 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
         if not have_credentials():
             problems.append(problem("tracking.mode", "online", "no W&B API key found (WANDB_API_KEY, tracking.api_key or ~/.netrc); set one or use tracking.mode=offline"))
 
+    problems += harness_problems(cfg)
+
     if dry_run:
         checked.warnings += missing
     else:
@@ -219,3 +223,34 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     if problems:
         raise ConfigError(problems)
     return checked
+
+
+def harness_problems(cfg) -> List[str]:
+    """eval.harness: its tasks run offline (launcher.harness_tasks), on a model the run writes, by an
+    lm-eval this environment has."""
+    h = cfg.eval.harness
+    tasks = [str(t) for t in h.tasks]
+    if not tasks:
+        return []
+    problems = [problem("eval.harness.tasks", tasks, found) for found in check_tasks(tasks, h.allow_hub)]
+    if not cfg.checkpoint.export:
+        problems.append(problem("checkpoint.export", False, "must be true with eval.harness.tasks (the final eval scores export/)"))
+    if h.every_checkpoint and not cfg.checkpoint.every_steps:
+        problems.append(problem("eval.harness.every_checkpoint", True, "needs checkpoint.every_steps > 0 (the steps it evaluates)"))
+    if h.limit is not None and not h.limit > 0:
+        problems.append(problem("eval.harness.limit", h.limit, "must be > 0 (examples per task, or a fraction if < 1), or null for all"))
+    for key in ("batch_size", "cpus", "time_min"):
+        if h[key] < 1:
+            problems.append(problem(f"eval.harness.{key}", h[key], "must be >= 1"))
+    if h.gpus < 0:
+        problems.append(problem("eval.harness.gpus", h.gpus, "must be >= 0 (0: a CPU eval job)"))
+    if h.num_fewshot is not None and h.num_fewshot < 0:
+        problems.append(problem("eval.harness.num_fewshot", h.num_fewshot, "must be >= 0, or null for each task's own"))
+    # The eval job imports lm-eval (and vllm) from this environment (or the run's container).
+    needed = ["lm_eval"] + (["vllm"] if str(h.backend) == "vllm" else [])
+    for module in needed:
+        if importlib.util.find_spec(module) is None and not cfg.cluster.container_image:
+            extra = "pip install -e '.[eval]'" if module == "lm_eval" else "pip install vllm, or use eval.harness.backend=hf"
+            problems.append(problem("eval.harness.backend" if module == "vllm" else "eval.harness.tasks", tasks if module == "lm_eval" else "vllm",
+                                    f"needs {module}, which this environment lacks: {extra}"))
+    return problems

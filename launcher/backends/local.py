@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from rich.console import Console
 
-from launcher import rundir
+from launcher import harness_results, rundir
 from launcher.devices import local_gpu_count
 from launcher.rendezvous import RENDEZVOUS_ENV, new_attempt_id
 from launcher.plan_report import eval_summary
@@ -147,4 +147,24 @@ def run_local(cfg, run_dir: Path, plan) -> int:
     console.print(eval_summary(run_dir), highlight=False)
     if export.is_dir():
         console.print(f"export: {export}", highlight=False)
+    run_harness_evals(run_dir, console)
     return 0
+
+
+def run_harness_evals(run_dir: Path, console: Console) -> None:
+    """Locally the benchmark evals (eval.harness) run after training, one step at a time, each in a
+    process of its own (as an eval job would). A failed one is the eval's: the run is done all the same."""
+    for state in harness_results.eval_states(run_dir):
+        if state.state != "ready":
+            continue
+        console.print(f"benchmark eval of step {state.step} (lm-eval) ...", highlight=False)
+        env = {**os.environ, **import_env(run_dir / rundir.CODE)} if (run_dir / rundir.CODE).is_dir() else None
+        proc = subprocess.run([sys.executable, "-m", "launcher.harness", str(run_dir), str(state.step)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        after = harness_results.read_state(harness_results.step_dir(run_dir, state.step))
+        if proc.returncode == 0 and after is not None and after.state == "done":
+            console.print(harness_results.one_line(state.step, after.scores), highlight=False)
+        else:
+            error = after.error if after is not None and after.error else f"exit {proc.returncode}"
+            console.print(f"[bold red]benchmark eval of step {state.step} failed[/]: {error}; log: "
+                          f"{harness_results.step_dir(run_dir, state.step) / harness_results.LOG}", highlight=False)

@@ -6,6 +6,8 @@ and the run resumes when started again). Ids sacct has no record of yet (just su
 array tasks) are asked of squeue, which also says why a pending job waits.
 """
 
+import contextlib
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -117,3 +119,15 @@ def query_jobs(ids: List[str]) -> Tuple[Dict[str, JobInfo], List[SlurmError]]:
 def cancel(job_ids: List[str]) -> None:
     """One scancel for the jobs (raises SlurmError if it fails)."""
     slurm(["scancel", *job_ids])
+
+
+@contextlib.contextmanager
+def without_job_env():
+    """For an sbatch from inside a job: the new job must not inherit this job's allocation
+    (srun reads SLURM_MEM_PER_NODE, SLURM_CPUS_PER_TASK, ... as input); SLURM_CONF stays."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ)
+             if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)

@@ -15,6 +15,7 @@ the local backend. How the job ends says how the run ended:
   ended with exit code 75 (sft-jobs status: STOPPED, resumable), never as COMPLETED.
 """
 
+import functools
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ class SlurmTask:
         import submitit
 
         from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
+        from launcher.backends.slurm_eval import submit_eval
         from launcher.rank import run_rank
 
         env = submitit.JobEnvironment()
@@ -55,7 +57,9 @@ class SlurmTask:
         requeue = Requeue(env.job_id, self.max_requeues, self.run_dir)
         if env.global_rank == 0:  # rank 0 alone decides how the job ends
             STOP.requeue_job = requeue
-        code = run_rank(self.run_dir)
+        # Rank 0 submits each benchmark eval (eval.harness) as its own job once the step's model is exported.
+        on_eval_model = functools.partial(submit_eval, Path(self.run_dir)) if env.global_rank == 0 else None
+        code = run_rank(self.run_dir, on_eval_model)
         if code != EXIT_STOPPED:
             return code
         if env.global_rank != 0:

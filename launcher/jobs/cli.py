@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.atomic import write_text_atomic
+from launcher.harness_results import PREFIX as HARNESS_PREFIX, eval_states, harness_scores
 from launcher.jobs.errors import JobsError, SlurmError
 from launcher.jobs.runs import discover, is_sweep, rel, resolve_run, run_dirs, started_key, sweep_points
 from launcher.backends.slurm_queue import cancel, query_jobs
@@ -140,7 +141,29 @@ def cmd_status(args, out: Console) -> int:
         if task.progress.health():
             out.print(f"health     {task.progress.health()}", highlight=False, markup=False, soft_wrap=True)
             break
+    for d in dirs:  # the benchmark evals of its checkpoints (eval.harness)
+        for line in eval_lines(d):
+            out.print(f"point {d.name}: {line}" if labels else line, highlight=False, markup=False, soft_wrap=True)
     return show_errors(errors)
+
+
+def eval_lines(run_dir: Path) -> List[str]:
+    """One line per checkpoint's benchmark eval: done with its scores, queued, ready, or FAILED with why."""
+    lines = []
+    for e in eval_states(run_dir):
+        if e.state == "done":
+            scores = ", ".join(f"{k[len(HARNESS_PREFIX):] if k.startswith(HARNESS_PREFIX) else k} {fmt(v)}"
+                               for k, v in sorted(e.scores.items()))
+            what = f"done  {scores}" if scores else "done (no scores)"
+        elif e.state == "queued":
+            what = f"queued (job {e.job_id})"
+        elif e.state == "ready":
+            what = "ready (the model is exported; its eval has not started)"
+        else:
+            error = (e.error or "").strip().splitlines()
+            what = f"FAILED: {error[0] if error else 'no error recorded'}" + (f"; log: {e.log}" if e.log else "")
+        lines.append(f"eval step {e.step}: {what}")
+    return lines
 
 
 def single_run(args) -> Path:
@@ -259,13 +282,14 @@ def cmd_cancel(args, out: Console) -> int:
 
 
 def cmd_report(args, out: Console) -> int:
-    from launcher.jobs.plots import plot_runs
+    from launcher.jobs.plots import HARNESS, harness_rows, plot_runs
 
     root = args.root
     target = resolve_run(args.run, root)
     dirs = run_dirs(target)
     labels = point_labels(dirs) if is_sweep(target) else {target: ""}
-    series = [(labels[d], read_metrics(d)) for d in dirs]
+    series = [(labels[d], [*(r for r in read_metrics(d) if r.get("kind") != HARNESS), *harness_rows(harness_scores(d))])
+              for d in dirs]
     if not any(rows for _, rows in series):
         print(f"sft-jobs: note: no metrics yet in {target}: the panels are empty", file=sys.stderr)
     path = plot_runs(series, Path(args.out) if args.out else target / "report.png", rel(target, root))
@@ -302,13 +326,16 @@ def cmd_sweep(args, out: Console) -> int:
         print(lb.as_json(spec, rows))
         return 0
     counts = Counter(e.state for e in rows)
+    separate = spec.compared != spec.metric  # the rungs compare another metric than the one ranking the trials
     title = (f"{rel(target, args.root)}: {len(rows)} of {spec.trials} trials ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none yet'}); "
-             f"{spec.metric} ({spec.direction}) at steps {spec.rungs}")
-    table = new_table(title, ["trial", "parameters", "last rung", spec.metric, "state"])
+             + (f"{spec.metric} ({spec.direction}) of the final eval, {spec.compared} ({spec.compared_direction}) "
+                f"at steps {spec.rungs}" if separate else f"{spec.metric} ({spec.direction}) at steps {spec.rungs}"))
+    table = new_table(title, ["trial", "parameters", "last rung", *([f"{spec.compared} at rung"] if separate else []),
+                              spec.metric, "state"])
     for e in rows:
         params = " ".join(f"{k}={fmt(v)}" for k, v in e.params.items())
         state = f"{e.state}, started {len(e.start_failures) + 1}x" if e.start_failures else e.state
-        add_row(table, e.trial, params, fmt(e.last_rung), fmt(e.value), state)
+        add_row(table, e.trial, params, fmt(e.last_rung), *([fmt(e.rung_value)] if separate else []), fmt(e.value), state)
     out.print(table)
     for e in rows:  # not the trial's own doing: the controller submitted it again
         for reason in e.start_failures:
@@ -329,6 +356,11 @@ def cmd_sweep(args, out: Console) -> int:
         export = Path(top.run_dir) / EXPORT
         out.print(f"best: trial {top.trial} ({spec.metric} {fmt(top.value)}), run dir {top.run_dir}"
                   f"\nexport: {export if export.is_dir() else 'none (checkpoint.export=false)'}")
+        step, scores = lb.final_harness(Path(top.run_dir))
+        if scores:
+            out.print(f"its final eval (step {step}):", highlight=False)
+            for key, value in sorted(scores.items()):
+                out.print(f"  {escape(key[len(HARNESS_PREFIX):])}  {fmt(value)}", highlight=False)
     return code
 
 

@@ -7,6 +7,13 @@ so running this twice duplicates nothing. A segment still being written (the new
 whose job is alive) is left for later: a partial upload leaves no marker and would be uploaded
 again. With --follow it is followed live (`--live`), and new segments are synced as they appear,
 until every job of RUN has ended.
+
+A run's benchmark eval jobs (eval.harness) log segments of the same run id into
+`evals/step-N/wandb/offline-run-*`: each is uploaded once its eval has ended (summary.json or
+failed.json in evals/step-N), in one time order with the training segments (their folder names).
+The rule on the segment still being written holds for the training segments alone: an eval's
+segment is finished exactly when its eval is (an ended eval's segment newer than the training
+segment still being written waits for that one, to keep the time order).
 """
 
 import re
@@ -16,16 +23,26 @@ import time
 from pathlib import Path
 from typing import Callable, List, Sequence
 
+from launcher.harness_results import FAILED, SUMMARY, evals_dir
+
 POLL_S = 30
 
 
-def segments(run_dir: Path) -> List[Path]:
-    """The run's offline segment folders, oldest first (wandb adds -<n> to a folder of the same second)."""
-    def order(folder: Path):
-        match = re.match(r"offline-run-(\d{8}_\d{6})-.+?(?:-(\d+))?$", folder.name)
-        return (match.group(1), int(match.group(2) or 0)) if match else (folder.name, 0)
+def order(folder: Path):
+    """A segment's place in time: its folder name's stamp (wandb adds -<n> to a folder of the same second)."""
+    match = re.match(r"offline-run-(\d{8}_\d{6})-.+?(?:-(\d+))?$", folder.name)
+    return (match.group(1), int(match.group(2) or 0)) if match else (folder.name, 0)
 
+
+def segments(run_dir: Path) -> List[Path]:
+    """The run's training segment folders, oldest first."""
     return sorted((p for p in Path(run_dir, "wandb").glob("offline-run-*") if p.is_dir()), key=order)
+
+
+def eval_segments(run_dir: Path) -> List[Path]:
+    """The segment folders of the run's benchmark evals that have ended (done or failed), oldest first."""
+    ended = [d for d in evals_dir(run_dir).glob("step-*") if (d / SUMMARY).is_file() or (d / FAILED).is_file()]
+    return sorted((p for d in ended for p in (d / "wandb").glob("offline-run-*") if p.is_dir()), key=order)
 
 
 def is_synced(folder: Path) -> bool:
@@ -37,11 +54,19 @@ def wandb_cli() -> List[str]:
 
 
 def sync_run(run_dir: Path, live: bool, follow: bool, run: Callable[[Sequence[str]], int], say: Callable[[str], None]) -> int:
-    """Upload the run's finished, unmarked segments in order; the newest one too when the job has
-    ended, or live with follow. Returns how many segments were handed to W&B."""
-    todo = [s for s in segments(run_dir) if not is_synced(s)]
-    if live and todo and todo[-1] == segments(run_dir)[-1]:
-        newest = todo.pop()
+    """Upload the run's finished, unmarked segments in order (its ended evals' too); the newest
+    training segment too when the job has ended, or live with follow. Returns how many segments
+    were handed to W&B."""
+    training = segments(run_dir)
+    todo = [s for s in training if not is_synced(s)]
+    newest = todo.pop() if live and todo and todo[-1] == training[-1] else None
+    evals = [s for s in eval_segments(run_dir) if not is_synced(s)]
+    # An eval's segment newer than the training segment still being written waits for it: one time order.
+    later = [s for s in evals if newest is not None and order(s) > order(newest)]
+    todo = sorted([*todo, *(s for s in evals if s not in later)], key=order)
+    for folder in later:
+        say(f"{folder}: waits for the older {newest.name}, still being written (one run's segments go in time order)")
+    if newest is not None:
         if follow:
             todo_cmd = [*wandb_cli(), "beta", "sync", *map(str, todo)] if todo else None
             if todo_cmd and run(todo_cmd) != 0:

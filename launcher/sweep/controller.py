@@ -13,7 +13,12 @@ where it was:
 - asking and saving the sampler, and submitting and recording the job ids, each run with SIGTERM
   held back (scontrol requeue, scancel): a stop never falls between an sbatch and its record;
 - a trial whose start failed for a reason not its own (its ranks could not meet, its node failed)
-  is submitted again, up to START_RETRIES times; the reasons stay in its trial.json and the leaderboard.
+  is submitted again, up to START_RETRIES times; the reasons stay in its trial.json and the leaderboard;
+- ranked by a benchmark metric (sweep.metric=harness/<task>/<metric>), a trial that has trained to
+  the end stays running in the study until its final eval (launcher.harness_results) is done: its
+  trial_end.json says "evaluating", it is looked at again at each poll, never started again, and
+  it does not count against sweep.parallel (its training jobs have ended; the eval is a job of its
+  own). A failed eval fails the trial. The rungs compare sweep.rung_metric meanwhile.
 """
 
 import json
@@ -23,7 +28,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
@@ -33,8 +38,9 @@ from launcher.rendezvous import START_FAILED_FILE, start_failure
 from launcher.exit_codes import EXIT_STOPPED
 from launcher import rundir
 from launcher.rundir import LOGS, METRICS
+from launcher.harness_results import FAILED, PREFIX as HARNESS_PREFIX, EvalState, eval_states, evals_dir, step_dir
 from launcher.signals import STOP
-from launcher.trial.rungs import TrialRungs, trial_end, write_end
+from launcher.trial.rungs import EVALUATING, TrialRungs, trial_end, write_end
 from launcher.trial.space import as_overrides, with_params
 from launcher.trial.study import BASE_FILE, SearchSpec, make_sampler, open_study, promotable, trial_dir
 from launcher.sweep.trials import INTERRUPTED, make_trials
@@ -62,6 +68,18 @@ def final_value(run_dir: Path, metric: str) -> Optional[float]:
     kind, _, key = metric.partition("/")
     rows = [r for r in read_metrics(run_dir) if r.get("kind") == kind and isinstance(r.get(key), (int, float))]
     return float(rows[-1][key]) if rows else None
+
+
+def final_eval(run_dir: Path) -> Tuple[Optional[int], Optional[EvalState]]:
+    """A trial's final eval: (its last step, the eval at that step or None). The last step is the
+    run's planned total; a run without one counts its latest eval as its final one."""
+    from launcher.run_state import total_steps
+
+    states = eval_states(run_dir)
+    last = total_steps(run_dir)
+    if last is None:
+        return (states[-1].step, states[-1]) if states else (None, None)
+    return last, next((s for s in states if s.step == last), None)
 
 
 def not_its_own(run_dir: Path, state: str) -> Optional[str]:
@@ -134,9 +152,13 @@ class Controller:
                     raise SearchFailed(f"{failed} trials failed: the search stops (their logs are in their run dirs)")
                 running = [t for t in trials if t.state == TrialState.RUNNING]
                 paused = {t.number: step for t in running if (step := self._paused_at(t)) is not None}
-                live = [t for t in running if t.number not in paused]
+                evaluating = self._evaluating(running)  # trained to the end: their final evals decide
+                live = [t for t in running if t.number not in paused and t.number not in evaluating]
                 resumed = self._promote([t for t in running if t.number in paused], paused, self.parallel - len(live))
                 if not live and not resumed and len(trials) >= self.spec.trials:
+                    if evaluating:  # whether any trial passed the top rung waits on their evals
+                        self._sleep()
+                        continue
                     if paused:  # nothing left to start: the best at the top rung goes on, or the rest is pruned
                         self._finish_rungs([t for t in running if t.number in paused], paused, trials)
                         continue
@@ -214,8 +236,9 @@ class Controller:
             self.study.tell(number, state=TrialState.FAIL)
             return None
         earlier = TrialRungs.load(run_dir)
-        TrialRungs(run_dir, str(self.sweep_dir), number, trial_id, self.spec.rungs, self.spec.metric,
-                   earlier.stop_resumes if earlier else 0, earlier.start_failures if earlier else []).write()
+        TrialRungs(run_dir, str(self.sweep_dir), number, trial_id, self.spec.rungs, self.spec.compared,
+                   earlier.stop_resumes if earlier else 0, earlier.start_failures if earlier else [],
+                   "sweep.rung_metric" if self.spec.rung_metric else "sweep.metric").write()
         log.info("trial %d: %s -> %s", number, point, run_dir)
         return prep
 
@@ -263,7 +286,7 @@ class Controller:
     def _rank_key(self, value: float) -> float:
         if value is None or not math.isfinite(value):
             return math.inf
-        return -value if self.spec.direction == "maximize" else value
+        return -value if self.spec.rung_maximize else value  # the rungs' values
 
     def _finish_rungs(self, waiting, paused: Dict[int, int], trials) -> None:
         """No trial left to start or training: if no trial has completed past the highest rung
@@ -283,7 +306,7 @@ class Controller:
                 self.study.tell(t.number, state=TrialState.PRUNED)
                 write_end(trial_dir(self.sweep_dir, t.number), "pruned", step, t.intermediate_values.get(step))
                 rundir.append_event(trial_dir(self.sweep_dir, t.number), rundir.PRUNED, step=step, trial=t.number)
-            log.info("trial %d pruned at step %d (%s %.6g)", t.number, step, self.spec.metric, t.intermediate_values[step])
+            log.info("trial %d pruned at step %d (%s %.6g)", t.number, step, self.spec.compared, t.intermediate_values[step])
 
     # ------------------------------------------------------------------ how trials ended
     def _ended(self, run_dir: Path, state: str, number: Optional[int] = None) -> None:
@@ -299,14 +322,26 @@ class Controller:
         """Record each running trial whose run has ended since the last poll (on Slurm, one query for
         all of them; a run in the foreground was recorded as it ended)."""
         running = [t.number for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-        for number, state in self.trials.ended(running).items():
+        ended = self.trials.ended(running)
+        for number, state in ended.items():
             self._ended(trial_dir(self.sweep_dir, number), state, number)
+        for number in running:  # trained to the end before (a poll, or a controller, ago): is its eval done?
+            run_dir = trial_dir(self.sweep_dir, number)
+            if number not in ended and trial_end(run_dir).get("state") == EVALUATING:
+                self._judge_final_eval(number, run_dir)
+
+    def _evaluating(self, running) -> Set[int]:
+        """The running trials that have trained to the end and wait for their final eval."""
+        return {t.number for t in running if trial_end(trial_dir(self.sweep_dir, t.number)).get("state") == EVALUATING}
 
     def _tell(self, number: int, run_dir: Path, state: str) -> None:
         end = trial_end(run_dir)
         if end.get("state") == "error":
             raise SearchFailed(f"trial {number}: {end.get('message')}")
         if end.get("state") == "pruned":  # told, then stopped before the file was written: the study says so
+            return
+        if state == "COMPLETED" and self.spec.metric.startswith(HARNESS_PREFIX):
+            self._judge_final_eval(number, run_dir)
             return
         if state == "COMPLETED":
             value = final_value(run_dir, self.spec.metric)
@@ -335,6 +370,46 @@ class Controller:
             return
         self.study.tell(number, state=TrialState.FAIL)
         log.error("trial %d ended %s: see %s", number, state, run_dir / LOGS)
+
+    def _judge_final_eval(self, number: int, run_dir: Path) -> None:
+        """A trial ranked by a benchmark metric has trained to the end: told its final eval's score
+        once that eval is done, failed if the eval failed; until then it waits (trial_end.json
+        says so, and the next poll looks again)."""
+        step, final = final_eval(run_dir)
+        if final is not None and final.state == "queued" and final.job_id:
+            ended = self.trials.eval_job_ended(final.job_id)
+            if ended is not None:  # its job has ended: its result, if any, is on disk by now
+                step, final = final_eval(run_dir)
+                if final is not None and final.state == "queued":
+                    final = EvalState(final.step, "failed", job_id=final.job_id, log=final.log,
+                                      error=f"its eval job {final.job_id} ended {ended} without a result")
+        if final is None or final.state in ("queued", "ready"):
+            if not self.trials.evals_later:  # nothing evaluates a trial once its run has returned here
+                self.study.tell(number, state=TrialState.FAIL)
+                log.error("trial %d trained to the end, but its final eval (step %s) has not run: no %s in %s",
+                          number, step, self.spec.metric, evals_dir(run_dir))
+                return
+            if trial_end(run_dir).get("state") != EVALUATING:
+                write_end(run_dir, EVALUATING, step, None)
+                log.info("trial %d trained to the end: its final eval (step %s) gives its %s", number, step, self.spec.metric)
+            return
+        if final.state == "failed":
+            self.study.tell(number, state=TrialState.FAIL)
+            lines = (final.error or "").strip().splitlines()
+            where = step_dir(run_dir, final.step) / FAILED
+            log.error("trial %d failed: its final eval (step %d) failed: %s; see %s%s", number, final.step,
+                      lines[0] if lines else "no error recorded", where if where.is_file() else where.parent,
+                      f" and {final.log}" if final.log else "")
+            return
+        value = final.scores.get(self.spec.metric)
+        if value is None:
+            raise SearchFailed(f"trial {number}'s final eval (step {final.step}) scored no {self.spec.metric!r}; it scored "
+                               f"{', '.join(sorted(final.scores)) or 'nothing'}: set sweep.metric to one of those")
+        if math.isfinite(value):
+            self.study.tell(number, value)
+        else:
+            self.study.tell(number, state=TrialState.FAIL)
+        log.info("trial %d completed: %s %.6g (its final eval, step %d)", number, self.spec.metric, value, final.step)
 
     def _cancel_running(self) -> None:
         """A failed search leaves no trial training: its running trials' jobs are cancelled."""

@@ -10,13 +10,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf, open_dict
 from rich.console import Console
 from rich.markup import escape
 
 from launcher.errors import ConfigError, problem
+from launcher.harness_results import PREFIX as HARNESS_PREFIX
 from launcher.schema import plain
 from launcher.trial.space import Dimension, as_overrides, corner_points, split_overrides, with_params
 from launcher.trial.study import BASE_FILE, SearchSpec, default_rungs, open_study
@@ -43,14 +44,70 @@ def settings_problems(cfg, dims: List[Dimension]) -> List[str]:
                                 "checkpoints: leave resume=auto"))
     if s.poll_s <= 0:
         problems.append(problem("sweep.poll_s", s.poll_s, "must be above 0"))
-    kind, _, key = str(s.metric).partition("/")
-    if kind not in METRIC_KINDS or not key:
-        problems.append(problem("sweep.metric", s.metric, "must be <kind>/<key> with kind eval or train: eval/loss, "
-                                "eval/perplexity, eval/accuracy (with eval.generate_samples), train/loss"))
-    elif kind == "eval" and not cfg.data.eval_files and not cfg.data.eval_fraction:
-        problems.append(problem("sweep.metric", s.metric, "the trials have no eval set: set data.eval_fraction (e.g. 0.05) "
-                                "or data.eval_files, or use a train/ metric"))
+    return problems + metric_problems(cfg)
+
+
+def harness_task(metric: str) -> Optional[str]:
+    """The task of a harness/<task>/<metric>[/<filter>] key; None for a training-time metric."""
+    if not str(metric).startswith(HARNESS_PREFIX):
+        return None
+    return str(metric)[len(HARNESS_PREFIX):].partition("/")[0]
+
+
+def harness_task_names(tasks) -> List[str]:
+    """eval.harness.tasks as lm-eval names them: a task YAML given by path is named by its file's stem."""
+    names = []
+    for task in tasks or []:
+        task = str(task)
+        names.append(Path(task).stem if task.endswith((".yaml", ".yml")) else task)
+    return names
+
+
+def metric_problems(cfg) -> List[str]:
+    """sweep.metric, sweep.rung_metric: what the study ranks and what the rungs compare.
+
+    The rungs compare a training-time metric (<kind>/<key> of the trial's metrics rows): a
+    benchmark eval (harness/<task>/<metric>) runs only after a checkpoint is saved, in a job of
+    its own, so it can rank the trials (sweep.metric) but never stop one at a rung."""
+    s = cfg.sweep
+    problems = []
+    task = harness_task(s.metric)
+    if task is None:
+        problems += training_metric_problems(cfg, "sweep.metric", s.metric)
+    else:
+        parts = str(s.metric)[len(HARNESS_PREFIX):].split("/")
+        tasks = harness_task_names(cfg.eval.harness.tasks)
+        if len(parts) < 2 or not all(parts):
+            problems.append(problem("sweep.metric", s.metric, "a benchmark metric is harness/<task>/<metric>[/<filter>], "
+                                    "e.g. harness/tiny_tasks/exact_match"))
+        elif task not in tasks:
+            problems.append(problem("sweep.metric", s.metric, f"task {task!r} is not in eval.harness.tasks "
+                                    f"({', '.join(tasks) or 'none'}): add it there, or rank by "
+                                    + (", ".join(f"{HARNESS_PREFIX}{t}/<metric>" for t in tasks) or "a training-time metric")))
+        if s.rung_metric is None:
+            problems.append(problem("sweep.rung_metric", None, f"sweep.metric={s.metric} is a benchmark eval, judged "
+                                    "only after a trial has trained: the rungs need a training-time metric to compare, "
+                                    "e.g. sweep.rung_metric=eval/loss (or train/loss, eval/accuracy)"))
+    if s.rung_metric is not None:
+        if harness_task(s.rung_metric) is not None:
+            problems.append(problem("sweep.rung_metric", s.rung_metric, "the rungs compare a training-time metric (a "
+                                    "benchmark eval runs only after a save): eval/loss, eval/perplexity, eval/accuracy, "
+                                    "train/loss"))
+        else:
+            problems += training_metric_problems(cfg, "sweep.rung_metric", s.rung_metric)
     return problems
+
+
+def training_metric_problems(cfg, setting: str, metric: str) -> List[str]:
+    kind, _, key = str(metric).partition("/")
+    if kind not in METRIC_KINDS or not key:
+        return [problem(setting, metric, "must be <kind>/<key> with kind eval or train: eval/loss, eval/perplexity, "
+                        "eval/accuracy (with eval.generate_samples), train/loss"
+                        + (", or a benchmark eval harness/<task>/<metric>" if setting == "sweep.metric" else ""))]
+    if kind == "eval" and not cfg.data.eval_files and not cfg.data.eval_fraction:
+        return [problem(setting, metric, "the trials have no eval set: set data.eval_fraction (e.g. 0.05) "
+                        "or data.eval_files, or use a train/ metric")]
+    return []
 
 
 def rung_steps(cfg, total_steps) -> List[int]:
@@ -121,9 +178,13 @@ def start_search(config, hydra_context, arguments: List[str]) -> None:
     spec = SearchSpec(dims=dims, fixed=fixed, trials=s.trials, parallel=s.parallel, metric=s.metric,
                       direction=str(plain(s.direction)), rungs=rungs, reduction=s.reduction,
                       sampler_seed=s.sampler_seed if s.sampler_seed is not None else base.seed, poll_s=s.poll_s,
-                      backend=str(plain(base.cluster.backend)), name=base.name)
-    summary = (f"search: {spec.trials} trials over {', '.join(d.key for d in dims)}; {spec.metric} "
-               f"({spec.direction}) compared at steps {rungs}, the best 1/{spec.reduction} going on at each")
+                      backend=str(plain(base.cluster.backend)), name=base.name, rung_metric=s.rung_metric,
+                      rung_direction=None if s.rung_direction is None else str(plain(s.rung_direction)))
+    summary = (f"search: {spec.trials} trials over {', '.join(d.key for d in dims)}; {spec.compared} "
+               f"({spec.compared_direction}) compared at steps {rungs}, the best 1/{spec.reduction} going on at each")
+    if spec.compared != spec.metric or spec.compared_direction != spec.direction:
+        summary += f"; ranked by {spec.metric} ({spec.direction})" + (
+            " of each trial's final eval" if harness_task(spec.metric) else "")
     if base.dry_run:
         print_dry_run(first, console)
         console.print(f"dry run: {summary}; {len(corner_points(dims))} corners of the space checked", highlight=False)

@@ -7,15 +7,14 @@ run in the foreground has its exit code read as one, and INTERRUPTED for a stop 
 the controller's own.
 """
 
-import contextlib
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from launcher.backends.local import run_local
 from launcher.backends.slurm import submit_runs
+from launcher.backends.slurm_queue import without_job_env
 from launcher.exit_codes import EXIT_STOPPED
 from launcher.signals import STOP
 from launcher.trial.rungs import END_FILE
@@ -29,22 +28,11 @@ INTERRUPTED = "INTERRUPTED"
 Ended = Callable[[Path, str], None]  # (run dir, how its run ended), for a run that ended in start()
 
 
-@contextlib.contextmanager
-def without_job_env():
-    """For an sbatch from inside a job: the trials' jobs must not inherit this job's allocation
-    (srun reads SLURM_MEM_PER_NODE, SLURM_CPUS_PER_TASK, ... as input); SLURM_CONF stays."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 class Trials:
     """Where the trials run. The controller asks only this, never the backend."""
 
     parallel: int  # trials that train at once
+    evals_later: bool  # a trial's benchmark evals may still run after its run has ended (jobs of their own)
 
     def wait(self, stopped: Callable[[], bool]) -> None:
         """Between two polls of the controller (returns early once `stopped()`)."""
@@ -72,11 +60,16 @@ class Trials:
         """Stop the trial's run (a failed search leaves no trial training); says, never raises, if it cannot."""
         raise NotImplementedError
 
+    def eval_job_ended(self, job_id: str) -> Optional[str]:
+        """How a trial's eval job (launcher.harness_results' job.json) ended; None while it has not."""
+        raise NotImplementedError
+
 
 class LocalTrials(Trials):
     """One trial at a time, in the foreground (launcher.backends.local): start() returns when it has ended."""
 
     parallel = 1
+    evals_later = False  # its evals ran before its run returned, or never will
 
     def wait(self, stopped: Callable[[], bool]) -> None:
         return
@@ -101,9 +94,14 @@ class LocalTrials(Trials):
     def cancel(self, number: int) -> None:
         return  # nothing trains once the controller goes on
 
+    def eval_job_ended(self, job_id: str) -> Optional[str]:
+        return None  # no eval job here
+
 
 class SlurmTrials(Trials):
     """Jobs submitted through submitit (one array when several start at once), polled with one query."""
+
+    evals_later = True
 
     def __init__(self, sweep_dir: Path, spec: SearchSpec):
         self.sweep_dir = Path(sweep_dir)
@@ -167,6 +165,17 @@ class SlurmTrials(Trials):
             cancel([self._jobs(number)[-1]])
         except SlurmError as error:  # the search fails anyway: say it, and go on
             log.warning("%s", error)
+
+
+    def eval_job_ended(self, job_id: str) -> Optional[str]:
+        from launcher.backends.slurm_queue import SLURM_TERMINAL, query_jobs
+
+        infos, errors = query_jobs([job_id])
+        for error in errors:
+            log.warning("slurm: %s", error)
+        info = infos.get(job_id)
+        state = info.state.split()[0] if info is not None and info.state else None
+        return state if state in SLURM_TERMINAL else None
 
 
 def make_trials(sweep_dir: Path, spec: SearchSpec) -> Trials:

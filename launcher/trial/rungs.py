@@ -32,9 +32,10 @@ class TrialRungs:
     number: int
     trial_id: int
     rungs: List[int]
-    metric: str
+    metric: str  # what its rungs report: sweep.rung_metric, else sweep.metric
     stop_resumes: int = 0  # times the controller resumed it after a stop outside a rung
     start_failures: List[str] = field(default_factory=list)  # why starts failed that were not its own doing
+    setting: str = "sweep.metric"  # the key that set `metric` (sweep.rung_metric when given), for messages
 
     @classmethod
     def load(cls, run_dir: Path) -> Optional["TrialRungs"]:
@@ -43,12 +44,12 @@ class TrialRungs:
             return None
         data = json.loads(path.read_text())
         return cls(Path(run_dir), data["sweep_dir"], data["number"], data["trial_id"], list(data["rungs"]), data["metric"],
-                   data.get("stop_resumes", 0), list(data.get("start_failures", [])))
+                   data.get("stop_resumes", 0), list(data.get("start_failures", [])), data.get("setting", "sweep.metric"))
 
     def write(self) -> None:
         data = {"sweep_dir": self.sweep_dir, "number": self.number, "trial_id": self.trial_id,
                 "rungs": self.rungs, "metric": self.metric, "stop_resumes": self.stop_resumes,
-                "start_failures": self.start_failures}
+                "start_failures": self.start_failures, "setting": self.setting}
         write_text_atomic(self.run_dir / TRIAL_FILE, json.dumps(data, indent=2) + "\n")
 
     def is_rung(self, step: int) -> bool:
@@ -62,7 +63,7 @@ class TrialRungs:
             logged = {k: sorted(n for n, v in r.items() if isinstance(v, (int, float)) and n != "step")
                       for k, r in rows.items() if r.get("step") == step}
             found = "; ".join(f"{k}: {', '.join(names)}" for k, names in sorted(logged.items())) or "nothing"
-            message = (f"sweep.metric={self.metric!r}: the trial logged no {key!r} in its {kind!r} rows at rung step "
+            message = (f"{self.setting}={self.metric!r}: the trial logged no {key!r} in its {kind!r} rows at rung step "
                        f"{step}; it logged {found}. Use one of those as <kind>/<key> (eval rows need an eval set: "
                        f"data.eval_fraction or data.eval_files)")
             write_text_atomic(self.run_dir / END_FILE, json.dumps({"state": "error", "step": step, "message": message}) + "\n")
@@ -87,6 +88,11 @@ class TrialRungs:
         if stop:
             write_end(self.run_dir, "paused", step, value)
         return stop
+
+
+# trial_end.json's state of a trial ranked by a benchmark metric that has trained to the end: its
+# final eval decides its value (the controller tells the study once that eval is done or failed)
+EVALUATING = "evaluating"
 
 
 def write_end(run_dir: Path, state: str, step: int, value: Optional[float]) -> None:

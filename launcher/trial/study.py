@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import optuna
 
@@ -40,6 +40,23 @@ class SearchSpec:
     poll_s: float
     backend: str
     name: str
+    # What the rungs compare, when not `metric` (a harness/... metric is judged only after the
+    # trial, on its final eval): sweep.rung_metric and sweep.rung_direction; None: metric, direction
+    rung_metric: Optional[str] = None
+    rung_direction: Optional[str] = None
+
+    @property
+    def compared(self) -> str:
+        """The metric the rungs report and compare."""
+        return self.rung_metric or self.metric
+
+    @property
+    def compared_direction(self) -> str:
+        return self.rung_direction or self.direction
+
+    @property
+    def rung_maximize(self) -> bool:
+        return self.compared_direction == "maximize"
 
     def save(self, sweep_dir: Path) -> None:
         data = {**asdict(self), "dims": [d.to_dict() for d in self.dims]}
@@ -78,7 +95,7 @@ def open_study(sweep_dir: Path, spec: SearchSpec, sampler=None, create: bool = F
     """The study; `sampler` only matters to whoever asks for trials (the controller)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = dict(study_name=STUDY_NAME, storage=storage(sweep_dir), sampler=sampler,
-                  pruner=RungPruner(spec.rungs, spec.reduction))
+                  pruner=RungPruner(spec.rungs, spec.reduction, spec.rung_maximize))
     if create:
         return optuna.create_study(direction=spec.direction, load_if_exists=True, **kwargs)
     return optuna.load_study(**kwargs)
@@ -104,10 +121,12 @@ def is_promoted(value: float, competing: List[float], reduction: int, maximize: 
     return value >= cutoff if maximize else value <= cutoff
 
 
-def promotable(study, trial, step: int, reduction: int) -> bool:
-    """Whether `trial`'s value at rung `step` is now in the best 1/reduction reported there."""
+def promotable(study, trial, step: int, reduction: int, maximize: Optional[bool] = None) -> bool:
+    """Whether `trial`'s value at rung `step` is now in the best 1/reduction reported there;
+    `maximize`: the rungs' direction (None: the study's, which ranks the final values)."""
     competing = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False) if step in t.intermediate_values]
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    if maximize is None:
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return is_promoted(trial.intermediate_values[step], competing, reduction, maximize)
 
 
@@ -117,12 +136,13 @@ class RungPruner(optuna.pruners.BasePruner):
     its checkpoint) once enough trials have reported for it to rank in the best 1/reduction, and
     prunes it for good when the search has nothing left to start."""
 
-    def __init__(self, rungs: List[int], reduction: int):
+    def __init__(self, rungs: List[int], reduction: int, maximize: Optional[bool] = None):
         self.rungs = list(rungs)
         self.reduction = reduction
+        self.maximize = maximize  # the rungs' direction; None: the study's
 
     def prune(self, study, trial) -> bool:
         step = trial.last_step
         if step is None or step not in self.rungs or step == self.rungs[-1]:
             return False  # the last rung is the end of training: nothing left to save
-        return not promotable(study, trial, step, self.reduction)
+        return not promotable(study, trial, step, self.reduction, self.maximize)

@@ -16,17 +16,17 @@ LAYERS: Dict[str, List[str]] = {
     "entry points": ["launcher.cli", "launcher.jobs", "launcher.sweep", "hydra_plugins"],  # sft, sft-jobs, the search
     "service": ["launcher.service", "launcher.facts", "launcher.run_state"],  # prepare/create runs; what a run is doing
     "launch": ["launcher.backends"],  # local ranks, Slurm jobs and every Slurm command
-    "rank": ["launcher.rank", "launcher.trainer", "launcher.optim", "launcher.sequence_parallel", "launcher.moe", "launcher.trial"],  # what each rank runs
+    "rank": ["launcher.rank", "launcher.harness", "launcher.trainer", "launcher.optim", "launcher.sequence_parallel", "launcher.moe", "launcher.trial"],  # what each rank runs
     "run": [  # what a run is made of: config checks, the plan, data, model, checkpoints, tracking
         "launcher.validate", "launcher.plan", "launcher.plan_report", "launcher.model_info", "launcher.data",
         "launcher.bundled", "launcher.resume", "launcher.checkpoint", "launcher.universal", "launcher.export",
         "launcher.loss", "launcher.attention", "launcher.ops", "launcher.tracking", "launcher.log_window",
-        "launcher.rendezvous", "launcher.overrides", "launcher.schema",
+        "launcher.rendezvous", "launcher.overrides", "launcher.schema", "launcher.harness_tasks",
     ],
     "base": [  # leaves: the run directory, atomic files, signals, errors and exit codes, devices
         "launcher.rundir", "launcher.metrics", "launcher.atomic", "launcher.secret_mask", "launcher.signals",
         "launcher.errors", "launcher.exit_codes", "launcher.devices", "launcher.caches", "launcher.snapshot",
-        "launcher.rank_env", "launcher",
+        "launcher.rank_env", "launcher.harness_results", "launcher",
     ],
 }
 

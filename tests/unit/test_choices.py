@@ -23,9 +23,16 @@ from launcher.validate import check_config
 from tests.conftest import compose_config
 
 # Every Choice key of the schema, by its dotted name.
-CHOICE_KEYS = {f"{group.name}.{name}": choice
-               for group in fields(Config) if is_dataclass(group.type)
-               for name, choice in choice_fields(group.type).items()}
+def _choice_keys(cls, prefix: str = "") -> dict:
+    """Every Choice key of the schema, nested sections (eval.harness) included."""
+    keys = {f"{prefix}{name}": choice for name, choice in choice_fields(cls).items()}
+    for f in fields(cls):
+        if is_dataclass(f.type):
+            keys.update(_choice_keys(f.type, f"{prefix}{f.name}."))
+    return keys
+
+
+CHOICE_KEYS = _choice_keys(Config)
 
 
 def composition_error(overrides):
@@ -39,7 +46,7 @@ def test_the_schema_lists_every_choice_key():
         "model.attn_implementation", "data.format", "data.train_on", "data.truncation", "data.on_bad_row",
         "optim.name", "optim.scheduler", "deepspeed.offload_optimizer", "deepspeed.offload_param",
         "trainer.precision", "trainer.loss", "checkpoint.export_dtype", "checkpoint.allow_changes", "cluster.backend",
-        "tracking.backend", "tracking.mode", "sweep.direction",
+        "tracking.backend", "tracking.mode", "sweep.direction", "sweep.rung_direction", "eval.harness.backend",
     }
 
 
@@ -124,8 +131,9 @@ def test_run_files_hold_plain_strings(tmp_path, monkeypatch):
     config = yaml.safe_load(text)
     assert config == OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for key in CHOICE_KEYS:
-        group, name = key.split(".")
-        value = config[group][name]
+        value = config
+        for part in key.split("."):
+            value = value[part]
         items = value if isinstance(value, list) else [value]
         assert all(type(item) is str for item in items if item is not None), key
     assert config["checkpoint"]["allow_changes"] == ["data"] and config["checkpoint"]["export_dtype"] == "bf16"
