@@ -102,7 +102,8 @@ def submit_eval(run_dir: Path, step: int) -> Optional[str]:
         return None
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     params = eval_parameters(cfg, step)
-    params["setup"] = [*snapshot.setup_lines(run_dir / rundir.CODE), *params["setup"]]
+    # The code this rank runs (the run's snapshot; a search trial's is its search's).
+    params["setup"] = [*snapshot.setup_lines(snapshot.PACKAGE.parent), *params["setup"]]
     executor = submitit.SlurmExecutor(folder=str(folder / "submitit"), python=sys.executable, max_num_timeout=3)
     executor.update_parameters(**params)
     with without_job_env():

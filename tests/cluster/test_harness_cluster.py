@@ -12,7 +12,7 @@ import yaml
 from launcher.backends.slurm_eval import submit_eval
 from tests.conftest import SFT_JOBS
 from tests.utils.wandb_file import read_run
-from tests.cluster.test_slurm_backend import SLURM, TINY, submit, wait_for_state
+from tests.cluster.test_slurm_backend import SLURM, TINY, restarts, submit, wait_for_line, wait_for_state
 
 pytestmark = pytest.mark.slurm
 
@@ -49,10 +49,16 @@ def eval_runs(slurm_cluster, tmp_path_factory):
 
 def test_each_checkpoint_gets_one_eval_job_whose_scores_improve(eval_runs):
     (run_dir, job_id), _ = eval_runs
+    # The first eval job is preempted as Slurm warns a job (USR2) once lm-eval runs: it is requeued.
+    wait_for_line(eval_folder(run_dir, 8) / "eval.log", "Running loglikelihood requests")
+    subprocess.run(["scancel", "--signal=USR2", eval_job(run_dir, 8)], check=True)
     assert wait_for_state(job_id) == "COMPLETED"
     jobs = [eval_job(run_dir, step) for step in STEPS]
     assert len(set(jobs)) == 3 and job_id not in jobs
     assert [wait_for_state(j, timeout=300) for j in jobs] == ["COMPLETED"] * 3
+    log = (eval_folder(run_dir, 8) / "eval.log").read_text()
+    # The requeued job evaluates again, or (the USR2 came after the summary) finds the step scored.
+    assert restarts(jobs[0]) == 1 and (log.count("Running loglikelihood") == 2 or "step 8 is scored already" in log)
     scores = [json.loads((eval_folder(run_dir, s) / "summary.json").read_text())["scores"] for s in STEPS]
     perplexity = [s["harness/tiny_tasks_ll/perplexity"] for s in scores]
     assert perplexity[0] > perplexity[1] > perplexity[2], perplexity  # lower is better (lm-eval's higher_is_better)

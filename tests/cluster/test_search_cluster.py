@@ -1,5 +1,7 @@
 """A search on the real local cluster: `sft -m hydra/sweeper=search` returns with the controller
-queued, the controller is requeued mid-search, and the search still ends with every trial run once."""
+queued, the controller is requeued mid-search, and the search still ends with every trial run once,
+ranked by a benchmark score: each completed trial's final export is scored by its own lm-eval job,
+while the rungs compare the eval loss."""
 
 import json
 import os
@@ -21,14 +23,17 @@ pytestmark = pytest.mark.slurm
 # second rung too few arrive to compare, so they wait, the best goes on once nothing is left to
 # start (a resume, always) and the others are pruned. At most 64 of 144 steps are trained.
 MAX_STEPS, RUNGS, TRIALS = 36, [4, 12, 36], 4
+METRIC = "harness/tiny_tasks_ll/perplexity"
 # One rank per trial, two trials at a time: the 2-core cluster holds both and the controller.
 SEARCH = ["-m", "hydra/sweeper=search", "recipe=tiny_sft", "cluster=slurm", "cluster.gpus_per_node=0",
           "cluster.procs_per_node=1", "cluster.cpus_per_task=1", "cluster.time_min=10", "cluster.partition=debug",
           "trainer.micro_batch_size=8", "trainer.global_batch_size=8", f"trainer.max_steps={MAX_STEPS}",
           "trainer.log_every=4", "optim.warmup_steps=2", "eval.every_steps=0", "eval.generate_samples=0",
-          "checkpoint.every_steps=0", "checkpoint.export=false",
-          "tracking=none", "optim.lr=tag(log,interval(1e-4,3e-2))", f"sweep.trials={TRIALS}", "sweep.parallel=2",
-          f"sweep.rungs=[{','.join(map(str, RUNGS))}]", "sweep.poll_s=1"]
+          "checkpoint.every_steps=0", "tracking=none", "optim.lr=tag(log,interval(1e-4,3e-2))",
+          f"sweep.trials={TRIALS}", "sweep.parallel=2", f"sweep.rungs=[{','.join(map(str, RUNGS))}]", "sweep.poll_s=1",
+          # Ranked by the answers' perplexity on the bundled eval split (lm-eval, 16 examples, a 1-CPU job).
+          f"sweep.metric={METRIC}", "sweep.rung_metric=eval/loss", "eval.harness.tasks=[tiny_tasks_ll]",
+          "eval.harness.limit=16", "eval.harness.gpus=0", "eval.harness.cpus=1", "eval.harness.time_min=10"]
 
 
 def sacct_states(job_id: str) -> list:
@@ -96,6 +101,9 @@ def test_a_search_prunes_and_survives_a_controller_requeue(slurm_cluster, tmp_pa
             assert (run_dir / "checkpoints" / f"step-{end['step']:06d}").is_dir()
         else:
             assert trained_steps(run_dir) == MAX_STEPS and sorted(t.intermediate_values) == RUNGS
+            # Its value is its final eval's score, from the eval job of its export.
+            summary = json.loads((run_dir / "evals" / f"step-{MAX_STEPS:06d}" / "summary.json").read_text())
+            assert t.value == summary["scores"][METRIC] and summary["model"] == str(run_dir / "export")
 
     spent = sum(trained_steps(sweep_dir / str(t.number)) for t in done)
     assert spent <= TRIALS * MAX_STEPS / 2, f"{spent} steps spent of {TRIALS * MAX_STEPS}"
@@ -104,9 +112,12 @@ def test_a_search_prunes_and_survives_a_controller_requeue(slurm_cluster, tmp_pa
                            env={**os.environ, "COLUMNS": "200"})
     assert board.returncode == 0, board.stderr
     rows = [[c.strip() for c in line.strip("│ ").split("│")] for line in board.stdout.splitlines() if line.startswith("│")]
-    assert {r[4] for r in rows} == {"completed", "pruned"} and len(rows) == TRIALS
-    best = min((t for t in done if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
-    assert rows[0][0] == str(best.number) and f"best: trial {best.number}" in board.stdout
+    assert {r[5] for r in rows} == {"completed", "pruned"} and len(rows) == TRIALS
+    completed = sorted((t for t in done if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    # Ordered by the benchmark score (lower perplexity first), the best trial's scores below the table.
+    assert [r[0] for r in rows[:len(completed)]] == [str(t.number) for t in completed]
+    assert rows[0][0] == str(completed[0].number) and f"best: trial {completed[0].number}" in board.stdout
+    assert "tiny_tasks_ll/perplexity" in board.stdout.split(f"best: trial {completed[0].number}")[1]
     assert f"controller: job {job_id} COMPLETED, requeued 1 time(s)" in board.stdout
     assert "search completed" in board.stdout
 
