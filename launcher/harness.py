@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from launcher import harness_results as files
 from launcher import harness_tasks, rundir
+from launcher.exit_codes import exit_without_teardown
 
 log = logging.getLogger("launcher.harness")
 
@@ -137,4 +138,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Scores, files and W&B are written.
+    exit_without_teardown(main())

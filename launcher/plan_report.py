@@ -202,4 +202,22 @@ def print_dry_run(console: Console, config: Dict[str, Any], plan: Plan, ds_confi
     console.print_json(json.dumps(ds_config))
     if extra:
         console.print(extra, highlight=False, soft_wrap=True, markup=False)
+    evals = harness_line(config, plan)
+    if evals:
+        console.print(evals, highlight=False, soft_wrap=True, markup=False)
     console.print("dry run: nothing written, nothing started")
+
+
+def harness_line(config: Dict[str, Any], plan: Plan) -> str:
+    """What eval.harness will score, and where: one line of the dry run."""
+    h = config["eval"]["harness"]
+    if not h["tasks"]:
+        return ""
+    every = config["checkpoint"]["every_steps"]
+    steps = [s for s in range(every, plan.total_steps, every)] if h["every_checkpoint"] and every and plan.total_steps else []
+    what = f"the final export and {len(steps)} checkpoint(s) (steps {', '.join(map(str, steps[:6]))}{', ...' if len(steps) > 6 else ''})" \
+        if steps else "the final export"
+    where = (f"one Slurm job each ({h['gpus']} GPU(s), {h['cpus']} CPUs, {h['time_min']} min, partition "
+             f"{h['partition'] or config['cluster']['partition'] or 'default'})" if config["cluster"]["backend"] == "slurm"
+             else "after training, in this command")
+    return f"benchmark evals (lm-eval): {', '.join(map(str, h['tasks']))} on {what}; {where}"

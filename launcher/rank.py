@@ -10,7 +10,7 @@ from typing import Callable, Optional
 from omegaconf import OmegaConf
 
 from launcher import rundir
-from launcher.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED
+from launcher.exit_codes import EXIT_BAD_INPUT, EXIT_STOPPED, exit_without_teardown
 
 log = logging.getLogger("launcher")
 
@@ -77,4 +77,5 @@ def run_rank(run_dir: str, on_eval_model: Optional[Callable[[int], None]] = None
 
 
 if __name__ == "__main__":
-    sys.exit(run_rank(sys.argv[1]))
+    # Everything is written and closed (metrics, W&B, the process group).
+    exit_without_teardown(run_rank(sys.argv[1]))

@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -20,7 +21,7 @@ from launcher.atomic import write_text_atomic
 from launcher.harness_results import PREFIX as HARNESS_PREFIX, eval_states, harness_scores
 from launcher.jobs.errors import JobsError, SlurmError
 from launcher.jobs.runs import discover, is_sweep, rel, resolve_run, run_dirs, started_key, sweep_points
-from launcher.backends.slurm_queue import cancel, query_jobs
+from launcher.backends.slurm_queue import SLURM_TERMINAL, cancel, query_jobs
 from launcher.run_state import LOCAL, Progress, RunJob, describe, is_terminal, rank_pids
 from launcher.metrics import read_metrics
 from launcher import rundir
@@ -141,22 +142,32 @@ def cmd_status(args, out: Console) -> int:
         if task.progress.health():
             out.print(f"health     {task.progress.health()}", highlight=False, markup=False, soft_wrap=True)
             break
+    evals = {d: eval_states(d) for d in dirs}
+    eval_jobs = [e.job_id for states in evals.values() for e in states if e.state == "queued" and e.job_id]
+    eval_infos = {}
+    if eval_jobs:
+        eval_infos, eval_errors = query_jobs(eval_jobs)
+        errors = [*errors, *eval_errors]
     for d in dirs:  # the benchmark evals of its checkpoints (eval.harness)
-        for line in eval_lines(d):
+        for line in eval_lines(evals[d], eval_infos):
             out.print(f"point {d.name}: {line}" if labels else line, highlight=False, markup=False, soft_wrap=True)
     return show_errors(errors)
 
 
-def eval_lines(run_dir: Path) -> List[str]:
-    """One line per checkpoint's benchmark eval: done with its scores, queued, ready, or FAILED with why."""
+def eval_lines(states, infos=None) -> List[str]:
+    """One line per checkpoint's benchmark eval: done with its scores, queued (with its job's state),
+    ready, or FAILED with why (an eval job that ended without a result too)."""
     lines = []
-    for e in eval_states(run_dir):
+    for e in states:
+        info = (infos or {}).get(e.job_id) if e.state == "queued" else None
+        if info is not None and info.state.split()[0] in SLURM_TERMINAL:  # killed before it could write a result
+            e = replace(e, state="failed", error=f"its job {e.job_id} ended {info.state} without a result")
         if e.state == "done":
             scores = ", ".join(f"{k[len(HARNESS_PREFIX):] if k.startswith(HARNESS_PREFIX) else k} {fmt(v)}"
                                for k, v in sorted(e.scores.items()))
             what = f"done  {scores}" if scores else "done (no scores)"
         elif e.state == "queued":
-            what = f"queued (job {e.job_id})"
+            what = f"queued (job {e.job_id}{', ' + info.state if info is not None else ''})"
         elif e.state == "ready":
             what = "ready (the model is exported; its eval has not started)"
         else:

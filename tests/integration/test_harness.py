@@ -85,3 +85,11 @@ def test_a_task_whose_data_is_on_the_hub_is_refused_before_anything_starts(tmp_p
     assert "dataset_path: allenai/ai2_arc" in result.stderr and "dataset_path: json" in result.stderr
     assert "eval.harness.allow_hub=true" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_dry_run_says_what_will_be_scored_and_where(tmp_path):
+    result = run_sft(["recipe=tiny_sft", "dry_run=true", "eval.harness.tasks=[tiny_tasks]", "eval.harness.every_checkpoint=true"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("benchmark evals (lm-eval): tiny_tasks on the final export and 2 checkpoint(s) (steps 100, 200); "
+            "after training, in this command") in result.stdout

@@ -220,3 +220,17 @@ def test_an_eval_segment_is_not_held_back_as_the_newest_while_the_job_lives(tmp_
     wandb = FakeWandb()
     assert sync([run], lambda d: True, follow=False, run=wandb, say=lambda t: None) == 1
     assert wandb.calls == [["wandb", "beta", "sync", str(final)]] and training.exists()
+
+
+def test_an_eval_whose_job_ended_without_a_result_reads_as_failed(tmp_path):
+    from launcher import harness_results as files
+    from launcher.backends.slurm_queue import JobInfo
+    from launcher.jobs.cli import eval_lines
+
+    for step, job in ((10, "41"), (20, "42")):
+        files.mark_ready(tmp_path, step, tmp_path / "model")
+        files.write_json(files.step_dir(tmp_path, step) / files.JOB, {"job_id": job, "step": step})
+    infos = {"41": JobInfo("CANCELLED", 0, "sacct"), "42": JobInfo("PENDING (Priority)", None, "squeue")}
+    assert eval_lines(files.eval_states(tmp_path), infos) == [
+        "eval step 10: FAILED: its job 41 ended CANCELLED without a result",
+        "eval step 20: queued (job 42, PENDING (Priority))"]
