@@ -72,7 +72,7 @@ def log_to_wandb(cfg, run_dir: Path, folder: Path, step: int, scores: Dict[str, 
     if not id_file.is_file():
         return None
     tracker = start_tracking(cfg.tracking, run_dir, 0, OmegaConf.to_container(cfg, resolve=True), resume=True,
-                             files_dir=folder)
+                             files_dir=folder, second_writer=f"eval-step-{step}")
     if tracker.run_id is None:
         return None
     tracker.log_without_step({**scores, STEP_METRIC: step})
@@ -86,47 +86,52 @@ def run_eval(run_dir: Path, step: int) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
                         handlers=[logging.FileHandler(folder / files.LOG), logging.StreamHandler(sys.stderr)])
-    if (folder / files.SUMMARY).is_file():
-        log.info("step %d is scored already: %s", step, folder / files.SUMMARY)
-        return 0
-    (folder / files.FAILED).unlink(missing_ok=True)  # a second try
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
-    if not cfg.eval.harness.allow_hub:  # checked at submission; here a miss fails at once instead of waiting on the network
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ready = files.read_state(folder)
     model = Path(ready.model) if ready is not None and ready.model else run_dir / rundir.EXPORT
-    start = time.perf_counter()
-    try:
-        if not (model / "config.json").is_file():
-            raise FileNotFoundError(f"no model to evaluate at {model} (the trainer exports it after the save)")
-        results = evaluate(model, task_list(cfg, run_dir, model), cfg.eval.harness)
-        scores = files.scores_of(results)
-        if not scores:
-            raise RuntimeError(f"lm-eval returned no scores (its results: {json.dumps(results.get('results'), default=str)[:500]})")
-        files.write_json(folder / files.RESULTS, {k: v for k, v in results.items() if k != "samples"})
-        summary = {"step": step, "scores": scores, "model": str(model), "seconds": round(time.perf_counter() - start, 2),
-                   "tasks": [str(t) for t in cfg.eval.harness.tasks], "limit": cfg.eval.harness.limit}
-        files.write_json(folder / files.SUMMARY, summary)
-        (folder / files.SUMMARY_TEXT).write_text(files.one_line(step, scores) + "\n")
-        log.info("%s", files.one_line(step, scores))
-    except Exception as error:  # noqa: BLE001 - the eval's failure is recorded, and is not the run's
-        log.exception("the benchmark eval of step %d failed", step)
-        files.write_json(folder / files.FAILED, {"step": step, "error": f"{type(error).__name__}: {error}"[:2000],
-                                                 "log": str(folder / files.LOG)})
-        return 1
-    try:
-        log_to_wandb(cfg, run_dir, folder, step, scores)
-    except Exception:  # noqa: BLE001 - the scores are on disk; W&B is a copy
-        log.exception("W&B did not take step %d's scores; they are in %s", step, folder / files.SUMMARY)
+    if (folder / files.SUMMARY).is_file():  # a requeued job: scored already, perhaps not yet in W&B
+        log.info("step %d is scored already: %s", step, folder / files.SUMMARY)
+        scores = json.loads((folder / files.SUMMARY).read_text())["scores"]
+    else:
+        (folder / files.FAILED).unlink(missing_ok=True)  # a second try
+        if not cfg.eval.harness.allow_hub:  # checked at submission; here a miss fails at once instead of waiting on the network
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            scores = score(cfg, run_dir, folder, step, model)
+        except Exception as error:  # noqa: BLE001 - the eval's failure is recorded, and is not the run's
+            log.exception("the benchmark eval of step %d failed", step)
+            files.write_json(folder / files.FAILED, {"step": step, "error": f"{type(error).__name__}: {error}"[:2000],
+                                                     "log": str(folder / files.LOG)})
+            return 1
+    if not (folder / files.WANDB_DONE).is_file():
+        try:
+            run_id = log_to_wandb(cfg, run_dir, folder, step, scores)
+            if run_id is not None:
+                files.write_json(folder / files.WANDB_DONE, {"run_id": run_id, "step": step})
+        except Exception:  # noqa: BLE001 - the scores are on disk; W&B is a copy
+            log.exception("W&B did not take step %d's scores; they are in %s", step, folder / files.SUMMARY)
     if model.parent == folder:  # the checkpoint's copy; the checkpoint itself stays for resuming
         shutil.rmtree(model, ignore_errors=True)
     return 0
 
 
-def pending(run_dir: Path) -> List[int]:
-    """Steps exported for an eval that has not run (locally, the evals wait for the end of training)."""
-    return [s.step for s in files.eval_states(run_dir) if s.state == "ready"]
+def score(cfg, run_dir: Path, folder: Path, step: int, model: Path) -> Dict[str, float]:
+    """lm-eval on the step's model; its results and the summary written into the step's folder."""
+    start = time.perf_counter()
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"no model to evaluate at {model} (the trainer exports it after the save)")
+    results = evaluate(model, task_list(cfg, run_dir, model), cfg.eval.harness)
+    scores = files.scores_of(results)
+    if not scores:
+        raise RuntimeError(f"lm-eval returned no scores (its results: {json.dumps(results.get('results'), default=str)[:500]})")
+    files.write_json(folder / files.RESULTS, {k: v for k, v in results.items() if k != "samples"})
+    summary = {"step": step, "scores": scores, "model": str(model), "seconds": round(time.perf_counter() - start, 2),
+               "tasks": [str(t) for t in cfg.eval.harness.tasks], "limit": cfg.eval.harness.limit}
+    (folder / files.SUMMARY_TEXT).write_text(files.one_line(step, scores) + "\n")
+    files.write_json(folder / files.SUMMARY, summary)  # last: it says the eval is done
+    log.info("%s", files.one_line(step, scores))
+    return scores
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,6 +7,7 @@
     results.json               lm-eval's own results JSON (the per-sample records left out)
     summary.json               {"step", "scores": {"harness/<task>/<metric>": value}, "model", "seconds"}
     summary.txt                the same on one line, for people
+    wandb.json                 the scores are in the run's W&B run (its segment is in wandb/)
     failed.json                the eval failed: {"step", "error", "log"}
     eval.log                   the eval's own log
   evals/tasks/                 the bundled tasks' lm-eval YAMLs and data, written by the first eval
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from launcher import rundir
 from launcher.atomic import write_text_atomic
 
 EVALS = "evals"
@@ -32,6 +34,7 @@ SUMMARY = "summary.json"
 SUMMARY_TEXT = "summary.txt"
 FAILED = "failed.json"
 LOG = "eval.log"
+WANDB_DONE = "wandb.json"  # the scores are in W&B (a requeued eval that finds only summary.json logs them)
 PREFIX = "harness/"
 
 
@@ -121,6 +124,20 @@ def eval_states(run_dir: Path) -> List[EvalState]:
 def harness_scores(run_dir: Path) -> Dict[int, Dict[str, float]]:
     """{step: {harness/<task>/<metric>: value}} of the evals that are done."""
     return {s.step: s.scores for s in eval_states(run_dir) if s.state == "done"}
+
+
+def final_step(run_dir: Path) -> Optional[int]:
+    """The step of the run's final eval: where it completed (its event), else the total the trainer
+    counted once it had tokenised the data (an epoch-based total differs from plan.json's estimate),
+    else the plan's."""
+    events = rundir.read_events(Path(run_dir)) or []
+    for kind in (rundir.COMPLETED, rundir.STARTED):
+        found = [e.get("step" if kind == rundir.COMPLETED else "total_steps") for e in events if e.get("event") == kind]
+        found = [f for f in found if isinstance(f, int)]
+        if found:
+            return found[-1]
+    total = rundir.plan(Path(run_dir)).get("total_steps")
+    return total if isinstance(total, int) else None
 
 
 def final_score(run_dir: Path, metric: str, last_step: Optional[int]) -> Optional[float]:

@@ -152,8 +152,11 @@ def check_tasks(tasks: List[str], allow_hub: bool) -> List[str]:
         except (OSError, ValueError, yaml.YAMLError):
             data = {}
         found = _data_problem(task, data, f"lm-eval's {Path(files[0]).relative_to(tasks_dir)}")
-        problems.append(found or f"task {task!r} is an lm-eval group or tag of {len(files)} files whose data come from "
-                                 f"the Hugging Face Hub; compute nodes are offline: {HOW_TO_LOCAL}")
+        if found:
+            problems.append(found)
+        elif data.get("dataset_path") is None:  # a group or tag: its tasks' data are lm-eval's, on the Hub
+            problems.append(f"task {task!r} is an lm-eval group or tag ({len(files)} file(s)) whose tasks read their data "
+                            f"from the Hugging Face Hub; compute nodes are offline: {HOW_TO_LOCAL}")
     return problems
 
 

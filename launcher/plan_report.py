@@ -33,6 +33,7 @@ def plan_table(plan: Plan) -> Table:
     rows = [
         ("world size", world_size_text(plan)),
         ("global batch", global_batch_text(plan)),
+        *elastic_rows(plan.elastic),
         ("sequence length", str(plan.seq_len)),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("train examples", fmt_count(plan.train_examples)),
@@ -91,6 +92,23 @@ def world_size_text(plan: Plan) -> str:
     if plan.sequence_parallel > 1:
         text += f"; sequence parallel {plan.sequence_parallel} -> {plan.data_parallel} data-parallel"
     return text
+
+
+def elastic_rows(elastic: Optional[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """An elastic run (cluster.min_nodes): memory is planned at its fewest nodes; speed at both ends."""
+    if not elastic:
+        return []
+    low, high = elastic["min_nodes"], elastic["max_nodes"]
+    worlds, accum = elastic["world_sizes"], elastic["grad_accum_steps"]
+
+    def speed(i: int) -> str:
+        step, tokens = elastic["step_s"][i], elastic["tokens_per_s"][i]
+        return f"{step:.2f} s/step, {tokens:,.0f} tokens/s" if step is not None else "step time n/a"
+
+    return [("elastic range", f"{low}..{high} nodes (sbatch --nodes={low}-{high}), each start on what Slurm gives: "
+                              f"world {worlds[0]}..{worlds[1]}, accum {accum[0]}..{accum[1]}, same global batch; "
+                              f"memory planned at {low} node(s), the most per GPU"),
+            ("  speed at the ends", f"{low} node(s): {speed(0)}; {high} node(s): {speed(1)}")]
 
 
 def global_batch_text(plan: Plan) -> str:

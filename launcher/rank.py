@@ -46,6 +46,12 @@ def run_rank(run_dir: str, on_eval_model: Optional[Callable[[int], None]] = None
     log.info("code: %s", Path(__file__).resolve().parent)  # the run's snapshot (launcher.snapshot)
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     ds_config = json.loads((run_dir / rundir.DS_CONFIG).read_text())
+    if cfg.cluster.get("min_nodes") is not None:  # elastic: this start's ranks, the same global batch
+        from launcher.plan import fit_to_world
+
+        ds_config = fit_to_world(ds_config, env.world_size, cfg.trainer.sequence_parallel)
+        log.info("elastic start: %d node(s), world size %d, %d accumulation step(s) for the global batch of %d",
+                 env.nodes, env.world_size, ds_config["gradient_accumulation_steps"], ds_config["train_batch_size"])
     trainer = SFTTrainer(cfg, run_dir, ds_config, env, on_eval_model)
     try:
         trainer.setup()

@@ -5,6 +5,10 @@ import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+# An elastic run's next start is a new job (launcher.backends.slurm_rank.submit_again), whose
+# SLURM_RESTART_COUNT starts at 0 again: the restart count it continues with comes in this variable.
+RESTARTS_ENV = "SFT_RESTARTS"
+
 
 @dataclass
 class RankEnv:
@@ -21,7 +25,7 @@ class RankEnv:
         return cls(
             rank=int(environ["RANK"]), local_rank=int(environ["LOCAL_RANK"]), world_size=world,
             local_world_size=int(environ.get("LOCAL_WORLD_SIZE", world)),
-            restarts=int(environ.get("SLURM_RESTART_COUNT", "0")),
+            restarts=int(environ.get(RESTARTS_ENV) or environ.get("SLURM_RESTART_COUNT", "0")),
             under_slurm=bool(environ.get("SLURM_JOB_ID")),
         )
 

@@ -22,9 +22,9 @@ from typing import Callable, Optional
 
 from launcher.atomic import write_text_atomic
 from launcher.rundir import RENDEZVOUS as RENDEZVOUS_FILE
-from launcher.rundir import START_FAILED as START_FAILED_FILE  # a rank that could not meet its peers says why
+from launcher.rundir import ATTEMPT_ENV, START_FAILED as START_FAILED_FILE  # a rank that could not meet its peers says why
 
-RENDEZVOUS_ENV = "SFT_RENDEZVOUS"  # the attempt id every rank of one start shares
+RENDEZVOUS_ENV = ATTEMPT_ENV  # the attempt id every rank of one start shares
 MASTER_PORT_RANGE = 64  # cluster.master_port=P: the ports P .. P+63 are tried in turn
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from launcher.backends.slurm_queue import SLURM_TERMINAL, JobInfo, SlurmError, query_jobs
 from launcher.metrics import read_metrics
@@ -79,14 +79,31 @@ def outcome(run_dir: Path, events: Optional[List[dict]]) -> Tuple[Optional[str],
     events: the run's (read_events); None for a run directory from before events."""
     if events is None:
         return legacy_log_outcome(run_dir), "logs"
+    # The newest start's ranks only: after an elastic run shrank, the ranks it no longer has keep
+    # the STOPPED of the bigger start before it.
+    newest = next((e["attempt"] for e in reversed(events) if e["event"] in (STARTED, FAILED, STOPPED) and e.get("attempt")), None)
     last = {}  # rank -> how its last start ended (None: it has not ended, or ended otherwise)
     for event in events:
+        if newest is not None and event.get("attempt") not in (newest, None):
+            continue
         if event["event"] == STARTED:
             last[event.get("rank")] = None
         elif event["event"] in (FAILED, STOPPED):
             last[event.get("rank")] = event["event"].upper()
     ended = set(last.values())
     return next((o for o in ("FAILED", "STOPPED") if o in ended), None), "events"
+
+
+def nodes_per_job(run_dir: Path) -> Dict[str, int]:
+    """{job id (LOCAL for local ranks): the nodes of its newest start}, from the ranks' start events."""
+    found: Dict[str, int] = {}
+    for event in read_events(run_dir) or []:
+        attempt = str(event.get("attempt") or "")
+        if event["event"] != STARTED or not isinstance(event.get("nodes"), int):
+            continue
+        job = attempt.split("-")[1] if attempt.startswith("slurm-") else LOCAL
+        found[job] = event["nodes"]
+    return found
 
 
 def requeues(run_dir: Path) -> Optional[int]:

@@ -141,10 +141,16 @@ PRUNED = "pruned"  # step, rung (or by the controller): a search trial ended by 
 EVENT_NAMES = (STARTED, STOPPED, FAILED, REQUEUED, COMPLETED, PAUSED, PRUNED)
 
 
+ATTEMPT_ENV = "SFT_RENDEZVOUS"  # the id every rank of one start shares (launcher.rendezvous sets it)
+
+
 def append_event(run_dir: Path, event: str, **fields: Any) -> None:
-    """One line appended in one write (O_APPEND), so ranks and processes appending at once never interleave."""
+    """One line appended in one write (O_APPEND), so ranks and processes appending at once never interleave.
+    A rank's events carry its start's id (`attempt`): an elastic run's starts differ in their ranks."""
     assert event in EVENT_NAMES, event
-    line = json.dumps({"time": round(time.time(), 3), "event": event, "host": socket.gethostname(), **fields}, default=str)
+    attempt = {"attempt": os.environ[ATTEMPT_ENV]} if os.environ.get(ATTEMPT_ENV) else {}
+    line = json.dumps({"time": round(time.time(), 3), "event": event, "host": socket.gethostname(), **attempt, **fields},
+                      default=str)
     fd = os.open(Path(run_dir) / EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line + "\n").encode())

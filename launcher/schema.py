@@ -181,6 +181,11 @@ class CheckpointConfig:
 class ClusterConfig:
     backend: ClusterBackend = ClusterBackend.local
     nodes: int = 1
+    # Elastic (Slurm): start as soon as min_nodes are free, with up to `nodes`; each start (a requeue)
+    # takes what it gets, same global batch (accumulation follows the world size). None: exactly `nodes`.
+    min_nodes: Optional[int] = None
+    grow: bool = False  # elastic: at checkpoints, stop and requeue when more of the range's nodes are idle
+    grow_check_s: float = 300.0  # look at the queue at most this often
     procs_per_node: Optional[int] = None  # ranks per node; None: GPUs per node, or 2 on CPU
     gpus_per_node: int = 0  # Slurm: GPUs requested per node (one task per GPU)
     partition: Optional[str] = None

@@ -31,6 +31,10 @@ class StopFlag:
         # Set by the Slurm task on rank 0: requeues the job if the stop asks for it (True: requeued).
         # The trainer calls it after the stop's save and W&B's bounded finish.
         self.requeue_job: Optional[Callable[[], bool]] = None
+        # Set by the Slurm task on rank 0 of an elastic run with cluster.grow: whether more of its
+        # node range is idle now (the trainer asks at checkpoints); a yes stops it to requeue bigger.
+        self.grow_check: Optional[Callable[[], bool]] = None
+        self.grow = False  # this stop is to grow (not counted against cluster.max_requeues)
         self._installed = False
 
     def install(self) -> "StopFlag":
@@ -47,6 +51,11 @@ class StopFlag:
     def _set(self, signum, frame) -> None:
         self.signum = self.signum or signum
         self.requeue = self.requeue or signum == signal.SIGUSR2
+
+    def ask_to_grow(self) -> None:
+        """Stop at the next step boundary and requeue, as a USR2 would: the requeued job gets more nodes."""
+        self.signum = self.signum or signal.SIGUSR2
+        self.requeue = self.grow = True
 
     def __bool__(self) -> bool:
         return self.signum != 0

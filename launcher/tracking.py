@@ -135,9 +135,12 @@ class Tracker:
 
 
 def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, resume: bool,
-                   metrics: Optional[Path] = None, files_dir: Optional[Path] = None) -> Tracker:
+                   metrics: Optional[Path] = None, files_dir: Optional[Path] = None,
+                   second_writer: Optional[str] = None) -> Tracker:
     """Open the run's tracker: a real W&B run on rank 0, a no-op everywhere else.
-    files_dir: where this segment's W&B files go (default: the run dir; a benchmark eval: its own folder)."""
+    files_dir: where this segment's W&B files go (default: the run dir; a benchmark eval: its own folder).
+    second_writer: a label for a process that writes the run while training may write it too (a
+    benchmark eval): online it joins in W&B's shared mode and leaves the run's finish state alone."""
     backend = _choice("tracking.backend", tracking_cfg.backend, TrackingBackend)
     mode = _choice("tracking.mode", tracking_cfg.mode, TrackingMode)
     # Only rank 0 opens the run: two processes writing one run id would corrupt it.
@@ -180,11 +183,13 @@ def start_tracking(tracking_cfg: Any, run_dir: Path, rank: int, config: dict, re
         # A server that does not answer costs at most init_timeout_s, then the run goes on offline.
         settings=wandb.Settings(api_key=api_key if mode == "online" else None, console="off",
                                 init_timeout=float(getattr(tracking_cfg, "init_timeout_s", 60.0)),
-                                finish_timeout=float(getattr(tracking_cfg, "finish_timeout_s", 10.0))),
+                                finish_timeout=float(getattr(tracking_cfg, "finish_timeout_s", 10.0)),
+                                **({"x_primary": False, "x_label": second_writer, "x_update_finish_state": False}
+                                   if second_writer else {})),
     )
 
     def open_run(mode: str = mode):
-        run = wandb.init(**{**init, "mode": mode})
+        run = wandb.init(**{**init, "mode": "shared" if second_writer and mode == "online" else mode})
         run.define_metric(STEP_METRIC)
         run.define_metric("*", step_metric=STEP_METRIC)
         return run

@@ -211,7 +211,7 @@ class SFTTrainer:
 
     def _record_start(self) -> None:
         rundir.append_event(self.run_dir, rundir.STARTED, rank=self.env.rank, restart=self.env.restarts,
-                            total_steps=self.total_steps)
+                            total_steps=self.total_steps, world_size=self.env.world_size, nodes=self.env.nodes)
 
     def _find_resume_point(self) -> Tuple[Optional[Path], bool]:
         """The checkpoint to continue (None: none), checked against this run's fingerprint, and whether it
@@ -374,6 +374,8 @@ class SFTTrainer:
             self._eval_this_step()
             if self._stops_at_rung():
                 return self._end(rundir.PAUSED)
+        if self._harness_export_missed():  # the last segment stopped between this step's save and its export
+            self._export_for_harness()
         if self.is_main and self.global_step < self.total_steps:  # steps to train: an earlier final eval is not of these weights
             (self.run_dir / rundir.FINAL_EVAL).unlink(missing_ok=True)
         window = LogWindow(self.device, self.env.world_size)
@@ -410,8 +412,12 @@ class SFTTrainer:
                 return self._end(rundir.PAUSED)
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save_checkpoint()
-                if self.cfg.eval.harness.every_checkpoint and self.global_step < self.total_steps:
+                if self._scores_checkpoints() and self.global_step < self.total_steps:
                     self._export_for_harness()  # the last step's eval runs on export/
+                if self.stop.grow_check is not None and self.global_step < self.total_steps and self.stop.grow_check():
+                    log.warning("more of the node range is idle than this run holds: stopping at step %d (saved) "
+                                "to requeue on more nodes", self.global_step)
+                    self.stop.ask_to_grow()  # agreed at the next step boundary, as a USR2
         if progress:
             progress.stop()
         write_comms_report(self.run_dir, self.env.rank, comms_at_start, self.global_step - steps_at_start - 1)
@@ -449,6 +455,8 @@ class SFTTrainer:
             "lr": lr,
             "grad_norm": _float(self.engine.get_global_grad_norm()),
             "samples_seen": self.global_step * self.ds_config["train_batch_size"],
+            # This segment's ranks (an elastic run's vary by start): tokens/s and MFU above are theirs.
+            "world_size": self.env.world_size,
         }
         self._log("train", row)
         if progress:
@@ -667,11 +675,34 @@ class SFTTrainer:
         dtype = export_dtype(self.cfg.checkpoint.export_dtype)
         return export_model(self.engine, self.tokenizer, out or self.run_dir / rundir.EXPORT, dtype, self.env.rank)
 
+    def _scores_checkpoints(self) -> bool:
+        h = self.cfg.eval.harness
+        return bool(h.tasks) and h.every_checkpoint and bool(self.cfg.checkpoint.every_steps)
+
+    def _harness_export_missed(self) -> bool:
+        """A cadence checkpoint this segment resumed from whose model was never exported for its eval
+        (a stop during the step's eval, a node lost after the save); rank 0 decides for all."""
+        every = self.cfg.checkpoint.every_steps
+        if not self._scores_checkpoints() or not 0 < self.global_step < self.total_steps or self.global_step % every:
+            return False
+        missed = self.is_main and harness_results.read_state(harness_results.step_dir(self.run_dir, self.global_step)) is None
+        return self._sum_over_ranks(torch.tensor([float(missed)], dtype=torch.float64))[0].item() > 0
+
     def _export_for_harness(self) -> None:
         """A checkpoint's benchmark evals (eval.harness.every_checkpoint) run on a Hugging Face model of
-        it, written by the same export as the final one; its eval job deletes it once scored."""
+        it, written by the same export as the final one; its eval job deletes it once scored. Rank 0's
+        write failing (a full disk) is the eval's failure, not the run's: the gather before it is
+        every rank's, and done."""
         start = time.perf_counter()
-        out = self.export(harness_results.step_dir(self.run_dir, self.global_step) / harness_results.MODEL)
+        folder = harness_results.step_dir(self.run_dir, self.global_step)
+        try:
+            out = self.export(folder / harness_results.MODEL)
+        except OSError as error:
+            log.exception("the model of step %d could not be written for its benchmark evals", self.global_step)
+            harness_results.write_json(folder / harness_results.FAILED, {
+                "step": self.global_step, "error": f"not exported: {type(error).__name__}: {error}"[:2000],
+                "log": str(rundir.rank_log(self.run_dir, self.env.rank))})
+            return
         if self.is_main:
             log.info("exported step %d for its benchmark evals in %.2f s", self.global_step, time.perf_counter() - start)
             self._harness_ready(self.global_step, out)

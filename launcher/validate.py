@@ -18,7 +18,7 @@ from launcher.errors import ConfigError, problem
 from launcher.harness_tasks import check_tasks
 from launcher.model_info import ModelFacts, looks_like_hub_id, read_model_facts
 from launcher.attention import attention_problems, loss_problems
-from launcher.plan import accelerator, batch_math, default_procs_per_node, ulysses
+from launcher.plan import accelerator, batch_math, data_parallel_ranks, default_procs_per_node, ulysses
 from launcher.plan.shape import MOE_FAMILIES
 from launcher.schema import MIN_SEQ_LEN
 from launcher.rundir import COMPLETE
@@ -113,7 +113,12 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     if procs < 1:
         problems.append(problem("cluster.procs_per_node", procs, "must be >= 1"))
     world = max(1, cluster.nodes) * max(1, procs)
-    problems += batch_math(trainer, world)[2]
+    if cluster.min_nodes is not None:  # every world size of the range, not only the largest
+        problems += elastic_problems(cfg, max(1, procs))
+    else:
+        problems += batch_math(trainer, world)[2]
+        if cluster.grow:
+            problems.append(problem("cluster.grow", True, "needs a node range: set cluster.min_nodes (below cluster.nodes)"))
 
     data = cfg.data
     if data.seq_len < MIN_SEQ_LEN:
@@ -223,6 +228,31 @@ def check_config(cfg, dry_run: bool = False) -> Checked:
     if problems:
         raise ConfigError(problems)
     return checked
+
+
+def elastic_problems(cfg, procs: int) -> List[str]:
+    """cluster.min_nodes: a range Slurm may start (and restart) the run anywhere in, with one global batch."""
+    cluster, trainer = cfg.cluster, cfg.trainer
+    low, high = cluster.min_nodes, cluster.nodes
+    if cluster.backend != "slurm":
+        return [problem("cluster.min_nodes", low, "needs cluster=slurm (a node range is Slurm's: sbatch --nodes=MIN-MAX); use null")]
+    if not 1 <= low <= high:
+        return [problem("cluster.min_nodes", low, f"must be in 1..cluster.nodes ({high}), or null for exactly cluster.nodes")]
+    if trainer.global_batch_size is None:
+        return [problem("trainer.global_batch_size", None, f"must be set with cluster.min_nodes={low}: the global batch stays "
+                        "fixed while the world size follows the nodes each start gets")]
+    if trainer.grad_accum_steps is not None:
+        return [problem("trainer.grad_accum_steps", trainer.grad_accum_steps, f"must be null with cluster.min_nodes={low}: "
+                        "the accumulation follows the world size of each start (the global batch stays fixed)")]
+    failing = [n for n in range(low, high + 1) if batch_math(trainer, n * procs)[2]]
+    if failing:
+        sizes = ", ".join(f"{n} node(s) = {data_parallel_ranks(trainer, n * procs)} data-parallel ranks" for n in failing)
+        return [problem("trainer.global_batch_size", trainer.global_batch_size,
+                        f"must divide by micro_batch_size ({trainer.micro_batch_size}) x the data-parallel ranks at every "
+                        f"node count of cluster.min_nodes..cluster.nodes ({low}..{high}); it does not at {sizes}")]
+    if cluster.grow_check_s <= 0:
+        return [problem("cluster.grow_check_s", cluster.grow_check_s, "must be > 0 seconds")]
+    return []
 
 
 def harness_problems(cfg) -> List[str]:

@@ -36,10 +36,13 @@ class EvalTask:
 
         # Submitted by a training rank, the job inherits its environment: with RANK, WORLD_SIZE and
         # MASTER_PORT set, lm-eval's model (through accelerate) joins the training's process group.
-        # WANDB_SERVICE points W&B at the rank's own service, which is gone.
+        # WANDB_SERVICE points W&B at the rank's own service, which is gone; the rank's GPUs are not
+        # this job's (Slurm sets CUDA_VISIBLE_DEVICES again for a job that has GPUs).
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", RENDEZVOUS_ENV,
                     "WANDB_SERVICE"):
             os.environ.pop(key, None)
+        if not (os.environ.get("SLURM_JOB_GPUS") or os.environ.get("SLURM_STEP_GPUS")):
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         os.environ["OMP_NUM_THREADS"] = os.environ.get("SLURM_CPUS_PER_TASK", "1")
         # submitit ignores SIGTERM; lm-eval's worker pools (bootstrapped standard errors) inherit that,
         # and the pool's SIGTERM at its end would leave them, and the job, waiting forever.
@@ -58,15 +61,23 @@ class EvalTask:
 
 
 def eval_parameters(cfg, step: int) -> Dict[str, Any]:
+    """One task on one node with eval.harness's resources; the site's settings (account, container,
+    sbatch extras, memory, constraints) as the training has them."""
     h, c = cfg.eval.harness, cfg.cluster
+    extra: Dict[str, Any] = {**dict(c.sbatch_extra), "requeue": True}
+    extra.pop("nodes", None)
+    if c.container_image:
+        extra["container_image"] = c.container_image
+    if c.container_mounts:
+        extra["container_mounts"] = c.container_mounts
     params: Dict[str, Any] = dict(
         job_name=f"{cfg.name}-eval-{step}", nodes=1, ntasks_per_node=1, cpus_per_task=h.cpus, time=h.time_min,
-        signal_delay_s=min(c.signal_delay_s, 60), setup=list(c.setup), additional_parameters={"requeue": True},
+        signal_delay_s=min(c.signal_delay_s, 60), setup=list(c.setup), additional_parameters=extra,
     )
     partition = h.partition or c.partition
     if partition:
         params["partition"] = partition
-    for key in ("account", "qos"):
+    for key in ("account", "qos", "mem", "constraint", "exclude"):
         if c[key] is not None:
             params[key] = c[key]
     if h.gpus:

@@ -23,7 +23,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Optional, Tuple
+
+# Nothing slow at the top: submitit unpickles the task (importing this module) before STOP.install.
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,10 @@ log = logging.getLogger(__name__)
 class SlurmTask:
     """The callable submitit pickles: one per run directory, the same for every task and requeue."""
 
-    def __init__(self, run_dir: str, max_requeues: int):
+    def __init__(self, run_dir: str, max_requeues: int, restarts: int = 0):
         self.run_dir = run_dir
         self.max_requeues = max_requeues
+        self.restarts = restarts  # an elastic run's job submitted again by its previous one: its restart count
 
     def __call__(self) -> int:
         from launcher.exit_codes import EXIT_STOPPED
@@ -42,9 +46,14 @@ class SlurmTask:
         STOP.install()  # before anything slow: submitit's USR2 handler would exit without a checkpoint
         import submitit
 
-        from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
+        from omegaconf import OmegaConf
+
+        from launcher import rundir
+        from launcher.backends.slurm_elastic import GrowCheck
         from launcher.backends.slurm_eval import submit_eval
         from launcher.rank import run_rank
+        from launcher.rank_env import RESTARTS_ENV
+        from launcher.rendezvous import RENDEZVOUS_ENV, slurm_attempt_id
 
         env = submitit.JobEnvironment()
         os.environ.update(
@@ -54,9 +63,15 @@ class SlurmTask:
             **{RENDEZVOUS_ENV: slurm_attempt_id()},
         )
         os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
-        requeue = Requeue(env.job_id, self.max_requeues, self.run_dir)
+        if self.restarts:  # continues the run (launcher.rank_env): resume, the same W&B run
+            os.environ[RESTARTS_ENV] = str(self.restarts)
+        cfg = OmegaConf.load(Path(self.run_dir) / rundir.CONFIG)
+        elastic = cfg.cluster.get("min_nodes") is not None
+        requeue = Requeue(env.job_id, self.max_requeues, self.run_dir, elastic)
         if env.global_rank == 0:  # rank 0 alone decides how the job ends
             STOP.requeue_job = requeue
+            if elastic and cfg.cluster.grow:
+                STOP.grow_check = GrowCheck(cfg.cluster.partition, env.num_nodes, cfg.cluster.nodes, cfg.cluster.grow_check_s)
         # Rank 0 submits each benchmark eval (eval.harness) as its own job once the step's model is exported.
         on_eval_model = functools.partial(submit_eval, Path(self.run_dir)) if env.global_rank == 0 else None
         code = run_rank(self.run_dir, on_eval_model)
@@ -65,17 +80,22 @@ class SlurmTask:
         if env.global_rank != 0:
             # Exiting 0 does not trip srun's --kill-on-bad-exit.
             return 0
-        if requeue():  # decided by the trainer already, or here for a stop it did not end (during start-up)
+        if requeue() and not elastic:  # decided by the trainer already, or here for a stop it did not end (during start-up)
             time.sleep(600)  # Slurm's SIGTERM ends the task as the job goes back to the queue
             return code
         raise SystemExit(EXIT_STOPPED)  # the job's exit code; submitit would record a returned value as success
 
 
 class Requeue:
-    """Rank 0's decision at a stop, made once: requeue the job (True) or let it end stopped."""
+    """Rank 0's decision at a stop, made once: requeue the job (True) or let it end stopped.
 
-    def __init__(self, job_id: str, max_requeues: int, run_dir: str):
-        self.job_id, self.max_requeues, self.run_dir = job_id, max_requeues, run_dir
+    An elastic run (cluster.min_nodes) is not requeued in place: a requeued job keeps the task count
+    of its first start, which pins it to that many nodes (measured on Slurm 22.05: `scontrol update`
+    cannot lower it while the job is alive, and once it is pending this task is gone). Its rank 0
+    submits the run again instead, as a new job over the whole range, and this job ends stopped."""
+
+    def __init__(self, job_id: str, max_requeues: int, run_dir: str, elastic: bool = False):
+        self.job_id, self.max_requeues, self.run_dir, self.elastic = job_id, max_requeues, run_dir, elastic
         self.done: Optional[bool] = None  # None: not decided yet
 
     def __call__(self) -> bool:
@@ -83,20 +103,30 @@ class Requeue:
         flag, it would leave the task lingering until KillWait's SIGKILL (30 s by default), the
         requeued job unable to start: held back until the requeue is issued, then fatal."""
         from launcher import rundir
+        from launcher.rank_env import RESTARTS_ENV
         from launcher.signals import STOP
         from launcher.trial.rungs import trial_end
 
         if self.done is not None:
             return self.done
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        restarts = int(os.environ.get(RESTARTS_ENV) or os.environ.get("SLURM_RESTART_COUNT", "0"))
+        counted = restarts - grown(Path(self.run_dir))  # a stop to grow is not one of cluster.max_requeues
         # USR2 (agreed by all ranks): the time limit is near. SIGTERM with a preemption under way:
         # Slurm would requeue only a job still running when the grace time ends, and this one has
         # already saved. Any other SIGTERM (scancel --signal=TERM) stops without a requeue. A trial
         # paused at a rung waits for its search: requeued, it would train past the rung unpromoted.
         paused = trial_end(Path(self.run_dir)).get("state") == "paused"
-        wanted = not paused and (STOP.agreed_requeue or being_preempted(self.job_id))
-        self.done = bool(wanted and restarts < self.max_requeues)
-        if self.done:
+        preempted = being_preempted(self.job_id)
+        wanted = not paused and (STOP.agreed_requeue or preempted)
+        self.done = bool(wanted and (STOP.grow or counted < self.max_requeues))
+        if self.done and self.elastic:
+            with STOP.blocked():
+                job, low = submit_again(Path(self.run_dir), self.job_id, self.max_requeues, restarts + 1, preempted)
+            log.warning("submitted the run again as job %s on %d or more nodes of the range (restart %d%s)", job, low,
+                        restarts + 1, ", to grow" if STOP.grow else f" of at most {self.max_requeues}")
+            rundir.append_event(Path(self.run_dir), rundir.REQUEUED, job=self.job_id, restart=restarts + 1,
+                                next_job=job, grow=STOP.grow)
+        elif self.done:
             with STOP.blocked() as after:
                 subprocess.run(["scontrol", "requeue", self.job_id], check=True)
                 after[signal.SIGTERM] = signal.SIG_DFL
@@ -116,3 +146,42 @@ def being_preempted(job_id: str) -> bool:
         return False
     found = re.search(r"\bPreemptTime=(\S+)", out)
     return bool(found) and found.group(1) not in ("None", "Unknown")
+
+
+def grown(run_dir: Path) -> int:
+    """The run's requeues that were stops to grow (launcher.backends.slurm_elastic)."""
+    from launcher import rundir
+
+    return sum(1 for e in rundir.read_events(run_dir) or [] if e.get("event") == rundir.REQUEUED and e.get("grow"))
+
+
+def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, preempted: bool) -> Tuple[str, int]:
+    """An elastic run's next start: the same job submitted anew (from the run's config and the code
+    snapshot it runs), recorded in its submission.json; returns its id and its fewest nodes.
+
+    It asks for the nodes it can count on, and up to the range's most: its own (unless preempted:
+    they go to the preemptor) plus those idle now (launcher.backends.slurm_elastic.spare_nodes). A
+    lower bound of the range's own minimum would let Slurm start it on the first node that frees up."""
+    from omegaconf import OmegaConf
+
+    from launcher import rundir, snapshot
+    from launcher.backends.slurm_elastic import spare_nodes
+    from launcher.backends.slurm_queue import without_job_env
+    from launcher.backends.slurm_submit import executor_parameters, make_executor, record_jobs
+
+    cfg = OmegaConf.load(run_dir / rundir.CONFIG)
+    layout = SimpleNamespace(procs_per_node=rundir.plan(run_dir)["procs_per_node"])
+    own = 0 if preempted else int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    low = max(cfg.cluster.min_nodes, min(cfg.cluster.nodes, own + max(0, spare_nodes(cfg.cluster.partition) or 0)))
+    params = executor_parameters(cfg, layout, cfg.name)
+    params.pop("array_parallelism")
+    params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
+    # Not before this job has let its nodes go: started at once, it would take only the others.
+    params["additional_parameters"]["dependency"] = f"afterany:{job_id}"
+    params["setup"] = [*snapshot.setup_lines(snapshot.PACKAGE.parent), *params["setup"]]
+    folder = run_dir / "submitit"
+    with without_job_env():
+        job = make_executor(folder, params).submit(SlurmTask(str(run_dir), max_requeues, restarts))
+    record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), "restart": restarts, "min_nodes": low,
+                           "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
+    return job.job_id, low

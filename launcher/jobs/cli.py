@@ -22,7 +22,7 @@ from launcher.harness_results import PREFIX as HARNESS_PREFIX, eval_states, harn
 from launcher.jobs.errors import JobsError, SlurmError
 from launcher.jobs.runs import discover, is_sweep, rel, resolve_run, run_dirs, started_key, sweep_points
 from launcher.backends.slurm_queue import SLURM_TERMINAL, cancel, query_jobs
-from launcher.run_state import LOCAL, Progress, RunJob, describe, is_terminal, rank_pids
+from launcher.run_state import LOCAL, Progress, RunJob, describe, is_terminal, nodes_per_job, rank_pids
 from launcher.metrics import read_metrics
 from launcher import rundir
 from launcher.rundir import CANCELLED, EXPORT, OVERRIDES, read_text, versions_changed
@@ -131,12 +131,14 @@ def cmd_status(args, out: Console) -> int:
         out.print(f"packages   changed since the first submission: {', '.join(f'{k} {v}' for k, v in changed.items())}",
                   highlight=False, markup=False, soft_wrap=True)
     labels = point_labels(dirs) if is_sweep(target) else {}
-    columns = (["point"] if labels else []) + ["job", "state", "from", "requeues", "step", "loss", "checkpoint"]
+    columns = (["point"] if labels else []) + ["job", "state", "from", "requeues", "step", "loss", "checkpoint", "nodes"]
     table = new_table("", columns)
+    nodes = {d: nodes_per_job(d) for d in dirs}  # an elastic run's starts differ: the nodes each job's start got
     for task in tasks:
         p = task.progress
         first = [f"{task.run_dir.name}  {labels[task.run_dir]}"] if labels else []
-        add_row(table, *first, task.job_id, task.state, task.source, fmt(task.requeues), step_cell(p), fmt(p.loss), fmt(p.checkpoint))
+        add_row(table, *first, task.job_id, task.state, task.source, fmt(task.requeues), step_cell(p), fmt(p.loss),
+                fmt(p.checkpoint), fmt(nodes[task.run_dir].get(task.job_id)))
     out.print(table)
     for task in tasks if len(dirs) == 1 else []:
         if task.progress.health():

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from launcher.harness_results import harness_scores
-from launcher.run_state import total_steps
+from launcher.harness_results import final_step, harness_scores
 from launcher.rundir import read_json
 from launcher.trial.rungs import EVALUATING, TrialRungs, trial_end
 from launcher.trial.study import SearchSpec, open_study, trial_dir
@@ -36,7 +35,7 @@ def finite(value) -> Optional[float]:
 
 def final_harness(run_dir: Path) -> Tuple[Optional[int], Dict[str, float]]:
     """The run's final eval (at its last step) and its scores; {} until that eval is done."""
-    last = total_steps(run_dir)
+    last = final_step(run_dir)
     scores = harness_scores(run_dir)
     if last is None and scores:
         last = max(scores)

@@ -9,7 +9,7 @@ write speed) is handed to it as `Found` (launcher.facts reads it); nothing here 
 """
 
 from launcher.plan.core import (Found, Plan, accelerator, batch_math, data_parallel_ranks, deep_merge, deepspeed_config,
-                                default_procs_per_node, make_plan)
+                                default_procs_per_node, fit_to_world, make_plan)
 
 __all__ = ["Found", "Plan", "accelerator", "batch_math", "data_parallel_ranks", "deep_merge", "deepspeed_config",
-           "default_procs_per_node", "make_plan"]
+           "default_procs_per_node", "fit_to_world", "make_plan"]

@@ -57,6 +57,9 @@ class Plan:
     scaling: List[Dict[str, Any]] = field(default_factory=list)  # plan.scaling=true: per node count
     active_params: Optional[int] = None  # per token (a mixture of experts: its top-k experts); None: unknown
     experts: Optional[Dict[str, Any]] = None  # a mixture of experts' layout (experts_summary); None when dense
+    # cluster.min_nodes: the plan is for the fewest nodes (the most memory per GPU); this holds the range
+    # and the most nodes' world size, accumulation and step time. None: a fixed node count.
+    elastic: Optional[Dict[str, Any]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -124,7 +127,8 @@ def make_plan(cfg, facts, train_examples: Optional[int], found: Optional[Found] 
     caller found outside the config (nothing, when None)."""
     found = found or Found()
     procs = default_procs_per_node(cfg.cluster, found.local_gpus)
-    world = cfg.cluster.nodes * procs
+    nodes = cfg.cluster.min_nodes or cfg.cluster.nodes  # elastic: planned at the fewest, the worst case
+    world = nodes * procs
     accum, gb, _ = batch_math(cfg.trainer, world)
     steps_per_epoch = math.ceil(train_examples / gb) if train_examples else None
     if cfg.trainer.max_steps is not None:
@@ -135,7 +139,7 @@ def make_plan(cfg, facts, train_examples: Optional[int], found: Optional[Found] 
         world_size=world,
         data_parallel=data_parallel_ranks(cfg.trainer, world),
         sequence_parallel=cfg.trainer.sequence_parallel,
-        nodes=cfg.cluster.nodes,
+        nodes=nodes,
         procs_per_node=procs,
         micro_batch_size=cfg.trainer.micro_batch_size,
         grad_accum_steps=accum,
@@ -262,6 +266,8 @@ def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[f
     mem, traffic, _ = predict_at(cfg, plan, facts, plan.nodes, mem_gib, tflops, found.local_gpus)
     if mem is not None:
         plan.memory, plan.comm = mem.to_dict(), traffic.to_dict()
+    if cfg.cluster.min_nodes is not None:
+        plan.elastic = elastic_range(cfg, plan, facts, traffic, mem_gib, tflops, found.local_gpus)
     speed, source = cfg.checkpoint.write_gb_s, "checkpoint.write_gb_s"
     if speed is None and cfg.run_dir:
         speed, source = found.write_gb_s, "measured by this run's saves"
@@ -280,6 +286,28 @@ def predict(cfg, plan: Plan, facts, mem_gib: Optional[float], tflops: Optional[f
                            comm_s=t.comm_s + t.sp_comm_s, compute_s=t.compute_s, step_s=t.step_s, tokens_per_s=t.tokens_per_s,
                            mfu_ceiling=t.mfu_ceiling)
             plan.scaling.append(row)
+
+
+def elastic_range(cfg, plan: Plan, facts, at_min, mem_gib, tflops, local_gpus: int) -> Dict[str, Any]:
+    """The node range of an elastic run: the plan itself is at its fewest nodes; here the most."""
+    high = cfg.cluster.nodes
+    m, t, at = predict_at(cfg, plan, facts, high, mem_gib, tflops, local_gpus)
+    return {"min_nodes": plan.nodes, "max_nodes": high, "world_sizes": [plan.world_size, high * plan.procs_per_node],
+            "grad_accum_steps": [plan.grad_accum_steps, at.grad_accum_steps if at else None],
+            "step_s": [at_min.step_s if at_min else None, t.step_s if t else None],
+            "tokens_per_s": [at_min.tokens_per_s if at_min else None, t.tokens_per_s if t else None],
+            "peak_gib_at_max": m.peak_gib if m else None}
+
+
+def fit_to_world(ds_config: Dict[str, Any], world_size: int, sequence_parallel: int = 1) -> Dict[str, Any]:
+    """An elastic run's DeepSpeed JSON for the ranks a start got: the same global batch, the
+    accumulation steps that make it (validate checked it divides at every size of the range)."""
+    dp = world_size // max(1, sequence_parallel)
+    per_step = ds_config["train_micro_batch_size_per_gpu"] * dp
+    if ds_config["train_batch_size"] % per_step:
+        raise ValueError(f"global batch {ds_config['train_batch_size']} does not divide by micro batch x "
+                         f"{dp} data-parallel ranks ({per_step}): this start's world size {world_size} is outside the checked range")
+    return {**ds_config, "gradient_accumulation_steps": ds_config["train_batch_size"] // per_step}
 
 
 def deepspeed_config(cfg, plan: Plan) -> Dict[str, Any]:

@@ -38,7 +38,7 @@ from launcher.rendezvous import START_FAILED_FILE, start_failure
 from launcher.exit_codes import EXIT_STOPPED
 from launcher import rundir
 from launcher.rundir import LOGS, METRICS
-from launcher.harness_results import FAILED, PREFIX as HARNESS_PREFIX, EvalState, eval_states, evals_dir, step_dir
+from launcher.harness_results import FAILED, PREFIX as HARNESS_PREFIX, EvalState, eval_states, evals_dir, final_step, step_dir
 from launcher.signals import STOP
 from launcher.trial.rungs import EVALUATING, TrialRungs, trial_end, write_end
 from launcher.trial.space import as_overrides, with_params
@@ -71,12 +71,9 @@ def final_value(run_dir: Path, metric: str) -> Optional[float]:
 
 
 def final_eval(run_dir: Path) -> Tuple[Optional[int], Optional[EvalState]]:
-    """A trial's final eval: (its last step, the eval at that step or None). The last step is the
-    run's planned total; a run without one counts its latest eval as its final one."""
-    from launcher.run_state import total_steps
-
+    """A trial's final eval: (its last step, the eval at that step or None)."""
     states = eval_states(run_dir)
-    last = total_steps(run_dir)
+    last = final_step(run_dir)
     if last is None:
         return (states[-1].step, states[-1]) if states else (None, None)
     return last, next((s for s in states if s.step == last), None)
@@ -277,7 +274,7 @@ class Controller:
         for t in sorted(candidates, key=lambda t: (-paused[t.number], self._rank_key(t.intermediate_values[paused[t.number]]))):
             if len(resumed) >= free:
                 break
-            if promotable(self.study, t, paused[t.number], self.spec.reduction):
+            if promotable(self.study, t, paused[t.number], self.spec.reduction, self.spec.rung_maximize):
                 log.info("trial %d promoted at step %d: it resumes from its checkpoint", t.number, paused[t.number])
                 self._resume(t.number)
                 resumed.append(t)

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from launcher.errors import ConfigError, problem
 from launcher.harness_results import PREFIX as HARNESS_PREFIX
+from launcher.harness_tasks import task_names
 from launcher.schema import plain
 from launcher.trial.space import Dimension, as_overrides, corner_points, split_overrides, with_params
 from launcher.trial.study import BASE_FILE, SearchSpec, default_rungs, open_study
@@ -54,15 +55,6 @@ def harness_task(metric: str) -> Optional[str]:
     return str(metric)[len(HARNESS_PREFIX):].partition("/")[0]
 
 
-def harness_task_names(tasks) -> List[str]:
-    """eval.harness.tasks as lm-eval names them: a task YAML given by path is named by its file's stem."""
-    names = []
-    for task in tasks or []:
-        task = str(task)
-        names.append(Path(task).stem if task.endswith((".yaml", ".yml")) else task)
-    return names
-
-
 def metric_problems(cfg) -> List[str]:
     """sweep.metric, sweep.rung_metric: what the study ranks and what the rungs compare.
 
@@ -76,7 +68,7 @@ def metric_problems(cfg) -> List[str]:
         problems += training_metric_problems(cfg, "sweep.metric", s.metric)
     else:
         parts = str(s.metric)[len(HARNESS_PREFIX):].split("/")
-        tasks = harness_task_names(cfg.eval.harness.tasks)
+        tasks = task_names(list(cfg.eval.harness.tasks or []))  # a YAML's tasks by its `task:`, as lm-eval reports them
         if len(parts) < 2 or not all(parts):
             problems.append(problem("sweep.metric", s.metric, "a benchmark metric is harness/<task>/<metric>[/<filter>], "
                                     "e.g. harness/tiny_tasks/exact_match"))

@@ -29,10 +29,20 @@ LAST = 10  # every trial trains 10 steps; its final eval is evals/step-000010
 
 
 # ------------------------------------------------------------------ the search's own checks
+BENCH_YAML = {}  # the path of a task YAML named otherwise than its task (lm-eval reports the `task:` name)
+
+
+@pytest.fixture(autouse=True)
+def bench_yaml(tmp_path):
+    path = tmp_path / "my_bench_file.yaml"
+    path.write_text("task: my_bench\ndataset_path: json\noutput_type: loglikelihood\n")
+    BENCH_YAML["path"] = str(path)
+
+
 def config(**sweep):
     cfg = OmegaConf.structured(Config)
     cfg.data.eval_fraction = 0.05
-    cfg.eval.harness.tasks = ["tiny_tasks", "tasks/my_bench.yaml"]
+    cfg.eval.harness.tasks = ["tiny_tasks", BENCH_YAML["path"]]
     for key, value in sweep.items():
         OmegaConf.update(cfg, f"sweep.{key}", value)
     return cfg
@@ -61,7 +71,8 @@ def test_bad_metric_settings_name_the_key_the_value_and_what_is_valid(sweep, mes
 
 def test_valid_metric_settings_pass():
     assert metric_problems(config(metric=METRIC, rung_metric="eval/loss")) == []
-    assert metric_problems(config(metric="harness/my_bench/acc/strict", rung_metric="train/loss")) == []  # a YAML's stem
+    assert metric_problems(config(metric="harness/my_bench/acc/strict", rung_metric="train/loss")) == []  # the YAML's task:
+    assert "task 'my_bench_file' is not in" in metric_problems(config(metric="harness/my_bench_file/acc", rung_metric="train/loss"))[0]
     assert metric_problems(config(metric="eval/loss")) == []
     no_eval_set = config(metric=METRIC, rung_metric="eval/loss")
     no_eval_set.data.eval_fraction = 0.0
@@ -281,3 +292,19 @@ def test_a_rung_without_the_rung_metric_names_sweep_rung_metric(tmp_path, monkey
     TrialRungs(run_dir, str(sweep_dir), trial.number, trial._trial_id, [5, LAST], "eval/loss", setting="sweep.rung_metric").write()
     with pytest.raises(SweepMetricError, match=r"^sweep.rung_metric='eval/loss': the trial logged no 'loss'"):
         TrialRungs.load(run_dir).judge(5, {"train": {"step": 5, "loss": 1.0}})
+
+
+def test_a_waiting_trial_is_promoted_in_the_rungs_direction_not_the_studys():
+    """Ranked by a benchmark score (maximize) while the rungs compare the eval loss (minimize): the
+    lowest loss at a rung is the one promoted."""
+    study = optuna.create_study(direction="maximize")
+    trials = []
+    for loss in (1.0, 2.0, 3.0):
+        trial = study.ask()
+        trial.report(loss, 4)
+        trials.append(study.trials[-1])
+    resumed = []
+    stub = SimpleNamespace(study=study, spec=SimpleNamespace(reduction=3, rung_maximize=False),
+                           _resume=resumed.append, _rank_key=lambda v: v)
+    Controller._promote(stub, trials, {t.number: 4 for t in trials}, free=3)
+    assert resumed == [trials[0].number]  # loss 1.0; under the study's maximize it would have been loss 3.0

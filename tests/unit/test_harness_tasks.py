@@ -96,3 +96,14 @@ def test_a_done_eval_is_not_submitted_again(tmp_path):
     files.write_json(files.step_dir(tmp_path, 5) / files.SUMMARY, {"step": 5, "scores": {"harness/t/acc": 1.0}})
     assert submit_eval(tmp_path, 5) is None  # returns before it would read the config or call sbatch
     assert json.loads((files.step_dir(tmp_path, 5) / files.SUMMARY).read_text())["scores"] == {"harness/t/acc": 1.0}
+
+
+def test_the_final_step_is_where_the_run_completed_not_the_plans_estimate(tmp_path):
+    from launcher import rundir
+
+    (tmp_path / "plan.json").write_text(json.dumps({"total_steps": 9}))  # an epoch-based estimate from raw rows
+    assert files.final_step(tmp_path) == 9
+    rundir.append_event(tmp_path, rundir.STARTED, rank=0, total_steps=7)  # the trainer's count once tokenised
+    assert files.final_step(tmp_path) == 7
+    rundir.append_event(tmp_path, rundir.COMPLETED, step=7)
+    assert files.final_step(tmp_path) == 7

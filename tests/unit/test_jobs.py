@@ -144,8 +144,8 @@ def test_status_of_a_local_run(root, capsys):
     assert jobs.main(["status", "tiny", "--runs-root", str(root)]) == 0  # the option also after the command
     out = capsys.readouterr().out
     assert "sft recipe=tiny_sft" in out
-    # job, state, from, requeues, step, loss, checkpoint (the unmarked step-30 save does not count)
-    assert cells(out, "│ local") == ["local", "STOPPED", "logs", "-", "30 / 100", "3.25", "20"]
+    # job, state, from, requeues, step, loss, checkpoint (the unmarked step-30 save does not count), nodes
+    assert cells(out, "│ local") == ["local", "STOPPED", "logs", "-", "30 / 100", "3.25", "20", "-"]
 
 
 def test_status_names_the_slowest_rank_of_the_last_log_step(root, capsys):

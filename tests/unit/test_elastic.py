@@ -1,0 +1,82 @@
+"""Elastic runs (cluster.min_nodes..cluster.nodes): the checks before submission, the plan at both
+ends of the range, the sbatch line, each start's accumulation, and how a shrunk run's state reads."""
+
+import pytest
+
+from launcher.backends.slurm import executor_parameters
+from launcher.errors import ConfigError
+from launcher.facts import find
+from launcher.plan import fit_to_world, make_plan
+from launcher.run_state import outcome
+from launcher.service import memory_refusal
+from launcher.validate import check_config
+from tests.conftest import compose_config
+
+SLURM = ["cluster=slurm", "cluster.gpus_per_node=0", "cluster.procs_per_node=2", "cluster.partition=null"]
+
+
+def problems(overrides):
+    with pytest.raises(ConfigError) as info:
+        check_config(compose_config(["recipe=tiny_sft", *overrides]), dry_run=True)
+    return info.value.problems
+
+
+def test_a_global_batch_that_does_not_divide_somewhere_in_the_range_is_refused_naming_the_sizes():
+    [found] = problems([*SLURM, "cluster.nodes=4", "cluster.min_nodes=1", "trainer.micro_batch_size=4",
+                        "trainer.global_batch_size=48"])
+    assert found.startswith("trainer.global_batch_size=48: must divide by micro_batch_size (4) x the data-parallel ranks")
+    assert found.endswith("(1..4); it does not at 4 node(s) = 8 data-parallel ranks")  # 48 = 4 x 2, 4 x 4 and 4 x 6 (x accum)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.min_nodes=1", "cluster.nodes=2"], "cluster.min_nodes=1: needs cluster=slurm"),
+    ([*SLURM, "cluster.min_nodes=3", "cluster.nodes=2"], "cluster.min_nodes=3: must be in 1..cluster.nodes (2)"),
+    ([*SLURM, "cluster.min_nodes=1", "cluster.nodes=2", "trainer.global_batch_size=null", "trainer.grad_accum_steps=2"],
+     "trainer.global_batch_size=None: must be set with cluster.min_nodes=1"),
+    ([*SLURM, "cluster.min_nodes=1", "cluster.nodes=2", "trainer.grad_accum_steps=2"],
+     "trainer.grad_accum_steps=2: must be null with cluster.min_nodes=1"),
+    ([*SLURM, "cluster.grow=true"], "cluster.grow=True: needs a node range"),
+])
+def test_a_bad_range_is_refused_naming_the_key(overrides, message):
+    assert any(p.startswith(message) for p in problems(overrides)), problems(overrides)
+
+
+def test_the_plan_is_at_the_fewest_nodes_and_shows_the_speed_at_both_ends():
+    cfg = compose_config(["recipe=tiny_sft", *SLURM, "cluster.nodes=4", "cluster.min_nodes=2", "cluster.gpu=h100",
+                          "trainer.micro_batch_size=4", "trainer.global_batch_size=96"])
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
+    assert (plan.nodes, plan.world_size, plan.grad_accum_steps) == (2, 4, 6)  # memory planned where it is most per GPU
+    elastic = plan.elastic
+    assert (elastic["min_nodes"], elastic["max_nodes"], elastic["world_sizes"], elastic["grad_accum_steps"]) == (2, 4, [4, 8], [6, 3])
+    assert elastic["step_s"][0] == plan.comm["step_s"] and elastic["step_s"][1] is not None
+    assert elastic["tokens_per_s"][1] > elastic["tokens_per_s"][0]
+    params = executor_parameters(cfg, plan, "tiny")
+    assert params["additional_parameters"]["nodes"] == "2-4"  # sbatch --nodes=2-4 (submitit writes it over --nodes)
+
+
+def test_a_range_whose_fewest_nodes_do_not_fit_is_refused_with_the_plans_numbers():
+    cfg = compose_config(["recipe=qwen3_30b_a3b_sft", "cluster.min_nodes=1", "cluster.partition=null"])
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
+    refusal = memory_refusal(cfg, plan)
+    assert plan.nodes == 1 and plan.memory["fits"] is False
+    assert refusal is not None and "the run does not fit" in refusal and f"{plan.memory['peak_gib']:.2f} GiB" in refusal
+    fine = compose_config(["recipe=qwen3_30b_a3b_sft", "cluster.partition=null"])  # 2 nodes: fits
+    assert memory_refusal(fine, make_plan(fine, check_config(fine, dry_run=True).model, None, find(fine))) is None
+
+
+def test_each_start_accumulates_to_the_same_global_batch():
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4, "train_batch_size": 32}
+    assert fit_to_world(ds, 2)["gradient_accumulation_steps"] == 4
+    assert fit_to_world(ds, 4)["gradient_accumulation_steps"] == 2
+    assert fit_to_world(ds, 8, sequence_parallel=2)["gradient_accumulation_steps"] == 2
+    with pytest.raises(ValueError, match="world size 3 is outside the checked range"):
+        fit_to_world(ds, 3)
+
+
+def test_after_a_shrink_the_ranks_the_run_no_longer_has_do_not_make_it_stopped(tmp_path):
+    events = [{"event": "started", "rank": 0, "attempt": "a"}, {"event": "started", "rank": 1, "attempt": "a"},
+              {"event": "stopped", "rank": 0, "attempt": "a"}, {"event": "stopped", "rank": 1, "attempt": "a"},
+              {"event": "started", "rank": 0, "attempt": "b"}]
+    assert outcome(tmp_path, events) == (None, "events")  # rank 0 of the one-rank start trains
+    assert outcome(tmp_path, [*events, {"event": "failed", "rank": 0, "attempt": "b"}]) == ("FAILED", "events")
+    assert outcome(tmp_path, events[:4]) == ("STOPPED", "events")
