@@ -532,7 +532,7 @@ class SFTTrainer:
         end_reason, wandb_exit, exit_code = ENDINGS[reason]
         if reason == rundir.STOPPED:  # the summary before the save
             self.stop.agreed_requeue = requeue
-            if requeue and self.env.restarts >= self.cfg.cluster.max_requeues and self.env.under_slurm:
+            if requeue and not self.stop.grow and self.env.restarts >= self.cfg.cluster.max_requeues and self.env.under_slurm:
                 self.tracker.alert("requeues exhausted", f"{self.run_dir}: stopped at step {self.global_step} after "
                                    f"{self.env.restarts} requeues (cluster.max_requeues); resume it by hand")
             signame = signal.Signals(self.stop.signum).name if self.stop.signum else None

@@ -250,6 +250,8 @@ def elastic_problems(cfg, procs: int) -> List[str]:
         return [problem("trainer.global_batch_size", trainer.global_batch_size,
                         f"must divide by micro_batch_size ({trainer.micro_batch_size}) x the data-parallel ranks at every "
                         f"node count of cluster.min_nodes..cluster.nodes ({low}..{high}); it does not at {sizes}")]
+    if cluster.grow and not cfg.checkpoint.every_steps:
+        return [problem("cluster.grow", True, "needs checkpoint.every_steps > 0: the run looks for idle nodes after its checkpoints")]
     if cluster.grow_check_s <= 0:
         return [problem("cluster.grow_check_s", cluster.grow_check_s, "must be > 0 seconds")]
     return []

@@ -1,13 +1,11 @@
-"""Elastic runs on Slurm (cluster.min_nodes): `sbatch --nodes=MIN-MAX` starts a run on what is free,
-and each requeue takes what is free then.
+"""Elastic runs on Slurm (cluster.min_nodes): `sbatch --nodes=MIN-MAX` starts a run on what is free.
 
-- Growing: with cluster.grow, rank 0 asks at checkpoints (at most every cluster.grow_check_s) whether
-  more of the range's nodes are idle than queued jobs of the partition want; if so the run stops at
-  its next step boundary, saved, and requeues itself to start again on more nodes.
-- Requeued jobs keep the task count of their first start, which would pin every later start to
-  that many nodes: before it is requeued, the job's task count is set back to the range's minimum
-  (Slurm then gives it as many nodes of the range as are free, one task per node times
-  ntasks-per-node).
+A job requeued in place keeps its first start's task count (measured on Slurm 22.05), which pins
+every later start to that many nodes, so an elastic run's next start is a new job its rank 0
+submits (launcher.backends.slurm_rank.submit_again), asking for at least the nodes it can count on
+(spare_nodes here). With cluster.grow, rank 0 asks at checkpoints (at most every
+cluster.grow_check_s) whether idle nodes of the partition outnumber what its pending jobs want; if
+so the run stops at its next step boundary, saved, and starts again on more nodes.
 """
 
 import logging
@@ -28,11 +26,26 @@ def _count(cmd) -> Optional[int]:
     return sum(int(line) for line in out.stdout.split() if line.strip().isdigit())
 
 
+def idle_nodes(partition: Optional[str]) -> Optional[int]:
+    """The partition's idle nodes, each once (None: the default partition, marked * by sinfo)."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N %P"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    names = set()
+    for line in out.stdout.splitlines():
+        node, _, part = line.strip().partition(" ")
+        if (part.rstrip("*") == partition) if partition else part.endswith("*"):
+            names.add(node)
+    return len(names)
+
+
 def spare_nodes(partition: Optional[str]) -> Optional[int]:
     """Idle nodes of the partition less the nodes its pending jobs ask for (None: Slurm did not answer)."""
-    where = ["-p", partition] if partition else []
-    idle = _count(["sinfo", "-h", "-t", "idle", "-o", "%D", *where])
-    wanted = _count(["squeue", "-h", "-t", "PENDING", "-o", "%D", *where])
+    idle = idle_nodes(partition)
+    wanted = _count(["squeue", "-h", "-t", "PENDING", "-o", "%D", *(["-p", partition] if partition else [])])
     if idle is None or wanted is None:
         return None
     return idle - wanted
@@ -43,13 +56,13 @@ class GrowCheck:
 
     def __init__(self, partition: Optional[str], nodes_now: int, max_nodes: int, every_s: float):
         self.partition, self.nodes_now, self.max_nodes, self.every_s = partition, nodes_now, max_nodes, every_s
-        self.asked_at: Optional[float] = None
+        self.asked_at = time.monotonic()  # the first question an interval after the start: no grow loop
 
     def __call__(self) -> bool:
         if self.nodes_now >= self.max_nodes:
             return False
         now = time.monotonic()
-        if self.asked_at is not None and now - self.asked_at < self.every_s:
+        if now - self.asked_at < self.every_s:
             return False
         self.asked_at = now
         spare = spare_nodes(self.partition)

@@ -122,11 +122,12 @@ def cancel(job_ids: List[str]) -> None:
 
 
 @contextlib.contextmanager
-def without_job_env():
+def without_job_env(also=()):
     """For an sbatch from inside a job: the new job must not inherit this job's allocation
-    (srun reads SLURM_MEM_PER_NODE, SLURM_CPUS_PER_TASK, ... as input); SLURM_CONF stays."""
+    (srun reads SLURM_MEM_PER_NODE, SLURM_CPUS_PER_TASK, ... as input); SLURM_CONF stays.
+    `also`: more variables of this process the new job must not see."""
     saved = {k: os.environ.pop(k) for k in list(os.environ)
-             if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_")}
+             if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SBATCH_") or k in also}
     try:
         yield
     finally:

@@ -120,12 +120,7 @@ class Requeue:
         wanted = not paused and (STOP.agreed_requeue or preempted)
         self.done = bool(wanted and (STOP.grow or counted < self.max_requeues))
         if self.done and self.elastic:
-            with STOP.blocked():
-                job, low = submit_again(Path(self.run_dir), self.job_id, self.max_requeues, restarts + 1, preempted)
-            log.warning("submitted the run again as job %s on %d or more nodes of the range (restart %d%s)", job, low,
-                        restarts + 1, ", to grow" if STOP.grow else f" of at most {self.max_requeues}")
-            rundir.append_event(Path(self.run_dir), rundir.REQUEUED, job=self.job_id, restart=restarts + 1,
-                                next_job=job, grow=STOP.grow)
+            self.done = self._submit_again(restarts, preempted)
         elif self.done:
             with STOP.blocked() as after:
                 subprocess.run(["scontrol", "requeue", self.job_id], check=True)
@@ -138,14 +133,48 @@ class Requeue:
         return self.done
 
 
-def being_preempted(job_id: str) -> bool:
-    """Whether Slurm has chosen this job for preemption (its PreemptTime is set during the grace time)."""
+    def _submit_again(self, restarts: int, preempted: bool) -> bool:
+        """The elastic run's next job. Not when this one was cancelled meanwhile (`sft-jobs cancel`
+        reads the jobs before this one records its successor): the run ends stopped then, and a
+        successor submitted while the cancel came is cancelled too. A failed sbatch ends it stopped."""
+        from launcher import rundir
+        from launcher.backends.slurm_queue import cancel
+        from launcher.signals import STOP
+
+        if job_field(self.job_id, "JobState") == "CANCELLED":
+            log.warning("job %s was cancelled: the run is not submitted again", self.job_id)
+            return False
+        try:
+            with STOP.blocked():
+                job, low = submit_again(Path(self.run_dir), self.job_id, self.max_requeues, restarts + 1, preempted)
+        except Exception as error:  # noqa: BLE001 - sbatch refused or timed out: stopped, resumable by hand
+            log.error("submitting the run again failed (%s: %s): it stopped at its checkpoint; resume with "
+                      "sft run_dir=%s", type(error).__name__, error, self.run_dir)
+            return False
+        if job_field(self.job_id, "JobState") == "CANCELLED":
+            cancel([job])
+            log.warning("job %s was cancelled while its successor %s was submitted: cancelled that too", self.job_id, job)
+            return False
+        log.warning("submitted the run again as job %s on %d or more nodes of the range (restart %d%s)", job, low,
+                    restarts + 1, ", to grow" if STOP.grow else f" of at most {self.max_requeues}")
+        rundir.append_event(Path(self.run_dir), rundir.REQUEUED, job=self.job_id, restart=restarts + 1,
+                            next_job=job, grow=STOP.grow)
+        return True
+
+
+def job_field(job_id: str, field: str) -> Optional[str]:
+    """One field of `scontrol show job` (None when Slurm does not answer)."""
     try:
         out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return False
-    found = re.search(r"\bPreemptTime=(\S+)", out)
-    return bool(found) and found.group(1) not in ("None", "Unknown")
+        return None
+    found = re.search(rf"\b{field}=(\S+)", out)
+    return found.group(1) if found else None
+
+
+def being_preempted(job_id: str) -> bool:
+    """Whether Slurm has chosen this job for preemption (its PreemptTime is set during the grace time)."""
+    return job_field(job_id, "PreemptTime") not in (None, "None", "Unknown")
 
 
 def grown(run_dir: Path) -> int:
@@ -180,7 +209,9 @@ def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, p
     params["additional_parameters"]["dependency"] = f"afterany:{job_id}"
     params["setup"] = [*snapshot.setup_lines(snapshot.PACKAGE.parent), *params["setup"]]
     folder = run_dir / "submitit"
-    with without_job_env():
+    # This rank's own W&B service and process group are not the next job's.
+    with without_job_env(("WANDB_SERVICE", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                          "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES")):
         job = make_executor(folder, params).submit(SlurmTask(str(run_dir), max_requeues, restarts))
     record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), "restart": restarts, "min_nodes": low,
                            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])

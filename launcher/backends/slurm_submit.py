@@ -17,14 +17,18 @@ def executor_parameters(cfg, plan, job_name: str) -> Dict[str, Any]:
         extra["container_image"] = c.container_image
     if c.container_mounts:
         extra["container_mounts"] = c.container_mounts
-    if c.min_nodes is not None:  # elastic: Slurm starts it on MIN..MAX nodes, each (re)start on what is free
+    # Requeued in place, a job keeps its first start's node count: an elastic run's next start is a new
+    # job its rank 0 submits (launcher.backends.slurm_rank), never a requeue, which would be a second.
+    requeue = {"requeue": True}
+    if c.min_nodes is not None:  # elastic: Slurm starts it on MIN..MAX nodes
         extra["nodes"] = f"{c.min_nodes}-{c.nodes}"
+        requeue = {"no_requeue": True}
     params: Dict[str, Any] = dict(
         job_name=job_name, nodes=c.nodes, ntasks_per_node=plan.procs_per_node, cpus_per_task=c.cpus_per_task,
         time=c.time_min, signal_delay_s=c.signal_delay_s, setup=list(c.setup),
         # One rank failing ends the step: its peers would otherwise wait in a collective until timeout.
         srun_args=["--kill-on-bad-exit=1", *c.srun_args],
-        array_parallelism=c.array_parallelism, additional_parameters={**extra, "requeue": True},
+        array_parallelism=c.array_parallelism, additional_parameters={**extra, **requeue},
     )
     for key in ("partition", "account", "qos", "mem", "constraint", "exclude"):
         if c[key] is not None:

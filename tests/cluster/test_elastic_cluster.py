@@ -93,3 +93,22 @@ def test_its_losses_equal_a_two_rank_run_and_no_step_is_trained_twice(elastic_ru
     want, got = {int(k): v for k, v in json.loads(REFERENCE.read_text()).items()}, losses(run_dir)
     assert sorted(got) == sorted(want) == list(range(1, 13))
     assert max(abs(got[s] - want[s]) for s in got) < 1e-4, {s: got[s] - want[s] for s in got}
+
+
+def test_a_cancel_while_the_run_hands_over_to_its_next_job_ends_it(slurm_cluster, tmp_path):
+    """USR2 (restart over the range) and at once `sft-jobs cancel`: the job sees itself cancelled when it
+    would submit its successor, and submits none (or cancels the one it submitted): nothing trains on."""
+    run_dir, job = submit(tmp_path, [*TINY, *ELASTIC, "cluster.grow=false", "trainer.max_steps=200"], "cancelled")
+    wait_until(lambda: len(rows(run_dir)) >= 2, "the run trained no 2 steps")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    result = subprocess.run([SFT_JOBS, "cancel", str(run_dir)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for_state(job, timeout=120)
+    time.sleep(5)  # a successor submitted at the last moment would be queued by now
+    # Whichever came first (the successor recorded before the cancel read the jobs, or the job found
+    # itself cancelled), every job of the run is cancelled and none trains on.
+    states = {j: sacct(j)[0][0].split()[0] if sacct(j) else "?" for j in jobs(run_dir)}
+    assert all(state == "CANCELLED" for state in states.values()), states
+    log = (run_dir / "logs" / "rank-0.log").read_text()
+    assert len(states) == 2 or f"job {job} was cancelled" in log, log[-2000:]
+    assert log.count("INFO launcher: code: ") == 1  # no second start

@@ -1,6 +1,8 @@
 """Elastic runs (cluster.min_nodes..cluster.nodes): the checks before submission, the plan at both
 ends of the range, the sbatch line, each start's accumulation, and how a shrunk run's state reads."""
 
+import os
+
 import pytest
 
 from launcher.backends.slurm import executor_parameters
@@ -36,6 +38,8 @@ def test_a_global_batch_that_does_not_divide_somewhere_in_the_range_is_refused_n
     ([*SLURM, "cluster.min_nodes=1", "cluster.nodes=2", "trainer.grad_accum_steps=2"],
      "trainer.grad_accum_steps=2: must be null with cluster.min_nodes=1"),
     ([*SLURM, "cluster.grow=true"], "cluster.grow=True: needs a node range"),
+    ([*SLURM, "cluster.min_nodes=1", "cluster.nodes=2", "cluster.grow=true", "checkpoint.every_steps=0"],
+     "cluster.grow=True: needs checkpoint.every_steps > 0"),
 ])
 def test_a_bad_range_is_refused_naming_the_key(overrides, message):
     assert any(p.startswith(message) for p in problems(overrides)), problems(overrides)
@@ -80,3 +84,36 @@ def test_after_a_shrink_the_ranks_the_run_no_longer_has_do_not_make_it_stopped(t
     assert outcome(tmp_path, events) == (None, "events")  # rank 0 of the one-rank start trains
     assert outcome(tmp_path, [*events, {"event": "failed", "rank": 0, "attempt": "b"}]) == ("FAILED", "events")
     assert outcome(tmp_path, events[:4]) == ("STOPPED", "events")
+
+
+def fake_slurm(tmp_path, monkeypatch, sinfo: str, squeue: str) -> None:
+    for name, out in (("sinfo", sinfo), ("squeue", squeue)):
+        script = tmp_path / name
+        script.write_text(f"#!/bin/sh\nprintf '{out}'\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_spare_nodes_count_each_idle_node_once_less_what_pending_jobs_want(tmp_path, monkeypatch):
+    from launcher.backends.slurm_elastic import GrowCheck, idle_nodes, spare_nodes
+
+    # sinfo -N lists a node once per partition it is in; the default partition is marked *.
+    fake_slurm(tmp_path, monkeypatch, "node1 debug*\\nnode1 short\\nnode2 debug*\\nnode2 short\\nnode3 short\\n", "1\\n")
+    assert (idle_nodes(None), idle_nodes("debug"), idle_nodes("short"), idle_nodes("gpu")) == (2, 2, 3, 0)
+    assert spare_nodes("debug") == 1 and spare_nodes("short") == 2
+    check = GrowCheck("debug", nodes_now=1, max_nodes=4, every_s=0.0)
+    assert check() is True
+    assert GrowCheck("debug", nodes_now=4, max_nodes=4, every_s=0.0)() is False  # at the range's top
+    assert GrowCheck("debug", nodes_now=1, max_nodes=4, every_s=3600)() is False  # not before an interval from its start
+    fake_slurm(tmp_path, monkeypatch, "node1 debug*\\n", "3\\n")  # one idle node, three wanted by pending jobs
+    assert spare_nodes(None) == -2 and check() is False
+
+
+def test_an_elastic_job_is_never_requeued_in_place():
+    cfg = compose_config(["recipe=tiny_sft", *SLURM, "cluster.nodes=2", "cluster.min_nodes=1", "trainer.global_batch_size=32"])
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
+    extra = executor_parameters(cfg, plan, "tiny")["additional_parameters"]
+    assert extra["no_requeue"] is True and "requeue" not in extra and extra["nodes"] == "1-2"
+    fixed = compose_config(["recipe=tiny_sft", *SLURM])
+    assert executor_parameters(fixed, make_plan(fixed, check_config(fixed, dry_run=True).model, None, find(fixed)),
+                               "tiny")["additional_parameters"]["requeue"] is True
