@@ -145,7 +145,9 @@ def cmd_status(args, out: Console) -> int:
             out.print(f"health     {task.progress.health()}", highlight=False, markup=False, soft_wrap=True)
             break
     evals = {d: eval_states(d) for d in dirs}
-    eval_jobs = [e.job_id for states in evals.values() for e in states if e.state == "queued" and e.job_id]
+    # only a Slurm run's evals are Slurm jobs: a local run's ran in its own command
+    eval_jobs = [e.job_id for d, states in evals.items() if rundir.submission(d).get("backend") == "slurm"
+                 for e in states if e.state == "queued" and e.job_id]
     eval_infos = {}
     if eval_jobs:
         eval_infos, eval_errors = query_jobs(eval_jobs)
