@@ -10,14 +10,23 @@ from pathlib import Path
 from typing import List, Optional
 
 from launcher import snapshot
+from launcher.errors import ConfigError
 from launcher import rundir
-from launcher.backends.slurm_partitions import check_partition, read_partitions
+from launcher.backends.slurm_partitions import check_eval_partition, check_partition, read_partitions
 from launcher.backends.slurm_rank import SlurmTask
 from launcher.backends.slurm_submit import executor_parameters, make_executor, record_jobs
 
 
 def preflight(cfg) -> None:
-    check_partition(cfg.cluster, read_partitions())
+    """The training's partition, and the eval jobs' (eval.harness), can hold their jobs: every problem of both."""
+    problems = []
+    for check in (lambda parts: check_partition(cfg.cluster, parts), lambda parts: check_eval_partition(cfg, parts)):
+        try:
+            check(read_partitions())
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def sbatch_preview(cfg, plan, run_dir: Path) -> str:

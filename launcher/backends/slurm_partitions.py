@@ -85,17 +85,23 @@ def partition_gpu(cluster) -> Optional[str]:
     return wanted[0].gpu_type if wanted else None
 
 
-def check_partition(cluster, partitions: List[Partition]) -> Partition:
-    """The partition the job would land on, if it fits; else ConfigError naming what does not."""
+def find_partition(key: str, name: Optional[str], partitions: List[Partition]) -> Partition:
+    """The partition `name` (None: the default one); else ConfigError naming `key` and the valid ones."""
     names = [p.name for p in partitions]
-    if cluster.partition is None:
+    if name is None:
         chosen = next((p for p in partitions if p.default), None)
         if chosen is None:
-            raise ConfigError([problem("cluster.partition", None, f"the cluster has no default partition; choose one of {', '.join(names)}")])
+            raise ConfigError([problem(key, None, f"the cluster has no default partition; choose one of {', '.join(names)}")])
     else:
-        chosen = next((p for p in partitions if p.name == cluster.partition), None)
+        chosen = next((p for p in partitions if p.name == name), None)
         if chosen is None:
-            raise ConfigError([problem("cluster.partition", cluster.partition, f"no such partition; valid: {', '.join(names)}")])
+            raise ConfigError([problem(key, name, f"no such partition; valid: {', '.join(names)}")])
+    return chosen
+
+
+def check_partition(cluster, partitions: List[Partition]) -> Partition:
+    """The partition the job would land on, if it fits; else ConfigError naming what does not."""
+    chosen = find_partition("cluster.partition", cluster.partition, partitions)
     problems = []
     if chosen.max_time_min is not None and cluster.time_min > chosen.max_time_min:
         problems.append(problem("cluster.time_min", cluster.time_min, f"must be <= partition {chosen.name}'s MaxTime ({chosen.max_time_min} min)"))
@@ -108,6 +114,27 @@ def check_partition(cluster, partitions: List[Partition]) -> Partition:
     tasks = default_procs_per_node(cluster)
     if chosen.cpus_per_node and tasks * cluster.cpus_per_task > chosen.cpus_per_node:
         problems.append(problem("cluster.cpus_per_task", cluster.cpus_per_task, f"x {tasks} tasks per node must be <= the {chosen.cpus_per_node} CPUs per node of partition {chosen.name}"))
+    if problems:
+        raise ConfigError(problems)
+    return chosen
+
+
+def check_eval_partition(cfg, partitions: List[Partition]) -> Optional[Partition]:
+    """eval.harness's jobs (one node, one task) fit the partition they go to, checked with the training's
+    so that a typo there is not found when the first checkpoint's eval is submitted. None: no evals."""
+    h = cfg.eval.harness
+    if not h.tasks:
+        return None
+    key = "eval.harness.partition" if h.partition else "cluster.partition"
+    chosen = find_partition(key, h.partition or cfg.cluster.partition, partitions)
+    problems = []
+    if chosen.max_time_min is not None and h.time_min > chosen.max_time_min:
+        problems.append(problem("eval.harness.time_min", h.time_min, f"must be <= partition {chosen.name}'s MaxTime ({chosen.max_time_min} min)"))
+    if h.gpus > chosen.gpus_per_node:
+        problems.append(problem("eval.harness.gpus", h.gpus, f"must be <= the {chosen.gpus_per_node} GPUs per node of partition {chosen.name}"
+                                + (" (0: score on CPUs)" if not chosen.gpus_per_node else "")))
+    if chosen.cpus_per_node and h.cpus > chosen.cpus_per_node:
+        problems.append(problem("eval.harness.cpus", h.cpus, f"must be <= the {chosen.cpus_per_node} CPUs per node of partition {chosen.name}"))
     if problems:
         raise ConfigError(problems)
     return chosen

@@ -145,9 +145,7 @@ def cmd_status(args, out: Console) -> int:
             out.print(f"health     {task.progress.health()}", highlight=False, markup=False, soft_wrap=True)
             break
     evals = {d: eval_states(d) for d in dirs}
-    # only a Slurm run's evals are Slurm jobs: a local run's ran in its own command
-    eval_jobs = [e.job_id for d, states in evals.items() if rundir.submission(d).get("backend") == "slurm"
-                 for e in states if e.state == "queued" and e.job_id]
+    eval_jobs = [e.job_id for _, e in queued_eval_jobs(dirs)]
     eval_infos = {}
     if eval_jobs:
         eval_infos, eval_errors = query_jobs(eval_jobs)
@@ -158,13 +156,24 @@ def cmd_status(args, out: Console) -> int:
     return show_errors(errors)
 
 
+def queued_eval_jobs(dirs: Iterable[Path]) -> List[tuple]:
+    """(run dir, eval state) of each eval job a Slurm run submitted that has no result yet. Only a Slurm
+    run's evals are jobs: a local run's ran in its own command."""
+    return [(d, e) for d in dirs if rundir.submission(d).get("backend") == "slurm"
+            for e in eval_states(d) if e.state == "queued" and e.job_id]
+
+
 def eval_lines(states, infos=None) -> List[str]:
     """One line per checkpoint's benchmark eval: done with its scores, queued (with its job's state),
     ready, or FAILED with why (an eval job that ended without a result too)."""
     lines = []
     for e in states:
         info = (infos or {}).get(e.job_id) if e.state == "queued" else None
-        if info is not None and info.state.split()[0] in SLURM_TERMINAL:  # killed before it could write a result
+        ended = info.state.split()[0] if info is not None else ""
+        if ended == "CANCELLED":  # by sft-jobs cancel, or by hand
+            lines.append(f"eval step {e.step}: cancelled (job {e.job_id}, without a result)")
+            continue
+        if ended in SLURM_TERMINAL:  # killed before it could write a result
             e = replace(e, state="failed", error=f"its job {e.job_id} ended {info.state} without a result")
         if e.state == "done":
             scores = ", ".join(f"{k[len(HARNESS_PREFIX):] if k.startswith(HARNESS_PREFIX) else k} {fmt(v)}"
@@ -293,7 +302,24 @@ def cmd_cancel(args, out: Console) -> int:
     cancel_slurm([t for t in tasks if t.job_id != LOCAL], args.root, out)
     for task in (t for t in tasks if t.job_id == LOCAL):
         cancel_local(task, args.root, out)
+    cancel_evals(run_dirs(target), args.root, out)
     return 0
+
+
+def cancel_evals(dirs: List[Path], root: Path, out: Console) -> None:
+    """The run's eval jobs that have no result yet: they are the run's jobs too. An eval job the run's
+    rank 0 submits after this (its save was under way) is not seen here: a second cancel ends it."""
+    queued = queued_eval_jobs(dirs)
+    if not queued:
+        return
+    infos, errors = query_jobs([e.job_id for _, e in queued])
+    show_errors(errors)
+    live = [(d, e) for d, e in queued
+            if infos.get(e.job_id) is None or infos[e.job_id].state.split()[0] not in SLURM_TERMINAL]
+    if live:
+        cancel([e.job_id for _, e in live])
+    for d, e in live:
+        out.print(f"cancelled eval job {e.job_id} (step {e.step} of {rel(d, root)})", markup=False)
 
 
 def cmd_report(args, out: Console) -> int:

@@ -254,7 +254,8 @@ def predict_at(cfg, plan: Plan, facts, nodes: int, mem_gib, tflops, local_gpus: 
     budget = mem_gib * USABLE_FRACTION if mem_gib else None
     mem = memory.check_fit(mem, budget, facts.shape, work, world, nodes, ds_json, facts.params,
                            more_nodes=cfg.cluster.backend == "slurm" and cfg.trainer.global_batch_size is not None,
-                           sequence_parallel_tries=sequence_parallel_tries(cfg, facts, plan.procs_per_node, local_gpus))
+                           sequence_parallel_tries=sequence_parallel_tries(cfg, facts, plan.procs_per_node, local_gpus),
+                           max_nodes=cfg.cluster.nodes if cfg.cluster.min_nodes is not None else None)
     traffic = comm.estimate(facts.params, facts.shape, ds_json, str(cfg.trainer.precision), world, nodes, gb * cfg.data.seq_len,
                             cfg.data.seq_len, cfg.trainer.activation_checkpointing, tflops, cfg.cluster.net_gbps,
                             cfg.cluster.intra_node_gbps, work.sequence_parallel, work.micro_batch_size, work.tiled_mlp)

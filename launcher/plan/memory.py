@@ -312,11 +312,21 @@ def estimate(shape: Optional[ModelShape], params: Optional[int], work: Workload,
     return MemoryEstimate(gib, {g: v / GIB for g, v in adds.items()}, max(backward, step) / GIB, step / GIB, cpu / GIB)
 
 
+def nodes_advice(nodes: int, max_nodes: Optional[int]) -> str:
+    """The override that runs on `nodes` nodes: cluster.nodes, or for an elastic run the range's floor."""
+    if max_nodes is None:
+        return f"cluster.nodes={nodes}"
+    return f"cluster.min_nodes={nodes}" + (f" cluster.nodes={nodes}" if nodes > max_nodes else "")
+
+
 def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[ModelShape], work: Workload,
               world: int, nodes: int, ds_json: Dict, params: int, more_nodes: bool,
-              sequence_parallel_tries: Sequence[Tuple[str, Workload]] = ()) -> MemoryEstimate:
+              sequence_parallel_tries: Sequence[Tuple[str, Workload]] = (),
+              max_nodes: Optional[int] = None) -> MemoryEstimate:
     """Compare with the budget; when over it, say which single change would bring it under.
     `more_nodes`: whether adding nodes is an option (Slurm; the global batch must still divide).
+    `max_nodes`: an elastic run's cluster.nodes, whose `nodes` is its cluster.min_nodes: the advice
+    raises the floor of the range (and the top with it where the floor would pass it).
     `sequence_parallel_tries`: (override, workload) for each larger valid trainer.sequence_parallel,
     smallest first; the smallest that fits is advised."""
     mem.gpu_mem_gib = budget_gib
@@ -344,11 +354,11 @@ def check_fit(mem: MemoryEstimate, budget_gib: Optional[float], shape: Optional[
         per_step = work.micro_batch_size * world // work.sequence_parallel  # rows per micro-step: data-parallel ranks
         for more in (2, 4, 8, 16):
             if ds_json.get("train_batch_size", per_step) % (per_step * more) == 0:
-                tries.append((f"cluster.nodes={nodes * more}", work, world * more, nodes * more, ds_json))
+                tries.append((nodes_advice(nodes * more, max_nodes), work, world * more, nodes * more, ds_json))
     advised = set()
     for label, tried, w, n, ds in tries:
         key = label.split("=")[0]
-        if key in ("cluster.nodes", "trainer.sequence_parallel") and key in advised:
+        if key in ("cluster.nodes", "cluster.min_nodes", "trainer.sequence_parallel") and key in advised:
             continue  # the fewest nodes, the smallest group that fit
         other = estimate(shape, params, tried, ds, w, n)
         if other.peak_gib <= budget_gib:

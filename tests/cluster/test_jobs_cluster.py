@@ -62,9 +62,14 @@ def wide_terminal(monkeypatch):
 
 
 def test_status_and_cancel_of_a_running_job(slurm_cluster, tmp_path, capsys):
+    from launcher import harness_results as evals
+
     root = tmp_path / "runs"
     job = sbatch(slurm_cluster, tmp_path, "--wrap", "sleep 300")
+    eval_job = sbatch(slurm_cluster, tmp_path, "--wrap", "sleep 300")  # as rank 0 submits a checkpoint's eval
     run = slurm_run(root / "long" / "20261124-210300", [job])
+    evals.mark_ready(run, 10, run / "model")
+    evals.write_json(evals.step_dir(run, 10) / evals.JOB, {"job_id": eval_job, "step": 10})
     try:
         # Right after sbatch sacct may have no record yet: squeue answers, then sacct.
         # A pending job's state names Slurm's reason, "PENDING (Priority)"; the first word is the state.
@@ -72,15 +77,22 @@ def test_status_and_cancel_of_a_running_job(slurm_cluster, tmp_path, capsys):
         wait_until(lambda: status_cells(capsys, root, "long", job)[1:3] == ["RUNNING", "sacct"], 60, f"sacct to know job {job} RUNNING")
 
         assert jobs.main(["--runs-root", str(root), "cancel", "long"]) == 0
-        assert f"cancelled job {job} (long/20261124-210300)" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"cancelled job {job} (long/20261124-210300)" in out
+        assert f"cancelled eval job {eval_job} (step 10 of long/20261124-210300)" in out  # the run's evals are its jobs too
         assert json.loads((run / "cancelled.json").read_text())["state"] == "CANCELLED"
         wait_until(lambda: sacct_states(job) == {"CANCELLED"}, 20, f"sacct to show job {job} CANCELLED")
+        wait_until(lambda: sacct_states(eval_job) == {"CANCELLED"}, 20, f"sacct to show eval job {eval_job} CANCELLED")
         assert status_cells(capsys, root, "long", job)[1:3] == ["CANCELLED", "sacct"]
+        assert jobs.main(["--runs-root", str(root), "status", "long"]) == 0
+        assert f"eval step 10: cancelled (job {eval_job}, without a result)" in capsys.readouterr().out
 
         assert jobs.main(["--runs-root", str(root), "cancel", "long"]) == 0  # again: nothing left to cancel
-        assert f"job {job} (long/20261124-210300) already CANCELLED: not cancelled" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"job {job} (long/20261124-210300) already CANCELLED: not cancelled" in out
+        assert "cancelled eval job" not in out
     finally:
-        subprocess.run(["scancel", job], check=False)
+        subprocess.run(["scancel", job, eval_job], check=False)
 
 
 def test_sweep_array_tasks_and_cancel_of_the_sweep(slurm_cluster, tmp_path, capsys):

@@ -469,10 +469,14 @@ def test_a_stop_during_a_cadence_eval_saves_it_as_due_and_the_requeued_job_runs_
 
 
 def test_partition_max_nodes_is_checked(slurm_cluster, tmp_path):
+    """The training's partition and its eval jobs' (eval.harness), each problem named, nothing written."""
     result = run_sft([*TINY, *SLURM, "cluster.partition=short", "cluster.time_min=5", "cluster.nodes=2",
-                      "cluster.procs_per_node=1", "trainer.global_batch_size=8", f"runs_root={tmp_path}/runs"], cwd=tmp_path)
+                      "cluster.procs_per_node=1", "trainer.global_batch_size=8", f"runs_root={tmp_path}/runs",
+                      "eval.harness.tasks=[tiny_tasks]", "eval.harness.time_min=30", "eval.harness.gpus=4"], cwd=tmp_path)
     assert result.returncode == 2
     assert "cluster.nodes=2: must be <= partition short's MaxNodes (1) per job" in result.stderr
+    assert "eval.harness.time_min=30: must be <= partition short's MaxTime (5 min)" in result.stderr
+    assert "eval.harness.gpus=4: must be <= the 2 GPUs per node of partition short" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 

@@ -9,6 +9,7 @@ from launcher.backends.slurm import executor_parameters
 from launcher.errors import ConfigError
 from launcher.facts import find
 from launcher.plan import fit_to_world, make_plan
+from launcher.plan.memory import nodes_advice
 from launcher.run_state import outcome
 from launcher.service import memory_refusal
 from launcher.validate import check_config
@@ -64,6 +65,10 @@ def test_a_range_whose_fewest_nodes_do_not_fit_is_refused_with_the_plans_numbers
     refusal = memory_refusal(cfg, plan)
     assert plan.nodes == 1 and plan.memory["fits"] is False
     assert refusal is not None and "the run does not fit" in refusal and f"{plan.memory['peak_gib']:.2f} GiB" in refusal
+    # the advice raises the range's floor, the key that sets the planned (fewest) nodes
+    assert any(a.startswith("cluster.min_nodes=2 (predicted") for a in plan.memory["advice"]), plan.memory["advice"]
+    assert not any(a.startswith("cluster.nodes=") for a in plan.memory["advice"])
+    assert nodes_advice(4, 2) == "cluster.min_nodes=4 cluster.nodes=4" and nodes_advice(4, None) == "cluster.nodes=4"
     fine = compose_config(["recipe=qwen3_30b_a3b_sft", "cluster.partition=null"])  # 2 nodes: fits
     assert memory_refusal(fine, make_plan(fine, check_config(fine, dry_run=True).model, None, find(fine))) is None
 

@@ -230,7 +230,11 @@ def test_an_eval_whose_job_ended_without_a_result_reads_as_failed(tmp_path):
     for step, job in ((10, "41"), (20, "42")):
         files.mark_ready(tmp_path, step, tmp_path / "model")
         files.write_json(files.step_dir(tmp_path, step) / files.JOB, {"job_id": job, "step": step})
-    infos = {"41": JobInfo("CANCELLED", 0, "sacct"), "42": JobInfo("PENDING (Priority)", None, "squeue")}
+    files.mark_ready(tmp_path, 30, tmp_path / "model")
+    files.write_json(files.step_dir(tmp_path, 30) / files.JOB, {"job_id": "43", "step": 30})
+    infos = {"41": JobInfo("CANCELLED", 0, "sacct"), "42": JobInfo("PENDING (Priority)", None, "squeue"),
+             "43": JobInfo("OUT_OF_MEMORY", 0, "sacct")}
     assert eval_lines(files.eval_states(tmp_path), infos) == [
-        "eval step 10: FAILED: its job 41 ended CANCELLED without a result",
-        "eval step 20: queued (job 42, PENDING (Priority))"]
+        "eval step 10: cancelled (job 41, without a result)",
+        "eval step 20: queued (job 42, PENDING (Priority))",
+        "eval step 30: FAILED: its job 43 ended OUT_OF_MEMORY without a result"]

@@ -107,3 +107,24 @@ def test_the_final_step_is_where_the_run_completed_not_the_plans_estimate(tmp_pa
     assert files.final_step(tmp_path) == 7
     rundir.append_event(tmp_path, rundir.COMPLETED, step=7)
     assert files.final_step(tmp_path) == 7
+
+
+def test_eval_jobs_resources_are_checked_against_their_partition_before_submission(compose_cfg):
+    """A typo in eval.harness's job resources is refused with the training's partition check, not found
+    when the first checkpoint's eval job is submitted."""
+    from launcher.backends.slurm_partitions import Partition, check_eval_partition
+
+    parts = [Partition("cpu", True, 60, 2, None, 0, 4), Partition("gpu", False, None, 2, None, 8, 64)]
+    assert check_eval_partition(compose_cfg(["cluster=slurm"]), parts) is None  # no tasks: no eval jobs
+    scored = ["cluster=slurm", "eval.harness.tasks=[tiny_tasks]"]
+    with pytest.raises(ConfigError) as error:
+        check_eval_partition(compose_cfg([*scored, "eval.harness.time_min=90", "eval.harness.cpus=8"]), parts)
+    assert [str(p) for p in error.value.problems] == [
+        "eval.harness.time_min=90: must be <= partition cpu's MaxTime (60 min)",
+        "eval.harness.gpus=1: must be <= the 0 GPUs per node of partition cpu (0: score on CPUs)",
+        "eval.harness.cpus=8: must be <= the 4 CPUs per node of partition cpu"]
+    with pytest.raises(ConfigError) as error:
+        check_eval_partition(compose_cfg([*scored, "eval.harness.partition=gpus"]), parts)
+    assert [str(p) for p in error.value.problems] == ["eval.harness.partition='gpus': no such partition; valid: cpu, gpu"]
+    assert check_eval_partition(compose_cfg([*scored, "eval.harness.partition=gpu", "eval.harness.time_min=600"]), parts).name == "gpu"
+    assert check_eval_partition(compose_cfg([*scored, "eval.harness.gpus=0"]), parts).name == "cpu"  # cluster.partition's default
