@@ -163,6 +163,17 @@ def queued_eval_jobs(dirs: Iterable[Path]) -> List[tuple]:
             for e in eval_states(d) if e.state == "queued" and e.job_id]
 
 
+def live_eval_jobs(dirs: Iterable[Path]) -> tuple:
+    """(the queued eval jobs that have not ended: (run dir, eval state), Slurm's errors). A job Slurm
+    does not know (yet, or it did not answer) counts as live."""
+    queued = queued_eval_jobs(dirs)
+    if not queued:
+        return [], []
+    infos, errors = query_jobs([e.job_id for _, e in queued])
+    return [(d, e) for d, e in queued
+            if infos.get(e.job_id) is None or infos[e.job_id].state.split()[0] not in SLURM_TERMINAL], errors
+
+
 def eval_lines(states, infos=None) -> List[str]:
     """One line per checkpoint's benchmark eval: done with its scores, queued (with its job's state),
     ready, or FAILED with why (an eval job that ended without a result too)."""
@@ -309,13 +320,8 @@ def cmd_cancel(args, out: Console) -> int:
 def cancel_evals(dirs: List[Path], root: Path, out: Console) -> None:
     """The run's eval jobs that have no result yet: they are the run's jobs too. An eval job the run's
     rank 0 submits after this (its save was under way) is not seen here: a second cancel ends it."""
-    queued = queued_eval_jobs(dirs)
-    if not queued:
-        return
-    infos, errors = query_jobs([e.job_id for _, e in queued])
+    live, errors = live_eval_jobs(dirs)
     show_errors(errors)
-    live = [(d, e) for d, e in queued
-            if infos.get(e.job_id) is None or infos[e.job_id].state.split()[0] not in SLURM_TERMINAL]
     if live:
         cancel([e.job_id for _, e in live])
     for d, e in live:
@@ -350,7 +356,7 @@ def cmd_sync(args, out: Console) -> int:
     def say(text: str) -> None:
         out.print(text, highlight=False, markup=False, soft_wrap=True)
 
-    synced = sync(dirs, is_live, args.follow, say=say)
+    synced = sync(dirs, is_live, args.follow, say=say, evals_pending=lambda dirs: bool(live_eval_jobs(dirs)[0]))
     say(f"{synced} segment(s) handed to W&B" if synced else "nothing to sync: every finished segment is synced")
     return 0
 

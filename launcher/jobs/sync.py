@@ -6,7 +6,7 @@ uploads a segment and marks it (`run-<id>.wandb.synced`); a marked segment is ne
 so running this twice duplicates nothing. A segment still being written (the newest of a run
 whose job is alive) is left for later: a partial upload leaves no marker and would be uploaded
 again. With --follow it is followed live (`--live`), and new segments are synced as they appear,
-until every job of RUN has ended.
+until every job of RUN has ended, its eval jobs included.
 
 A run's benchmark eval jobs (eval.harness) log segments of the same run id into
 `evals/step-N/wandb/offline-run-*`: each is uploaded once its eval has ended (summary.json or
@@ -84,14 +84,22 @@ def sync_run(run_dir: Path, live: bool, follow: bool, run: Callable[[Sequence[st
 
 
 def sync(dirs: List[Path], is_live: Callable[[Path], bool], follow: bool,
-         run: Callable[[Sequence[str]], int] = None, say: Callable[[str], None] = print, poll_s: float = POLL_S) -> int:
-    """Every run of a run or sweep; with follow, again every POLL_S until no job is alive."""
+         run: Callable[[Sequence[str]], int] = None, say: Callable[[str], None] = print, poll_s: float = POLL_S,
+         evals_pending: Callable[[List[Path]], bool] = lambda dirs: False) -> int:
+    """Every run of a run or sweep; with follow, again every POLL_S until no job is alive, the
+    eval jobs included (`evals_pending`: whether one of them may still write a segment)."""
     run = run or (lambda cmd: subprocess.run(list(cmd)).returncode)
-    total = 0
+    total, said = 0, False
     while True:
         live = {d: is_live(d) for d in dirs}
         for d in dirs:
             total += sync_run(d, live[d], follow, run, say)
-        if not (follow and any(live.values())):
+        if not follow:
             return total
+        if not any(live.values()):
+            if not evals_pending(dirs):
+                return total
+            if not said:  # the training has ended; its last evals are still to come
+                say("following the run's eval jobs until they end")
+                said = True
         time.sleep(poll_s)

@@ -238,3 +238,28 @@ def test_an_eval_whose_job_ended_without_a_result_reads_as_failed(tmp_path):
         "eval step 10: cancelled (job 41, without a result)",
         "eval step 20: queued (job 42, PENDING (Priority))",
         "eval step 30: FAILED: its job 43 ended OUT_OF_MEMORY without a result"]
+
+
+def test_sync_follow_waits_for_the_eval_jobs_after_the_training_ends(tmp_path):
+    """The training has ended, the eval of its export has not: --follow keeps polling until the eval
+    ends, then uploads its segment; it stops once no eval job is left."""
+    from launcher.jobs.sync import sync
+
+    root = tmp_path / "runs"
+    run = make_run(root, "tiny_sft/20261124-210300", backend="slurm", jobs_=["4242"])
+    training = offline_segment(run, "20261124_210400")
+    final = eval_segment(run, 100, "20261124_220000")
+    eval_queued(run, 100, "77")
+    polls = []
+
+    def evals_pending(dirs):
+        polls.append(len(polls))
+        if len(polls) == 2:  # the eval job ends between the second and third look
+            eval_done(run, 100, {METRIC: 0.3})
+        return len(polls) <= 2
+
+    wandb, said = FakeWandb(), []
+    assert sync([run], lambda d: False, follow=True, run=wandb, say=said.append, poll_s=0, evals_pending=evals_pending) == 2
+    assert wandb.calls == [["wandb", "beta", "sync", str(training)], ["wandb", "beta", "sync", str(final)]]
+    assert said.count("following the run's eval jobs until they end") == 1 and len(polls) == 3
+    assert sync([run], lambda d: False, follow=True, run=wandb, say=said.append, poll_s=0) == 0  # nothing pending: one pass
