@@ -39,8 +39,12 @@ def new_attempt_id() -> str:
 
 
 def slurm_attempt_id(environ=os.environ) -> str:
-    """The same on every task of one start of a job, different after each requeue."""
-    return f"slurm-{environ.get('SLURM_JOB_ID', '0')}-{environ.get('SLURM_RESTART_COUNT', '0')}"
+    """The same on every task of one start of a job, different after each requeue. An array task is
+    named as sacct and submission.json name it (<array job>_<task>), so its starts map to its job."""
+    job = environ.get('SLURM_JOB_ID', '0')
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return f"slurm-{job}-{environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
 def listen(addr: str, world: int, timeout: datetime.timedelta, master_port: Optional[int]):

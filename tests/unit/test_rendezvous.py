@@ -55,6 +55,8 @@ def test_a_rank_0_that_never_publishes_is_a_clear_error(tmp_path):
 def test_each_requeue_of_a_job_is_a_new_attempt():
     assert slurm_attempt_id({"SLURM_JOB_ID": "12", "SLURM_RESTART_COUNT": "2"}) == "slurm-12-2"
     assert slurm_attempt_id({"SLURM_JOB_ID": "12"}) == "slurm-12-0"
+    # an array task by its array name, which sft-jobs status shows: its nodes column reads from it
+    assert slurm_attempt_id({"SLURM_JOB_ID": "14", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "1"}) == "slurm-12_1-0"
 
 
 def test_a_search_starts_again_only_trials_that_failed_for_a_reason_not_their_own(tmp_path):
