@@ -178,10 +178,14 @@ def being_preempted(job_id: str) -> bool:
 
 
 def grown(run_dir: Path) -> int:
-    """The run's requeues that were stops to grow (launcher.backends.slurm_elastic)."""
+    """The requeues of this submission that were stops to grow (launcher.backends.slurm_elastic): those
+    after its first start (restart 0). A resume by hand (`sft run_dir=...`) counts its restarts from 0,
+    so an earlier submission's grows are not its own."""
     from launcher import rundir
 
-    return sum(1 for e in rundir.read_events(run_dir) or [] if e.get("event") == rundir.REQUEUED and e.get("grow"))
+    events = rundir.read_events(run_dir) or []
+    first = max((i for i, e in enumerate(events) if e.get("event") == rundir.STARTED and not e.get("restart")), default=-1)
+    return sum(1 for e in events[first + 1:] if e.get("event") == rundir.REQUEUED and e.get("grow"))
 
 
 def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, preempted: bool) -> Tuple[str, int]:

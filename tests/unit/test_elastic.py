@@ -122,3 +122,25 @@ def test_an_elastic_job_is_never_requeued_in_place():
     fixed = compose_config(["recipe=tiny_sft", *SLURM])
     assert executor_parameters(fixed, make_plan(fixed, check_config(fixed, dry_run=True).model, None, find(fixed)),
                                "tiny")["additional_parameters"]["requeue"] is True
+
+
+def test_only_this_submissions_grows_are_left_out_of_the_requeue_count(tmp_path):
+    """cluster.max_requeues counts a submission's restarts (from 0 again after a resume by hand), less
+    its grows: an earlier submission's grows would let the new one restart more often than allowed."""
+    from launcher import rundir
+    from launcher.backends.slurm_rank import grown
+
+    def event(kind, **fields):
+        rundir.append_event(tmp_path, kind, **fields)
+
+    event(rundir.STARTED, rank=0, restart=0)
+    event(rundir.REQUEUED, job="1", restart=1, next_job="2", grow=True)
+    event(rundir.STARTED, rank=0, restart=1)
+    event(rundir.REQUEUED, job="2", restart=2, next_job="3", grow=False)
+    event(rundir.STARTED, rank=0, restart=2)
+    assert grown(tmp_path) == 1
+    event(rundir.STOPPED, rank=0)  # stopped for good; resumed by hand: a new submission, restart 0
+    event(rundir.STARTED, rank=0, restart=0)
+    assert grown(tmp_path) == 0
+    event(rundir.REQUEUED, job="4", restart=1, next_job="5", grow=True)
+    assert grown(tmp_path) == 1
