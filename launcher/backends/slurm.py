@@ -12,6 +12,7 @@ from typing import List, Optional
 from launcher import snapshot
 from launcher.errors import ConfigError
 from launcher import rundir
+from launcher.backends.slurm_elastic import first_bound
 from launcher.backends.slurm_partitions import check_eval_partition, check_partition, read_partitions
 from launcher.backends.slurm_rank import SlurmTask
 from launcher.backends.slurm_submit import executor_parameters, make_executor, record_jobs
@@ -43,6 +44,12 @@ def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str, co
     """One sbatch call for all run dirs: a job array when there are several. Returns job ids.
     `code`: a snapshot already taken (a search's controller runs from it and submits with it)."""
     params = executor_parameters(cfg, plan, job_name)
+    low = None
+    if cfg.cluster.min_nodes is not None:  # elastic: start on every node free now, not on the fewest
+        low = first_bound(cfg.cluster, min(len(run_dirs), params["array_parallelism"]))
+        params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
+        print(f"elastic range: each job asks for {low}-{cfg.cluster.nodes} nodes ({low}: what is idle and unclaimed now, "
+              f"at least cluster.min_nodes={cfg.cluster.min_nodes}; Slurm starts a range on its fewest)", flush=True)
     # Every task and requeue runs the code submitted now, whatever is checked out when it starts.
     code = code or snapshot.snapshot_code(folder.parent)
     params["setup"] = [*snapshot.setup_lines(code), *params["setup"]]
@@ -53,8 +60,10 @@ def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str, co
     else:
         with executor.batch():
             jobs = [executor.submit(t) for t in tasks]
+    bound = {} if low is None else {"min_nodes": low}
     for job, run_dir in zip(jobs, run_dirs):
-        record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
+        record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), **bound,
+                               "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
     return [job.job_id for job in jobs]
 
 

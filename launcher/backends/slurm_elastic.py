@@ -1,6 +1,9 @@
 """Elastic runs on Slurm (cluster.min_nodes): `sbatch --nodes=MIN-MAX` starts a run on what is free.
 
-A job requeued in place keeps its first start's task count (measured on Slurm 22.05), which pins
+Slurm starts a range job on its fewest nodes even where more are idle (measured on Slurm 22.05), so
+each job of an elastic run asks for the nodes it can count on as its lower bound (first_bound for
+the first, spare_nodes for the next). A job requeued in place keeps its first start's task count
+(measured on Slurm 22.05), which pins
 every later start to that many nodes, so an elastic run's next start is a new job its rank 0
 submits (launcher.backends.slurm_rank.submit_again), asking for at least the nodes it can count on
 (spare_nodes here). With cluster.grow, rank 0 asks at checkpoints (at most every
@@ -49,6 +52,17 @@ def spare_nodes(partition: Optional[str]) -> Optional[int]:
     if idle is None or wanted is None:
         return None
     return idle - wanted
+
+
+def first_bound(cluster, starting: int = 1) -> int:
+    """The fewest nodes an elastic run's first job asks for: the partition's idle, unclaimed nodes,
+    shared among the `starting` jobs that start together (a sweep's array), within the range. Slurm
+    (22.05, select/cons_tres, measured) starts a `--nodes=MIN-MAX` job on MIN nodes even on an idle
+    cluster, so the range's own minimum would start a 2-8 node run on 2 of 8 idle nodes."""
+    spare = spare_nodes(cluster.partition)
+    if not spare or spare <= 0:
+        return cluster.min_nodes
+    return max(cluster.min_nodes, min(cluster.nodes, spare // max(1, starting)))
 
 
 class GrowCheck:

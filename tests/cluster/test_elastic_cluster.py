@@ -97,9 +97,14 @@ def test_its_losses_equal_a_two_rank_run_and_no_step_is_trained_twice(elastic_ru
 
 def test_a_cancel_while_the_run_hands_over_to_its_next_job_ends_it(slurm_cluster, tmp_path):
     """USR2 (restart over the range) and at once `sft-jobs cancel`: the job sees itself cancelled when it
-    would submit its successor, and submits none (or cancels the one it submitted): nothing trains on."""
+    would submit its successor, and submits none (or cancels the one it submitted): nothing trains on.
+    Submitted on an idle cluster, it starts on both nodes: Slurm alone would start `--nodes=1-2` on one."""
+    wait_until(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(),
+               "the cluster did not become idle", timeout=120)
     run_dir, job = submit(tmp_path, [*TINY, *ELASTIC, "cluster.grow=false", "trainer.max_steps=200"], "cancelled")
     wait_until(lambda: len(rows(run_dir)) >= 2, "the run trained no 2 steps")
+    assert json.loads((run_dir / "submission.json").read_text())["jobs"][0]["min_nodes"] == 2
+    assert {r["world_size"] for r in rows(run_dir)} == {2}  # both nodes from its first start
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     result = subprocess.run([SFT_JOBS, "cancel", str(run_dir)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

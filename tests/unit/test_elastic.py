@@ -144,3 +144,23 @@ def test_only_this_submissions_grows_are_left_out_of_the_requeue_count(tmp_path)
     assert grown(tmp_path) == 0
     event(rundir.REQUEUED, job="4", restart=1, next_job="5", grow=True)
     assert grown(tmp_path) == 1
+
+
+def test_the_first_job_asks_for_the_idle_nodes_it_can_count_on_within_the_range(tmp_path, monkeypatch):
+    """Slurm starts `--nodes=MIN-MAX` on MIN even on an idle cluster (measured, 22.05): the first job's
+    lower bound is what is idle and unclaimed now, shared by the jobs that start together."""
+    from types import SimpleNamespace
+
+    from launcher.backends.slurm_elastic import first_bound
+
+    cluster = SimpleNamespace(partition="debug", min_nodes=2, nodes=8)
+    idle = "".join(f"node{i} debug*\\n" for i in range(6))
+    fake_slurm(tmp_path, monkeypatch, idle, "1\\n")  # 6 idle, 1 wanted by a pending job: 5 to count on
+    assert first_bound(cluster) == 5
+    assert first_bound(cluster, starting=2) == 2  # a sweep's two tasks share them
+    assert first_bound(cluster, starting=4) == 2  # never below the range
+    assert first_bound(SimpleNamespace(partition="debug", min_nodes=1, nodes=4)) == 4  # nor above it
+    fake_slurm(tmp_path, monkeypatch, "", "0\\n")  # nothing idle
+    assert first_bound(cluster) == 2
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # Slurm does not answer: the range's own minimum
+    assert first_bound(cluster) == 2
