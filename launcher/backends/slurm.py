@@ -20,14 +20,14 @@ from launcher.backends.slurm_submit import executor_parameters, make_executor, r
 
 def preflight(cfg) -> None:
     """The training's partition, and the eval jobs' (eval.harness), can hold their jobs: every problem of both."""
-    problems = []
-    for check in (lambda parts: check_partition(cfg.cluster, parts), lambda parts: check_eval_partition(cfg, parts)):
+    partitions, problems = read_partitions(), []
+    for check in (check_partition, check_eval_partition):
         try:
-            check(read_partitions())
+            check(cfg.cluster if check is check_partition else cfg, partitions)
         except ConfigError as error:
             problems += error.problems
-    if problems:
-        raise ConfigError(problems)
+    if problems:  # the eval jobs' partition defaults to the training's: a bad name is said once
+        raise ConfigError(list(dict.fromkeys(problems)))
 
 
 def sbatch_preview(cfg, plan, run_dir: Path) -> str:
@@ -53,18 +53,31 @@ def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str, co
     # Every task and requeue runs the code submitted now, whatever is checked out when it starts.
     code = code or snapshot.snapshot_code(folder.parent)
     params["setup"] = [*snapshot.setup_lines(code), *params["setup"]]
-    executor = make_executor(folder, params)
     tasks = [SlurmTask(str(d), cfg.cluster.max_requeues) for d in run_dirs]
-    if len(tasks) == 1:
-        jobs = [executor.submit(tasks[0])]
-    else:
-        with executor.batch():
-            jobs = [executor.submit(t) for t in tasks]
+    try:
+        jobs = submit_tasks(make_executor(folder, params), tasks)
+    except Exception as error:  # noqa: BLE001 - sbatch's refusal, as submitit raises it
+        if low is None or low == cfg.cluster.min_nodes:
+            raise
+        # The idle nodes counted were not all the job's to have ("Requested node configuration is not available").
+        print(f"sbatch refused --nodes={low}-{cfg.cluster.nodes} ({(str(error).strip().splitlines() or [type(error).__name__])[-1][:200]}); "
+              f"asking for {cfg.cluster.min_nodes}-{cfg.cluster.nodes}", flush=True)
+        low = cfg.cluster.min_nodes
+        params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
+        jobs = submit_tasks(make_executor(folder, params), tasks)
     bound = {} if low is None else {"min_nodes": low}
     for job, run_dir in zip(jobs, run_dirs):
         record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), **bound,
                                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
     return [job.job_id for job in jobs]
+
+
+def submit_tasks(executor, tasks: List[SlurmTask]) -> list:
+    """One job, or one array for several."""
+    if len(tasks) == 1:
+        return [executor.submit(tasks[0])]
+    with executor.batch():
+        return [executor.submit(t) for t in tasks]
 
 
 def submit(cfg, run_dir: Path, plan) -> int:

@@ -54,11 +54,25 @@ def spare_nodes(partition: Optional[str]) -> Optional[int]:
     return idle - wanted
 
 
+NARROWING = ("exclude", "constraint", "nodelist", "nodefile", "clusters", "reservation")  # sbatch options
+
+
+def narrows_nodes(cluster) -> bool:
+    """Whether the job may use only some of its partition's nodes."""
+    extra = dict(getattr(cluster, "sbatch_extra", None) or {})
+    return bool(getattr(cluster, "exclude", None) or getattr(cluster, "constraint", None)
+                or any(extra.get(k) for k in NARROWING))
+
+
 def first_bound(cluster, starting: int = 1) -> int:
     """The fewest nodes an elastic run's first job asks for: the partition's idle, unclaimed nodes,
     shared among the `starting` jobs that start together (a sweep's array), within the range. Slurm
     (22.05, select/cons_tres, measured) starts a `--nodes=MIN-MAX` job on MIN nodes even on an idle
-    cluster, so the range's own minimum would start a 2-8 node run on 2 of 8 idle nodes."""
+    cluster, so the range's own minimum would start a 2-8 node run on 2 of 8 idle nodes. A job that
+    narrows the nodes it may use (cluster.exclude, cluster.constraint, a nodelist in sbatch_extra)
+    cannot count the partition's idle nodes as its own: it asks for the range's minimum."""
+    if narrows_nodes(cluster):
+        return cluster.min_nodes
     spare = spare_nodes(cluster.partition)
     if not spare or spare <= 0:
         return cluster.min_nodes

@@ -179,13 +179,16 @@ def being_preempted(job_id: str) -> bool:
 
 def grown(run_dir: Path) -> int:
     """The requeues of this submission that were stops to grow (launcher.backends.slurm_elastic): those
-    after its first start (restart 0). A resume by hand (`sft run_dir=...`) counts its restarts from 0,
-    so an earlier submission's grows are not its own."""
+    that submitted one of its jobs. A submission's jobs are its first (recorded by `sft`, or by a search
+    controller, without a restart count) and the jobs its ranks submitted after it (with one). A resume
+    by hand counts its restarts from 0, so an earlier submission's grows are not its own."""
     from launcher import rundir
 
-    events = rundir.read_events(run_dir) or []
-    first = max((i for i, e in enumerate(events) if e.get("event") == rundir.STARTED and not e.get("restart")), default=-1)
-    return sum(1 for e in events[first + 1:] if e.get("event") == rundir.REQUEUED and e.get("grow"))
+    jobs = rundir.submission(run_dir).get("jobs") or []
+    first = max((i for i, j in enumerate(jobs) if not j.get("restart")), default=-1)
+    chain = {str(j.get("job_id")) for j in jobs[first + 1:]}
+    return sum(1 for e in rundir.read_events(run_dir) or []
+               if e.get("event") == rundir.REQUEUED and e.get("grow") and str(e.get("next_job")) in chain)
 
 
 def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, preempted: bool) -> Tuple[str, int]:
@@ -198,25 +201,37 @@ def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, p
     from omegaconf import OmegaConf
 
     from launcher import rundir, snapshot
-    from launcher.backends.slurm_elastic import spare_nodes
+    from launcher.backends.slurm_elastic import narrows_nodes, spare_nodes
     from launcher.backends.slurm_queue import without_job_env
     from launcher.backends.slurm_submit import executor_parameters, make_executor, record_jobs
 
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     layout = SimpleNamespace(procs_per_node=rundir.plan(run_dir)["procs_per_node"])
     own = 0 if preempted else int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
-    low = max(cfg.cluster.min_nodes, min(cfg.cluster.nodes, own + max(0, spare_nodes(cfg.cluster.partition) or 0)))
+    # The partition's idle nodes are not all its own to count on when the job narrows its nodes.
+    spare = 0 if narrows_nodes(cfg.cluster) else max(0, spare_nodes(cfg.cluster.partition) or 0)
+    low = max(cfg.cluster.min_nodes, min(cfg.cluster.nodes, own + spare))
     params = executor_parameters(cfg, layout, cfg.name)
     params.pop("array_parallelism")
-    params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
     # Not before this job has let its nodes go: started at once, it would take only the others.
     params["additional_parameters"]["dependency"] = f"afterany:{job_id}"
     params["setup"] = [*snapshot.setup_lines(snapshot.PACKAGE.parent), *params["setup"]]
     folder = run_dir / "submitit"
+    task = SlurmTask(str(run_dir), max_requeues, restarts)
     # This rank's own W&B service and process group are not the next job's.
     with without_job_env(("WANDB_SERVICE", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
                           "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES")):
-        job = make_executor(folder, params).submit(SlurmTask(str(run_dir), max_requeues, restarts))
+        params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
+        try:
+            job = make_executor(folder, params).submit(task)
+        except Exception as error:  # noqa: BLE001 - sbatch refused the bound: the range's own minimum then
+            if low == cfg.cluster.min_nodes:
+                raise
+            log.warning("sbatch refused --nodes=%d-%d (%s); asking for %d-%d", low, cfg.cluster.nodes,
+                        error, cfg.cluster.min_nodes, cfg.cluster.nodes)
+            low = cfg.cluster.min_nodes
+            params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
+            job = make_executor(folder, params).submit(task)
     record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), "restart": restarts, "min_nodes": low,
                            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
     return job.job_id, low

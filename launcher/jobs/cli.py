@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.atomic import write_text_atomic
-from launcher.harness_results import PREFIX as HARNESS_PREFIX, eval_states, harness_scores
+from launcher.harness_results import JOB as EVAL_JOB, PREFIX as HARNESS_PREFIX, eval_states, harness_scores, step_dir
 from launcher.jobs.errors import JobsError, SlurmError
 from launcher.jobs.runs import discover, is_sweep, rel, resolve_run, run_dirs, started_key, sweep_points
 from launcher.backends.slurm_queue import SLURM_TERMINAL, cancel, query_jobs
@@ -163,15 +163,26 @@ def queued_eval_jobs(dirs: Iterable[Path]) -> List[tuple]:
             for e in eval_states(d) if e.state == "queued" and e.job_id]
 
 
+UNKNOWN_JOB_GRACE_S = 300  # a job just submitted may not be in sacct or squeue yet
+
+
 def live_eval_jobs(dirs: Iterable[Path]) -> tuple:
     """(the queued eval jobs that have not ended: (run dir, eval state), Slurm's errors). A job Slurm
-    does not know (yet, or it did not answer) counts as live."""
+    does not report counts as live only while just submitted; after that (its record purged,
+    accounting off) it is taken as gone, as the training's jobs are."""
     queued = queued_eval_jobs(dirs)
     if not queued:
         return [], []
     infos, errors = query_jobs([e.job_id for _, e in queued])
-    return [(d, e) for d, e in queued
-            if infos.get(e.job_id) is None or infos[e.job_id].state.split()[0] not in SLURM_TERMINAL], errors
+
+    def live(d: Path, e) -> bool:
+        info = infos.get(e.job_id)
+        if info is None:
+            recorded = step_dir(d, e.step) / EVAL_JOB
+            return recorded.exists() and time.time() - recorded.stat().st_mtime < UNKNOWN_JOB_GRACE_S
+        return info.state.split()[0] not in SLURM_TERMINAL
+
+    return [(d, e) for d, e in queued if live(d, e)], errors
 
 
 def eval_lines(states, infos=None) -> List[str]:
@@ -356,7 +367,12 @@ def cmd_sync(args, out: Console) -> int:
     def say(text: str) -> None:
         out.print(text, highlight=False, markup=False, soft_wrap=True)
 
-    synced = sync(dirs, is_live, args.follow, say=say, evals_pending=lambda dirs: bool(live_eval_jobs(dirs)[0]))
+    def evals_pending(dirs: List[Path]) -> bool:
+        live, errors = live_eval_jobs(dirs)
+        show_errors(errors)  # Slurm did not answer: stop following, as for the training's jobs
+        return bool(live) and not errors
+
+    synced = sync(dirs, is_live, args.follow, say=say, evals_pending=evals_pending)
     say(f"{synced} segment(s) handed to W&B" if synced else "nothing to sync: every finished segment is synced")
     return 0
 

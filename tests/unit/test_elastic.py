@@ -127,22 +127,24 @@ def test_an_elastic_job_is_never_requeued_in_place():
 def test_only_this_submissions_grows_are_left_out_of_the_requeue_count(tmp_path):
     """cluster.max_requeues counts a submission's restarts (from 0 again after a resume by hand), less
     its grows: an earlier submission's grows would let the new one restart more often than allowed."""
+    import json
+
     from launcher import rundir
     from launcher.backends.slurm_rank import grown
 
-    def event(kind, **fields):
-        rundir.append_event(tmp_path, kind, **fields)
+    def jobs(*records):
+        (tmp_path / rundir.SUBMISSION).write_text(json.dumps({"backend": "slurm", "jobs": list(records)}))
 
-    event(rundir.STARTED, rank=0, restart=0)
-    event(rundir.REQUEUED, job="1", restart=1, next_job="2", grow=True)
-    event(rundir.STARTED, rank=0, restart=1)
-    event(rundir.REQUEUED, job="2", restart=2, next_job="3", grow=False)
-    event(rundir.STARTED, rank=0, restart=2)
+    rundir.append_event(tmp_path, rundir.REQUEUED, job="1", restart=1, next_job="2", grow=True)
+    rundir.append_event(tmp_path, rundir.REQUEUED, job="2", restart=2, next_job="3", grow=False)
+    jobs({"job_id": "1"}, {"job_id": "2", "restart": 1}, {"job_id": "3", "restart": 2})
     assert grown(tmp_path) == 1
-    event(rundir.STOPPED, rank=0)  # stopped for good; resumed by hand: a new submission, restart 0
-    event(rundir.STARTED, rank=0, restart=0)
+    # stopped for good, resumed by hand: job 4 is a new submission, even before its ranks write a start
+    jobs({"job_id": "1"}, {"job_id": "2", "restart": 1}, {"job_id": "3", "restart": 2}, {"job_id": "4"})
     assert grown(tmp_path) == 0
-    event(rundir.REQUEUED, job="4", restart=1, next_job="5", grow=True)
+    rundir.append_event(tmp_path, rundir.REQUEUED, job="4", restart=1, next_job="5", grow=True)
+    jobs({"job_id": "1"}, {"job_id": "2", "restart": 1}, {"job_id": "3", "restart": 2}, {"job_id": "4"},
+         {"job_id": "5", "restart": 1})
     assert grown(tmp_path) == 1
 
 
@@ -164,3 +166,58 @@ def test_the_first_job_asks_for_the_idle_nodes_it_can_count_on_within_the_range(
     assert first_bound(cluster) == 2
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # Slurm does not answer: the range's own minimum
     assert first_bound(cluster) == 2
+
+
+def test_a_job_that_narrows_its_nodes_asks_for_the_ranges_minimum(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from launcher.backends.slurm_elastic import first_bound
+
+    fake_slurm(tmp_path, monkeypatch, "".join(f"node{i} debug*\\n" for i in range(6)), "0\\n")
+    base = dict(partition="debug", min_nodes=2, nodes=8, exclude=None, constraint=None, sbatch_extra={})
+    assert first_bound(SimpleNamespace(**base)) == 6
+    for narrowed in ({"exclude": "node3"}, {"constraint": "h100"}, {"sbatch_extra": {"nodelist": "node[0-3]"}}):
+        assert first_bound(SimpleNamespace(**{**base, **narrowed})) == 2, narrowed
+
+
+def test_a_refused_bound_is_submitted_again_with_the_ranges_minimum(tmp_path, monkeypatch, capsys):
+    """The idle nodes counted may not all be the job's to have: sbatch refuses ("Requested node
+    configuration is not available"), and the run is submitted with MIN-MAX instead."""
+    import json
+    from types import SimpleNamespace
+
+    from launcher.backends import slurm as backend
+
+    cfg = compose_config(["recipe=tiny_sft", *SLURM, "cluster.nodes=4", "cluster.min_nodes=1", "trainer.global_batch_size=192"])
+    plan = make_plan(cfg, check_config(cfg, dry_run=True).model, None, find(cfg))
+    asked = []
+
+    class Executor:
+        def __init__(self, params):
+            self.nodes = params["additional_parameters"]["nodes"]
+
+        def submit(self, task):
+            asked.append(self.nodes)
+            if self.nodes != "1-4":
+                raise RuntimeError("sbatch: error: Batch job submission failed: Requested node configuration is not available")
+            return SimpleNamespace(job_id="42")
+
+    monkeypatch.setattr(backend, "first_bound", lambda cluster, starting: 3)
+    monkeypatch.setattr(backend, "make_executor", lambda folder, params: Executor(params))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "submission.json").write_text(json.dumps({"backend": "slurm", "jobs": []}))
+    assert backend.submit_runs(cfg, plan, [run_dir], run_dir / "submitit", "tiny", code=tmp_path) == ["42"]
+    assert asked == ["3-4", "1-4"]
+    assert json.loads((run_dir / "submission.json").read_text())["jobs"][0]["min_nodes"] == 1
+    assert "sbatch refused --nodes=3-4 (sbatch: error: Batch job submission failed: Requested node configuration " \
+           "is not available); asking for 1-4" in capsys.readouterr().out
+
+
+def test_each_jobs_nodes_are_read_from_its_starts_array_tasks_included(tmp_path):
+    from launcher import rundir
+    from launcher.run_state import nodes_per_job
+
+    for attempt, nodes in (("slurm-12_1-0", 1), ("slurm-14-0", 2), ("slurm-14-1", 1)):
+        rundir.append_event(tmp_path, rundir.STARTED, rank=0, restart=0, attempt=attempt, nodes=nodes, world_size=nodes)
+    assert nodes_per_job(tmp_path) == {"12_1": 1, "14": 1}  # a job's newest start

@@ -263,3 +263,25 @@ def test_sync_follow_waits_for_the_eval_jobs_after_the_training_ends(tmp_path):
     assert wandb.calls == [["wandb", "beta", "sync", str(training)], ["wandb", "beta", "sync", str(final)]]
     assert said.count("following the run's eval jobs until they end") == 1 and len(polls) == 3
     assert sync([run], lambda d: False, follow=True, run=wandb, say=said.append, poll_s=0) == 0  # nothing pending: one pass
+
+
+def test_an_eval_job_slurm_does_not_report_is_live_only_while_just_submitted(tmp_path, monkeypatch):
+    """sacct and squeue answer but know nothing of the job: live right after its submission (sacct
+    lags), gone after that (its record purged): sync --follow and cancel do not wait on it for ever."""
+    import os
+
+    from launcher.jobs.cli import live_eval_jobs
+
+    for name in ("sacct", "squeue"):
+        fake = tmp_path / name
+        fake.write_text("#!/bin/sh\nexit 0\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    root = tmp_path / "runs"
+    run = make_run(root, "tiny_sft/20261124-210300", backend="slurm", jobs_=["4242"])
+    eval_queued(run, 100, "77")
+    live, errors = live_eval_jobs([run])
+    assert [(d, e.job_id) for d, e in live] == [(run, "77")] and errors == []
+    hour_ago = step_dir(run, 100) / "job.json"
+    os.utime(hour_ago, (hour_ago.stat().st_mtime - 3600,) * 2)
+    assert live_eval_jobs([run]) == ([], [])

@@ -128,3 +128,20 @@ def test_eval_jobs_resources_are_checked_against_their_partition_before_submissi
     assert [str(p) for p in error.value.problems] == ["eval.harness.partition='gpus': no such partition; valid: cpu, gpu"]
     assert check_eval_partition(compose_cfg([*scored, "eval.harness.partition=gpu", "eval.harness.time_min=600"]), parts).name == "gpu"
     assert check_eval_partition(compose_cfg([*scored, "eval.harness.gpus=0"]), parts).name == "cpu"  # cluster.partition's default
+
+
+def test_preflight_names_a_bad_partition_once_for_the_training_and_its_evals(compose_cfg, monkeypatch):
+    from launcher.backends import slurm as backend
+    from launcher.backends.slurm_partitions import Partition
+
+    parts = (Partition("cpu", True, 60, 2, None, 0, 4),)
+    monkeypatch.setattr(backend, "read_partitions", lambda: parts)
+    with pytest.raises(ConfigError) as error:
+        backend.preflight(compose_cfg(["cluster=slurm", "cluster.partition=cpus", "eval.harness.tasks=[tiny_tasks]"]))
+    assert error.value.problems == ["cluster.partition='cpus': no such partition; valid: cpu"]
+    with pytest.raises(ConfigError) as error:  # each check's own problems, together
+        backend.preflight(compose_cfg(["cluster=slurm", "cluster.partition=cpu", "cluster.gpus_per_node=0",
+                                       "cluster.time_min=90", "cluster.cpus_per_task=1", "cluster.procs_per_node=1",
+                                       "eval.harness.tasks=[tiny_tasks]", "eval.harness.gpus=0",
+                                       "eval.harness.time_min=120"]))
+    assert [p.split(":")[0] for p in error.value.problems] == ["cluster.time_min=90", "eval.harness.time_min=120"]
