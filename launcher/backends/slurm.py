@@ -9,21 +9,20 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from launcher import snapshot
-from launcher.errors import ConfigError
-from launcher import rundir
-from launcher.backends.slurm_elastic import first_bound
+from launcher import rundir, snapshot
+from launcher.backends.slurm_elastic import lower_bound, submit_with_bound
 from launcher.backends.slurm_partitions import check_eval_partition, check_partition, read_partitions
 from launcher.backends.slurm_rank import SlurmTask
 from launcher.backends.slurm_submit import executor_parameters, make_executor, record_jobs
+from launcher.errors import ConfigError
 
 
 def preflight(cfg) -> None:
     """The training's partition, and the eval jobs' (eval.harness), can hold their jobs: every problem of both."""
     partitions, problems = read_partitions(), []
-    for check in (check_partition, check_eval_partition):
+    for check in (lambda: check_partition(cfg.cluster, partitions), lambda: check_eval_partition(cfg, partitions)):
         try:
-            check(cfg.cluster if check is check_partition else cfg, partitions)
+            check()
         except ConfigError as error:
             problems += error.problems
     if problems:  # the eval jobs' partition defaults to the training's: a bad name is said once
@@ -44,27 +43,19 @@ def submit_runs(cfg, plan, run_dirs: List[Path], folder: Path, job_name: str, co
     """One sbatch call for all run dirs: a job array when there are several. Returns job ids.
     `code`: a snapshot already taken (a search's controller runs from it and submits with it)."""
     params = executor_parameters(cfg, plan, job_name)
-    low = None
-    if cfg.cluster.min_nodes is not None:  # elastic: start on every node free now, not on the fewest
-        low = first_bound(cfg.cluster, min(len(run_dirs), params["array_parallelism"]))
-        params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
-        print(f"elastic range: each job asks for {low}-{cfg.cluster.nodes} nodes ({low}: what is idle and unclaimed now, "
-              f"at least cluster.min_nodes={cfg.cluster.min_nodes}; Slurm starts a range on its fewest)", flush=True)
     # Every task and requeue runs the code submitted now, whatever is checked out when it starts.
     code = code or snapshot.snapshot_code(folder.parent)
     params["setup"] = [*snapshot.setup_lines(code), *params["setup"]]
     tasks = [SlurmTask(str(d), cfg.cluster.max_requeues) for d in run_dirs]
-    try:
-        jobs = submit_tasks(make_executor(folder, params), tasks)
-    except Exception as error:  # noqa: BLE001 - sbatch's refusal, as submitit raises it
-        if low is None or low == cfg.cluster.min_nodes:
-            raise
-        # The idle nodes counted were not all the job's to have ("Requested node configuration is not available").
-        print(f"sbatch refused --nodes={low}-{cfg.cluster.nodes} ({(str(error).strip().splitlines() or [type(error).__name__])[-1][:200]}); "
-              f"asking for {cfg.cluster.min_nodes}-{cfg.cluster.nodes}", flush=True)
-        low = cfg.cluster.min_nodes
-        params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
-        jobs = submit_tasks(make_executor(folder, params), tasks)
+    submit = lambda p: submit_tasks(make_executor(folder, p), tasks)  # noqa: E731
+    low = None
+    if cfg.cluster.min_nodes is None:
+        jobs = submit(params)
+    else:  # elastic: start on every node free now, not on the fewest
+        low = lower_bound(cfg.cluster, sharing=min(len(run_dirs), params["array_parallelism"]))
+        print(f"elastic range: each job asks for {low}-{cfg.cluster.nodes} nodes ({low}: what is idle and unclaimed now, "
+              f"at least cluster.min_nodes={cfg.cluster.min_nodes}; Slurm starts a range on its fewest)", flush=True)
+        jobs, low = submit_with_bound(submit, params, low, cfg.cluster, lambda text: print(text, flush=True))
     bound = {} if low is None else {"min_nodes": low}
     for job, run_dir in zip(jobs, run_dirs):
         record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), **bound,

@@ -1,12 +1,10 @@
 """Elastic runs on Slurm (cluster.min_nodes): `sbatch --nodes=MIN-MAX` starts a run on what is free.
 
 Slurm starts a range job on its fewest nodes even where more are idle (measured on Slurm 22.05), so
-each job of an elastic run asks for the nodes it can count on as its lower bound (first_bound for
-the first, spare_nodes for the next). A job requeued in place keeps its first start's task count
+each job of an elastic run asks for the nodes it can count on as its lower bound (lower_bound). A job requeued in place keeps its first start's task count
 (measured on Slurm 22.05), which pins
 every later start to that many nodes, so an elastic run's next start is a new job its rank 0
-submits (launcher.backends.slurm_rank.submit_again), asking for at least the nodes it can count on
-(spare_nodes here). With cluster.grow, rank 0 asks at checkpoints (at most every
+submits (launcher.backends.slurm_rank.submit_again), asking for at least the nodes it can count on. With cluster.grow, rank 0 asks at checkpoints (at most every
 cluster.grow_check_s) whether idle nodes of the partition outnumber what its pending jobs want; if
 so the run stops at its next step boundary, saved, and starts again on more nodes.
 """
@@ -14,9 +12,10 @@ so the run stops at its next step boundary, saved, and starts again on more node
 import logging
 import subprocess
 import time
-from typing import Optional
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _count(cmd) -> Optional[int]:
@@ -59,24 +58,37 @@ NARROWING = ("exclude", "constraint", "nodelist", "nodefile", "clusters", "reser
 
 def narrows_nodes(cluster) -> bool:
     """Whether the job may use only some of its partition's nodes."""
-    extra = dict(getattr(cluster, "sbatch_extra", None) or {})
-    return bool(getattr(cluster, "exclude", None) or getattr(cluster, "constraint", None)
-                or any(extra.get(k) for k in NARROWING))
+    extra = dict(cluster.sbatch_extra or {})
+    return bool(cluster.exclude or cluster.constraint or any(extra.get(k) for k in NARROWING))
 
 
-def first_bound(cluster, starting: int = 1) -> int:
-    """The fewest nodes an elastic run's first job asks for: the partition's idle, unclaimed nodes,
-    shared among the `starting` jobs that start together (a sweep's array), within the range. Slurm
-    (22.05, select/cons_tres, measured) starts a `--nodes=MIN-MAX` job on MIN nodes even on an idle
-    cluster, so the range's own minimum would start a 2-8 node run on 2 of 8 idle nodes. A job that
-    narrows the nodes it may use (cluster.exclude, cluster.constraint, a nodelist in sbatch_extra)
-    cannot count the partition's idle nodes as its own: it asks for the range's minimum."""
-    if narrows_nodes(cluster):
-        return cluster.min_nodes
-    spare = spare_nodes(cluster.partition)
-    if not spare or spare <= 0:
-        return cluster.min_nodes
-    return max(cluster.min_nodes, min(cluster.nodes, spare // max(1, starting)))
+def lower_bound(cluster, own: int = 0, sharing: int = 1) -> int:
+    """The fewest nodes a job of an elastic run asks for: the nodes it can count on, within the range.
+    Slurm (22.05, select/cons_tres, measured) starts a `--nodes=MIN-MAX` job on MIN nodes even on an
+    idle cluster, so the range's own minimum would start a 2-8 node run on 2 of 8 idle nodes.
+    `own`: the nodes the job before it holds and gives back (a restart); `sharing`: the jobs that start
+    together (a sweep's array) and share the idle ones. A job that narrows the nodes it may use
+    (cluster.exclude, cluster.constraint, a nodelist in sbatch_extra) cannot count the partition's
+    idle nodes as its own."""
+    spare = 0 if narrows_nodes(cluster) else max(0, spare_nodes(cluster.partition) or 0)
+    return max(cluster.min_nodes, min(cluster.nodes, own + spare // max(1, sharing)))
+
+
+def submit_with_bound(submit: Callable[[Dict[str, Any]], T], params: Dict[str, Any], low: int, cluster,
+                      say: Callable[[str], None]) -> Tuple[T, int]:
+    """submit(params) with --nodes=LOW-MAX, and with MIN-MAX if sbatch refuses that bound (the idle
+    nodes counted were not all the job's to have: "Requested node configuration is not available").
+    Returns what submit returned and the bound it was given."""
+    params["additional_parameters"]["nodes"] = f"{low}-{cluster.nodes}"
+    try:
+        return submit(params), low
+    except Exception as error:  # noqa: BLE001 - sbatch's refusal, as submitit raises it
+        if low == cluster.min_nodes:
+            raise
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+        say(f"sbatch refused --nodes={low}-{cluster.nodes} ({reason}); asking for {cluster.min_nodes}-{cluster.nodes}")
+        params["additional_parameters"]["nodes"] = f"{cluster.min_nodes}-{cluster.nodes}"
+        return submit(params), cluster.min_nodes
 
 
 class GrowCheck:

@@ -196,21 +196,19 @@ def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, p
     snapshot it runs), recorded in its submission.json; returns its id and its fewest nodes.
 
     It asks for the nodes it can count on, and up to the range's most: its own (unless preempted:
-    they go to the preemptor) plus those idle now (launcher.backends.slurm_elastic.spare_nodes). A
+    they go to the preemptor) plus those idle now (launcher.backends.slurm_elastic.lower_bound). A
     lower bound of the range's own minimum would let Slurm start it on the first node that frees up."""
     from omegaconf import OmegaConf
 
     from launcher import rundir, snapshot
-    from launcher.backends.slurm_elastic import narrows_nodes, spare_nodes
+    from launcher.backends.slurm_elastic import lower_bound, submit_with_bound
     from launcher.backends.slurm_queue import without_job_env
     from launcher.backends.slurm_submit import executor_parameters, make_executor, record_jobs
 
     cfg = OmegaConf.load(run_dir / rundir.CONFIG)
     layout = SimpleNamespace(procs_per_node=rundir.plan(run_dir)["procs_per_node"])
     own = 0 if preempted else int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
-    # The partition's idle nodes are not all its own to count on when the job narrows its nodes.
-    spare = 0 if narrows_nodes(cfg.cluster) else max(0, spare_nodes(cfg.cluster.partition) or 0)
-    low = max(cfg.cluster.min_nodes, min(cfg.cluster.nodes, own + spare))
+    low = lower_bound(cfg.cluster, own=own)
     params = executor_parameters(cfg, layout, cfg.name)
     params.pop("array_parallelism")
     # Not before this job has let its nodes go: started at once, it would take only the others.
@@ -221,17 +219,7 @@ def submit_again(run_dir: Path, job_id: str, max_requeues: int, restarts: int, p
     # This rank's own W&B service and process group are not the next job's.
     with without_job_env(("WANDB_SERVICE", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
                           "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES")):
-        params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
-        try:
-            job = make_executor(folder, params).submit(task)
-        except Exception as error:  # noqa: BLE001 - sbatch refused the bound: the range's own minimum then
-            if low == cfg.cluster.min_nodes:
-                raise
-            log.warning("sbatch refused --nodes=%d-%d (%s); asking for %d-%d", low, cfg.cluster.nodes,
-                        error, cfg.cluster.min_nodes, cfg.cluster.nodes)
-            low = cfg.cluster.min_nodes
-            params["additional_parameters"]["nodes"] = f"{low}-{cfg.cluster.nodes}"
-            job = make_executor(folder, params).submit(task)
+        job, low = submit_with_bound(lambda p: make_executor(folder, p).submit(task), params, low, cfg.cluster, log.warning)
     record_jobs(run_dir, [{"job_id": job.job_id, "submitit_folder": str(folder), "restart": restarts, "min_nodes": low,
                            "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
     return job.job_id, low

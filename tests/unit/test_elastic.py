@@ -153,31 +153,33 @@ def test_the_first_job_asks_for_the_idle_nodes_it_can_count_on_within_the_range(
     lower bound is what is idle and unclaimed now, shared by the jobs that start together."""
     from types import SimpleNamespace
 
-    from launcher.backends.slurm_elastic import first_bound
+    from launcher.backends.slurm_elastic import lower_bound
 
-    cluster = SimpleNamespace(partition="debug", min_nodes=2, nodes=8)
+    unnarrowed = dict(exclude=None, constraint=None, sbatch_extra={})
+    cluster = SimpleNamespace(partition="debug", min_nodes=2, nodes=8, **unnarrowed)
     idle = "".join(f"node{i} debug*\\n" for i in range(6))
     fake_slurm(tmp_path, monkeypatch, idle, "1\\n")  # 6 idle, 1 wanted by a pending job: 5 to count on
-    assert first_bound(cluster) == 5
-    assert first_bound(cluster, starting=2) == 2  # a sweep's two tasks share them
-    assert first_bound(cluster, starting=4) == 2  # never below the range
-    assert first_bound(SimpleNamespace(partition="debug", min_nodes=1, nodes=4)) == 4  # nor above it
+    assert lower_bound(cluster) == 5
+    assert lower_bound(cluster, sharing=2) == 2  # a sweep's two tasks share them
+    assert lower_bound(cluster, sharing=4) == 2  # never below the range
+    assert lower_bound(SimpleNamespace(partition="debug", min_nodes=1, nodes=4, **unnarrowed)) == 4  # nor above it
+    assert lower_bound(cluster, own=1) == 6  # a restart counts the nodes its job gives back too
     fake_slurm(tmp_path, monkeypatch, "", "0\\n")  # nothing idle
-    assert first_bound(cluster) == 2
+    assert lower_bound(cluster) == 2
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # Slurm does not answer: the range's own minimum
-    assert first_bound(cluster) == 2
+    assert lower_bound(cluster) == 2
 
 
 def test_a_job_that_narrows_its_nodes_asks_for_the_ranges_minimum(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from launcher.backends.slurm_elastic import first_bound
+    from launcher.backends.slurm_elastic import lower_bound
 
     fake_slurm(tmp_path, monkeypatch, "".join(f"node{i} debug*\\n" for i in range(6)), "0\\n")
     base = dict(partition="debug", min_nodes=2, nodes=8, exclude=None, constraint=None, sbatch_extra={})
-    assert first_bound(SimpleNamespace(**base)) == 6
+    assert lower_bound(SimpleNamespace(**base)) == 6
     for narrowed in ({"exclude": "node3"}, {"constraint": "h100"}, {"sbatch_extra": {"nodelist": "node[0-3]"}}):
-        assert first_bound(SimpleNamespace(**{**base, **narrowed})) == 2, narrowed
+        assert lower_bound(SimpleNamespace(**{**base, **narrowed})) == 2, narrowed
 
 
 def test_a_refused_bound_is_submitted_again_with_the_ranges_minimum(tmp_path, monkeypatch, capsys):
@@ -202,7 +204,7 @@ def test_a_refused_bound_is_submitted_again_with_the_ranges_minimum(tmp_path, mo
                 raise RuntimeError("sbatch: error: Batch job submission failed: Requested node configuration is not available")
             return SimpleNamespace(job_id="42")
 
-    monkeypatch.setattr(backend, "first_bound", lambda cluster, starting: 3)
+    monkeypatch.setattr(backend, "lower_bound", lambda cluster, sharing: 3)
     monkeypatch.setattr(backend, "make_executor", lambda folder, params: Executor(params))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
